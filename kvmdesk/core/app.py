@@ -1,0 +1,93 @@
+"""The controller's core: configuration, store, plugins, router and services, assembled in order."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import pluggy
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from kvmdesk.core import auth, oplog
+from kvmdesk.core.config import Config
+from kvmdesk.core.plugins import blocked_names, gather_hook, make_plugin_manager
+from kvmdesk.core.store import Store, open_store
+
+log = Logger(namespace="kvmdesk.core")
+
+
+@attrs.define(eq=False)
+class Core:
+    """Everything a plugin needs, handed to its hooks.
+
+    :ivar clock: the reactor's clock (an injected ``Clock`` in tests); use it, never ``time.time``.
+    """
+
+    config: Config
+    store: Store
+    plugins: pluggy.PluginManager
+    reactor: Any
+    data_dir: Path
+    auth: auth.Authenticator
+    oplog: oplog.OperationLog
+    services: MultiService = attrs.field(factory=MultiService)
+    router: Any = None
+    #: Free-form room for plugins to share objects (e.g. the node agents' client).
+    extensions: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def clock(self) -> Any:
+        return self.reactor
+
+    async def usage(self, kind: str, uuid: str) -> Optional[str]:
+        """Ask every plugin whether ``kind``/``uuid`` is still in use; return the first reason."""
+        reasons = await gather_hook(self.plugins.hook.kvmdesk_usage(core=self, kind=kind, uuid=uuid))
+        return next((r for r in reasons if r), None)
+
+
+def store_uri(config: Config, data_dir: Path) -> str:
+    uri = config.get("store.uri") or ""
+    return uri or f"sqlite://{data_dir / 'kvmdesk.db'}"
+
+
+async def build_core(config: Config, reactor: Any, plugins: Optional[pluggy.PluginManager] = None) -> Core:
+    """Open the store, load plugins, create indexes, seed data, register routes and services.
+
+    :param plugins: a ready plugin manager (tests); by default entry points are loaded.
+    """
+    from kvmdesk.api.app import make_router
+
+    if plugins is None:
+        plugins = make_plugin_manager(blocked_names(config.get("plugins.blocked", [])))
+    for defaults in plugins.hook.kvmdesk_config_defaults():
+        config.add_defaults(defaults or {})
+    data_dir = Path(config.get("controller.data_dir")).absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(store_uri(config, data_dir), reactor=reactor, timeout=float(config.get("store.timeout", 10)))
+    try:
+        await store.ping()
+        core = Core(
+            config=config,
+            store=store,
+            plugins=plugins,
+            reactor=reactor,
+            data_dir=data_dir,
+            auth=auth.Authenticator(store, reactor, config),
+            oplog=oplog.OperationLog(store, reactor),
+        )
+        plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
+        indexes = [*auth.INDEXES, *oplog.INDEXES]
+        for declared in plugins.hook.kvmdesk_store_indexes():
+            indexes.extend(declared or [])
+        await store.ensure_indexes(indexes)
+        core.router = make_router(core)
+        await gather_hook(plugins.hook.kvmdesk_startup(core=core))
+        await core.auth.ensure_first_admin(data_dir)
+        for services in plugins.hook.kvmdesk_services(core=core):
+            for service in services or []:
+                service.setServiceParent(core.services)
+    except BaseException:
+        await store.close()
+        raise
+    return core

@@ -1,0 +1,186 @@
+"""Administrators, login tokens and login throttling.
+
+Tokens are random (256 bits), given to the client once and stored only as their SHA-256, with an
+expiry.  Verified tokens are cached in memory for a short time so that the hot path of every API
+call costs one dictionary lookup; a logout drops the cache entry at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from kvmdesk.core import errors
+from kvmdesk.core.errors import ApiError
+from kvmdesk.core.passwords import DUMMY_HASH, hash_password, verify_password
+from kvmdesk.core.records import new_record
+from kvmdesk.core.store import Index, Store
+
+log = Logger(namespace="kvmdesk.auth")
+
+ADMINS = "admins"
+TOKENS = "tokens"
+FIRST_ADMIN = "admin"
+PASSWORD_FILE = "initial-admin-password"
+#: Seconds a verified token is trusted from memory before the store is asked again.
+CACHE_SECONDS = 30.0
+
+INDEXES = [Index(ADMINS, ["username"], unique=True), Index(TOKENS, ["token_hash"], unique=True), Index(TOKENS, ["expires_at"])]
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def public_admin(admin: dict[str, Any]) -> dict[str, Any]:
+    """An administrator record as the API may show it (never the hash)."""
+    return {k: v for k, v in admin.items() if k != "password_hash"}
+
+
+class Throttle:
+    """Refuses logins for a (user name, address) after too many recent failures."""
+
+    def __init__(self, clock: IReactorTime, max_failures: int, window: float, lockout: float):
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.lockout = lockout
+        self._failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+
+    def _recent(self, key: tuple[str, str]) -> deque[float]:
+        times = self._failures[key]
+        horizon = self.clock.seconds() - max(self.window, self.lockout)
+        while times and times[0] < horizon:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+        return times
+
+    def check(self, key: tuple[str, str]) -> None:
+        """:raises ApiError: this key is locked out; says for how long."""
+        times = self._recent(key)
+        if len(times) >= self.max_failures:
+            remaining = int(times[-1] + self.lockout - self.clock.seconds()) + 1
+            if remaining > 0:
+                raise ApiError(errors.LOGIN_THROTTLED, seconds=remaining)
+
+    def failed(self, key: tuple[str, str]) -> None:
+        self._failures[key].append(self.clock.seconds())
+
+    def succeeded(self, key: tuple[str, str]) -> None:
+        self._failures.pop(key, None)
+
+
+class Authenticator:
+    """Logs administrators in and checks the token of every request."""
+
+    def __init__(self, store: Store, clock: IReactorTime, config: Any):
+        self.store = store
+        self.clock = clock
+        self.ttl = float(config.get("auth.token_ttl", 43200))
+        self.throttle = Throttle(
+            clock,
+            int(config.get("auth.max_failures", 5)),
+            float(config.get("auth.failure_window", 300)),
+            float(config.get("auth.lockout", 300)),
+        )
+        self._cache: dict[str, tuple[dict[str, Any], float]] = {}
+
+    async def ensure_first_admin(self, data_dir: Path) -> None:
+        """Create ``admin`` on first start, with ``KVMDESK_ADMIN_PASSWORD`` or a random password.
+
+        A random password is logged once and written to ``<data_dir>/initial-admin-password``
+        (readable by its owner only).
+        """
+        admins = self.store.collection(ADMINS)
+        if await admins.count() > 0:
+            return
+        password = os.environ.get("KVMDESK_ADMIN_PASSWORD", "")
+        generated = not password
+        if generated:
+            password = secrets.token_urlsafe(12)
+        record = new_record(self.clock, username=FIRST_ADMIN, password_hash=await hash_password(password), enabled=True)
+        await admins.insert_one(record)
+        if generated:
+            path = Path(data_dir) / PASSWORD_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(password + "\n")
+            log.warn(
+                "Created administrator 'admin' with password {password} (also in {path}; "
+                "set KVMDESK_ADMIN_PASSWORD before the first start to choose it)",
+                password=password,
+                path=str(path),
+            )
+        else:
+            log.info("Created administrator 'admin' with the password from KVMDESK_ADMIN_PASSWORD")
+
+    async def login(self, username: str, password: str, client_ip: str) -> dict[str, Any]:
+        """Check the credentials and issue a token.
+
+        :returns: ``{"token", "expires_at", "username"}``.
+        :raises ApiError: wrong credentials (401) or too many failures (429).
+        """
+        key = (username, client_ip)
+        self.throttle.check(key)
+        admin = await self.store.collection(ADMINS).find_one({"username": username})
+        ok = await verify_password(admin["password_hash"] if admin else DUMMY_HASH, password)
+        if not (ok and admin and admin.get("enabled", True)):
+            self.throttle.failed(key)
+            log.warn("failed login for {username!r} from {ip}", username=username, ip=client_ip)
+            raise ApiError(errors.LOGIN_FAILED)
+        self.throttle.succeeded(key)
+        now = self.clock.seconds()
+        await self.store.collection(TOKENS).delete_many({"expires_at": {"$lt": now}})
+        token = secrets.token_urlsafe(32)
+        expires = now + self.ttl
+        await self.store.collection(TOKENS).insert_one(
+            {"token_hash": _digest(token), "admin_uuid": admin["uuid"], "expires_at": expires, "client_ip": client_ip}
+        )
+        return {"token": token, "expires_at": expires, "username": admin["username"]}
+
+    @staticmethod
+    def _token(header: Optional[bytes]) -> Optional[str]:
+        if not header:
+            return None
+        scheme, _, value = header.decode("latin-1").partition(" ")
+        value = value.strip()
+        return value if scheme.lower() == "bearer" and value else None
+
+    async def authenticate(self, header: Optional[bytes]) -> dict[str, Any]:
+        """Return the administrator behind an ``Authorization: Bearer`` header.
+
+        :raises ApiError: 401 when the token is missing, unknown or expired.
+        """
+        token = self._token(header)
+        if token is None:
+            raise ApiError(errors.UNAUTHENTICATED)
+        digest = _digest(token)
+        now = self.clock.seconds()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        record = await self.store.collection(TOKENS).find_one({"token_hash": digest, "expires_at": {"$gt": now}})
+        admin = await self.store.collection(ADMINS).find_one({"uuid": record["admin_uuid"]}) if record else None
+        if admin is None or not admin.get("enabled", True):
+            self._cache.pop(digest, None)
+            raise ApiError(errors.UNAUTHENTICATED)
+        admin = public_admin(admin)
+        self._cache[digest] = (admin, min(record["expires_at"], now + CACHE_SECONDS))
+        if len(self._cache) > 10000:
+            self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+        return admin
+
+    async def logout(self, header: Optional[bytes]) -> None:
+        """Revoke the token of this request."""
+        token = self._token(header)
+        if token is not None:
+            digest = _digest(token)
+            self._cache.pop(digest, None)
+            await self.store.collection(TOKENS).delete_many({"token_hash": digest})

@@ -1,0 +1,78 @@
+"""Configuration: built-in defaults, plugin defaults, a TOML file, then command-line overrides."""
+from __future__ import annotations
+
+import copy
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or malformed."""
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def builtin_defaults() -> dict[str, Any]:
+    """The documented defaults shipped in ``kvmdesk/config/defaults.toml``."""
+    text = resources.files("kvmdesk.config").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML configuration file.
+
+    :raises ConfigError: the file cannot be read or is not valid TOML.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+
+
+class Config:
+    """Layered configuration, read with dotted keys: ``config.get("controller.port")``."""
+
+    def __init__(self, layers: Iterable[Mapping[str, Any]] = ()):
+        self.data: dict[str, Any] = builtin_defaults()
+        for layer in layers:
+            self.merge(layer)
+
+    def merge(self, layer: Mapping[str, Any]) -> None:
+        """Apply ``layer`` over the current values."""
+        _merge(self.data, layer)
+
+    def add_defaults(self, defaults: Mapping[str, Any]) -> None:
+        """Add a plugin's defaults underneath the values already set."""
+        self.data = _merge(copy.deepcopy(dict(defaults)), self.data)
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.data
+        for key in dotted.split("."):
+            if not isinstance(node, Mapping) or key not in node:
+                return default
+            node = node[key]
+        return node
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as a dict (empty if absent)."""
+        value = self.data.get(name, {})
+        return value if isinstance(value, dict) else {}
+
+    def set(self, dotted: str, value: Any) -> None:
+        *parents, leaf = dotted.split(".")
+        node = self.data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value

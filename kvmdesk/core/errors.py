@@ -1,0 +1,97 @@
+"""The error-code catalogue and the exception every handler raises.
+
+Each code is declared once, with its HTTP status and its message in zh-CN (the contract's language,
+the default) and English (chosen with ``Accept-Language: en``).  Plugins declare their own codes with
+:func:`define` at import time; numbers are unique across the whole process, so a clash is caught the
+moment a plugin is imported.
+
+Number ranges: 0 success, 1000-1999 core, 2000-2999 nodes and pools, 3000-3999 network,
+4000-4999 storage, 5000-5999 templates, 6000-6999 desktops, 7000-7999 users, 9000+ third-party plugins.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import attrs
+
+
+@attrs.frozen
+class ErrorCode:
+    """One entry of the catalogue.
+
+    :param code: the envelope's ``code``.
+    :param status: the HTTP status that goes with it.
+    :param zh: message template in zh-CN (``str.format`` placeholders).
+    :param en: the same message in English.
+    """
+
+    code: int
+    status: int
+    zh: str
+    en: str
+
+    def message(self, lang: str = "zh", params: Mapping[str, Any] | None = None) -> str:
+        template = self.en if lang == "en" else self.zh
+        try:
+            return template.format(**(params or {}))
+        except (KeyError, IndexError):
+            # A missing placeholder must never turn an error answer into a 500.
+            return template
+
+
+CATALOGUE: dict[int, ErrorCode] = {}
+
+
+def define(code: int, status: int, zh: str, en: str) -> ErrorCode:
+    """Declare an error code; refuses a number that is already taken by another message."""
+    entry = ErrorCode(code, status, zh, en)
+    existing = CATALOGUE.get(code)
+    if existing is not None and existing != entry:
+        raise ValueError(f"error code {code} is already defined as {existing!r}")
+    CATALOGUE[code] = entry
+    return entry
+
+
+class ApiError(Exception):
+    """Raised anywhere below a handler; the router turns it into an error envelope.
+
+    :param error: the catalogue entry.
+    :param data: optional ``data`` for the envelope (e.g. per-item batch results).
+    :param params: values for the message placeholders.
+    """
+
+    def __init__(self, error: ErrorCode, data: Any = None, **params: Any):
+        super().__init__(error.message("en", params))
+        self.error = error
+        self.data = data
+        self.params = params
+
+    def message(self, lang: str = "zh") -> str:
+        return self.error.message(lang, self.params)
+
+
+SUCCESS = define(0, 200, "成功", "success")
+
+INVALID_JSON = define(1001, 400, "请求体不是有效的JSON: {reason}", "request body is not valid JSON: {reason}")
+INVALID_PARAM = define(1002, 400, "参数错误: {field}: {reason}", "invalid parameter {field}: {reason}")
+UNKNOWN_FILTER = define(1003, 400, "不支持的查询字段: {field}", "unknown query field: {field}")
+SEARCH_NEEDS_FILTER = define(
+    1004, 400, "searchtype为{searchtype}时必须提供查询条件", "searchtype {searchtype} needs at least one field filter"
+)
+BODY_TOO_LARGE = define(1005, 413, "请求体过大 (上限 {limit} 字节)", "request body too large (limit {limit} bytes)")
+ROUTE_NOT_FOUND = define(1006, 404, "接口不存在: {path}", "no such endpoint: {path}")
+METHOD_NOT_ALLOWED = define(1007, 405, "不支持的请求方法: {method}", "method not allowed: {method}")
+UNAUTHENTICATED = define(1008, 401, "未登录或登录已过期", "not logged in or the session has expired")
+LOGIN_FAILED = define(1009, 401, "用户名或密码错误", "wrong user name or password")
+LOGIN_THROTTLED = define(
+    1010, 429, "登录失败次数过多, 请 {seconds} 秒后再试", "too many failed logins, try again in {seconds} seconds"
+)
+UNKNOWN_ACTION = define(1011, 400, "不支持的操作: {action}", "unknown action: {action}")
+NOT_FOUND = define(1012, 404, "{resource}不存在: {key}", "{resource} not found: {key}")
+ALREADY_EXISTS = define(1013, 409, "{resource}已存在: {key}", "{resource} already exists: {key}")
+STORE_UNAVAILABLE = define(1014, 503, "数据库暂时不可用: {reason}", "the database is unavailable: {reason}")
+INTERNAL_ERROR = define(1015, 500, "内部错误, 请求编号 {request_id}", "internal error, request id {request_id}")
+UNSUPPORTED_MEDIA = define(1016, 415, "不支持的内容类型: {content_type}", "unsupported content type: {content_type}")
+FORBIDDEN = define(1017, 403, "无权执行此操作", "not allowed")
+BATCH_EMPTY = define(1018, 400, "未选择任何对象", "no items were given")
+IN_USE = define(1019, 409, "{resource}正在使用中, 不能删除: {reason}", "{resource} is in use and cannot be deleted: {reason}")

@@ -1,0 +1,106 @@
+"""The hooks a kvmdesk plugin can implement, grouped by lifecycle phase.
+
+Hooks declare things and do no I/O.  Hooks that must be asynchronous return a Deferred or coroutine
+(or ``None``); the core wraps every result with ``maybeDeferred``/``ensureDeferred`` and gathers them,
+so such hooks are never ``firstresult``.  Implement a hook with :data:`kvmdesk.hookimpl`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Mapping, Optional
+
+from kvmdesk import hookspec
+
+if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
+    from twisted.application.service import IService
+
+    from kvmdesk.api.router import Router
+    from kvmdesk.core.app import Core
+    from kvmdesk.core.store import Index
+
+
+# -- configuration phase --------------------------------------------------------------------------
+
+
+@hookspec
+def kvmdesk_config_defaults() -> Mapping[str, Any]:
+    """Declare a plugin's configuration defaults.
+
+    :returns: ``{section: {key: value}}``; the file and command line override them.
+    Not firstresult: every plugin's defaults are merged.
+    """
+
+
+@hookspec(historic=True)
+def kvmdesk_configure(core: "Core") -> None:
+    """Called once the core (configuration, store, clock) exists, before routes and services.
+
+    Historic: a plugin registered later is still called with the same core.
+
+    :param core: the running :class:`~kvmdesk.core.app.Core`.
+    """
+
+
+@hookspec
+def kvmdesk_store_indexes() -> Iterable["Index"]:
+    """Declare the store indexes (unique ones included) a plugin's collections need.
+
+    :returns: :class:`~kvmdesk.core.store.Index` objects; created at start-up. Not firstresult.
+    """
+
+
+# -- assembly phase --------------------------------------------------------------------------------
+
+
+@hookspec
+def kvmdesk_routes(router: "Router", core: "Core") -> None:
+    """Register the plugin's HTTP endpoints on the API router (``router.endpoint(...)``).
+
+    :param router: the one :class:`~kvmdesk.api.router.Router` of the process.
+    :param core: the running core, for handlers to close over.
+    """
+
+
+@hookspec
+def kvmdesk_services(core: "Core") -> Iterable["IService"]:
+    """Declare long-lived services (watchers, loops) to run under the controller's MultiService.
+
+    :returns: services; started after the store is ready, stopped on shutdown. Not firstresult.
+    """
+
+
+# -- start-up phase ---------------------------------------------------------------------------------
+
+
+@hookspec
+def kvmdesk_startup(core: "Core") -> Optional[Awaitable[None]]:
+    """Seed data or check state once the store is ready, before the API listens.
+
+    Asynchronous: return a Deferred or coroutine (or ``None``). Not firstresult; all are awaited.
+    """
+
+
+# -- domain extension points -------------------------------------------------------------------------
+
+
+@hookspec
+def kvmdesk_usage(core: "Core", kind: str, uuid: str) -> Optional[Awaitable[Optional[str]]]:
+    """Say whether a resource is still in use, so deleting it must be refused.
+
+    Plugins that reference another plugin's resources answer for them, e.g. the nodes plugin
+    answers for ``kind="resource_pool"`` while a pool still has nodes.
+
+    :param kind: the resource kind (``resource_pool``, ``node``, ``data_network``, ``base_image``...).
+    :param uuid: the resource's uuid.
+    :returns: a reason (a short human-readable string) when in use, else ``None``;
+        may be asynchronous. Not firstresult: the first reason found is reported.
+    """
+
+
+@hookspec
+def kvmdesk_node_status_changed(core: "Core", node: Mapping[str, Any], old: Optional[str], new: str) -> None:
+    """A node watcher saw a node change status (``online``, ``warning``, ``offline``).
+
+    :param node: the node record after the change.
+    :param old: the previous status, ``None`` on the first observation.
+    :param new: the new status.
+    """

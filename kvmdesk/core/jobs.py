@@ -1,0 +1,64 @@
+"""Batch operations: run one operation per item and report per-item results, as the contract asks.
+
+With one item, a failure is the answer itself (its code and message); with several, the answer is
+``{"success_num", "failed_num", "failures": [{"uuid", "name", "code", "msg"}]}``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from kvmdesk.core import errors
+from kvmdesk.core.errors import ApiError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvmdesk.api.router import ApiRequest
+
+log = Logger(namespace="kvmdesk.jobs")
+
+
+def _identity(item: Any) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        return {k: item[k] for k in ("uuid", "name") if k in item}
+    return {"uuid": item}
+
+
+async def run_batch(
+    req: "ApiRequest",
+    items: Sequence[Any],
+    operation: Callable[[Any], Awaitable[Any]],
+    *,
+    concurrency: int = 1,
+) -> dict[str, Any]:
+    """Apply ``operation`` to every item (at most ``concurrency`` at once).
+
+    :raises ApiError: no items, or the single item failed.
+    """
+    if not items:
+        raise ApiError(errors.BATCH_EMPTY)
+    semaphore = defer.DeferredSemaphore(max(1, concurrency))
+    failures: list[tuple[Any, ApiError]] = []
+
+    async def one(item: Any) -> None:
+        try:
+            await operation(item)
+        except ApiError as exc:
+            failures.append((item, exc))
+        except Exception:
+            log.failure("request {rid}: batch item {item!r} failed", rid=req.request_id, item=item)
+            failures.append((item, ApiError(errors.INTERNAL_ERROR, request_id=req.request_id)))
+
+    await defer.gatherResults(
+        [semaphore.run(lambda item=item: defer.ensureDeferred(one(item))) for item in items], consumeErrors=True
+    )
+    if len(items) == 1 and failures:
+        raise failures[0][1]
+    return {
+        "success_num": len(items) - len(failures),
+        "failed_num": len(failures),
+        "failures": [
+            {**_identity(item), "code": exc.error.code, "msg": exc.message(req.lang)} for item, exc in failures
+        ],
+    }

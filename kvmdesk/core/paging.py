@@ -1,0 +1,149 @@
+"""Paging and the contract's generic search (``searchtype=all|contain|single`` plus field filters)."""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional, Sequence
+
+from kvmdesk.core import errors
+from kvmdesk.core.errors import ApiError
+from kvmdesk.core.store import Collection, Filter, Sort
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvmdesk.api.router import ApiRequest
+
+#: Query parameters that are never filters, whatever fields a collection has.
+RESERVED = frozenset({"page", "page_size", "searchtype", "ordering"})
+SEARCH_TYPES = ("all", "contain", "single")
+
+Decorate = Callable[[list[dict]], Awaitable[list[dict]]]
+
+
+def _coerce(field: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes"):
+            return True
+        if lowered in ("0", "false", "no"):
+            return False
+        raise ApiError(errors.INVALID_PARAM, field=field, reason="expected true/false or 1/0")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ApiError(errors.INVALID_PARAM, field=field, reason="expected an integer") from None
+    return raw
+
+
+def _positive_int(args: Mapping[str, str], name: str, default: int) -> int:
+    raw = args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(errors.INVALID_PARAM, field=name, reason="expected a positive integer") from None
+    if value < 1:
+        raise ApiError(errors.INVALID_PARAM, field=name, reason="expected a positive integer")
+    return value
+
+
+def search_filter(args: Mapping[str, str], fields: Mapping[str, type], fixed: Optional[Filter] = None) -> tuple[str, dict]:
+    """Build the store filter of a generic search.
+
+    :param args: the query parameters.
+    :param fields: the filterable fields and their types (``str``, ``int``, ``bool``).
+    :param fixed: conditions the endpoint itself imposes (e.g. the pool of the path).
+    :returns: ``(searchtype, filter)``.
+    :raises ApiError: unknown searchtype, unknown field, bad value, or no filter where one is needed.
+    """
+    searchtype = args.get("searchtype") or "all"
+    if searchtype not in SEARCH_TYPES:
+        raise ApiError(errors.INVALID_PARAM, field="searchtype", reason="expected all, contain or single")
+    conditions: dict[str, Any] = {}
+    for name, raw in args.items():
+        if name in RESERVED:
+            continue
+        if name not in fields:
+            raise ApiError(errors.UNKNOWN_FILTER, data={"fields": sorted(fields)}, field=name)
+        value = _coerce(name, raw, fields[name])
+        if searchtype == "contain" and isinstance(value, str):
+            conditions[name] = {"$regex": re.escape(value), "$options": "i"}
+        else:
+            conditions[name] = value
+    if searchtype in ("contain", "single") and not conditions:
+        raise ApiError(errors.SEARCH_NEEDS_FILTER, searchtype=searchtype)
+    if fixed:
+        conditions = {"$and": [dict(fixed), conditions]} if conditions else dict(fixed)
+    return searchtype, conditions
+
+
+async def paged_search(
+    req: "ApiRequest",
+    collection: Collection,
+    fields: Mapping[str, type],
+    *,
+    fixed: Optional[Filter] = None,
+    sort: Sort = (("id", -1),),
+    decorate: Optional[Decorate] = None,
+    resource: str = "记录",
+) -> Any:
+    """Answer a list endpoint: a page (``count/next/previous/results``) or, for ``single``, one record.
+
+    :param decorate: adds derived fields (counts, names) to the records of the page, in one go.
+    """
+    searchtype, filter = search_filter(req.args, fields, fixed)
+    if searchtype == "single":
+        found = await collection.find(filter, sort=sort, limit=1)
+        if not found:
+            raise ApiError(errors.NOT_FOUND, resource=resource, key=_describe(req.args))
+        return (await decorate(found))[0] if decorate else found[0]
+    return await paginate(req, collection, filter, sort=sort, decorate=decorate)
+
+
+async def paginate(
+    req: "ApiRequest",
+    collection: Collection,
+    filter: Filter,
+    *,
+    sort: Sort = (("id", -1),),
+    decorate: Optional[Decorate] = None,
+) -> dict:
+    """One page of ``collection`` matching ``filter``, with full-URL ``next``/``previous`` links."""
+    config = req.core.config
+    page = _positive_int(req.args, "page", 1)
+    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10))
+    limit = config.get("api.max_page_size", 1000)
+    if size > limit:
+        raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
+    count = await collection.count(filter)
+    results = await collection.find(filter, sort=list(sort), skip=(page - 1) * size, limit=size)
+    if decorate and results:
+        results = await decorate(results)
+    return page_envelope(req, count, page, size, results)
+
+
+def page_envelope(req: "ApiRequest", count: int, page: int, size: int, results: Sequence[Any]) -> dict:
+    """The contract's page object for results computed elsewhere."""
+    has_next = page * size < count
+    has_previous = page > 1
+    return {
+        "count": count,
+        "next": req.url_with(page=page + 1, page_size=size) if has_next else None,
+        "previous": req.url_with(page=page - 1, page_size=size) if has_previous else None,
+        "results": list(results),
+    }
+
+
+def page_of(req: "ApiRequest", items: Sequence[Any]) -> dict:
+    """Page a list already in memory (e.g. facts an agent returned)."""
+    config = req.core.config
+    page = _positive_int(req.args, "page", 1)
+    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10))
+    limit = config.get("api.max_page_size", 1000)
+    if size > limit:
+        raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
+    return page_envelope(req, len(items), page, size, items[(page - 1) * size : page * size])
+
+
+def _describe(args: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in args.items() if k not in RESERVED)

@@ -1,0 +1,57 @@
+"""The plugin manager: built-in and third-party plugins are found the same way.
+
+Every plugin, built-in or not, is an entry point of the ``kvmdesk.plugins`` group (built-ins are
+declared in kvmdesk's own ``setup.cfg``).  A plugin is blocked by its entry-point name through the
+configuration (``[plugins] blocked``) or ``KVMDESK_BLOCKED_PLUGINS``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Awaitable, Iterable
+
+import pluggy
+from twisted.internet import defer
+
+from kvmdesk import PROJECT_NAME
+from kvmdesk.core import hookspecs
+
+ENTRY_POINT_GROUP = "kvmdesk.plugins"
+
+
+def blocked_names(configured: Iterable[str] = ()) -> set[str]:
+    """Plugin names blocked by the configuration plus ``KVMDESK_BLOCKED_PLUGINS``."""
+    names = {name.strip() for name in configured if name.strip()}
+    names |= {name.strip() for name in os.environ.get("KVMDESK_BLOCKED_PLUGINS", "").split(",") if name.strip()}
+    return names
+
+
+def make_plugin_manager(blocked: Iterable[str] = (), *, load_entry_points: bool = True) -> pluggy.PluginManager:
+    """Create the manager, block plugins by name, load entry points and check every implementation.
+
+    :param blocked: names not to load.
+    :param load_entry_points: tests that register plugins by hand pass ``False``.
+    :raises pluggy.PluginValidationError: a plugin implements a hook that does not exist.
+    """
+    manager = pluggy.PluginManager(PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    for name in blocked:
+        manager.set_blocked(name)
+    if load_entry_points:
+        manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    manager.check_pending()
+    return manager
+
+
+def gather_hook(results: Iterable[Any]) -> defer.Deferred:
+    """Wait for every (possibly asynchronous) result of a non-firstresult hook.
+
+    Coroutines and Deferreds are awaited together; the first failure is re-raised once all finish.
+    """
+    deferreds = [defer.ensureDeferred(r) if _is_coroutine(r) else defer.maybeDeferred(lambda r=r: r) for r in results]
+    d = defer.gatherResults(deferreds, consumeErrors=True)
+    d.addErrback(lambda failure: failure.value.subFailure)
+    return d
+
+
+def _is_coroutine(value: Any) -> bool:
+    return isinstance(value, Awaitable) and not isinstance(value, defer.Deferred)

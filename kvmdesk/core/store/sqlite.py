@@ -1,0 +1,374 @@
+"""The embedded SQLite backend (the default store).
+
+- WAL journal, one writer connection on a single dedicated thread (SQLite allows one writer at a
+  time anyway) and a small pool of reader threads with a connection each, so no call ever runs on
+  the reactor thread.
+- Writes that read before they write (updates, find-one-and-update) run in one ``BEGIN IMMEDIATE``
+  transaction on the writer: atomic against other writers in this and any other process.
+- Unique and compound indexes are SQLite expression indexes over ``json_extract``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sqlite3
+import threading
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import orjson
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from . import (
+    Document,
+    DuplicateKeyError,
+    Filter,
+    Index,
+    Sort,
+    StoreUnavailable,
+    Update,
+    check_collection,
+    check_field,
+)
+from .filters import check_filter
+from .sqlite_sql import compile_filter, compile_sort, field_expr
+from .updates import apply_update, check_update, upsert_seed
+
+T = TypeVar("T")
+
+_INDEX_NAME = re.compile(r"index '([^']+)'")
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str, options: str) -> re.Pattern:
+    flags = re.IGNORECASE if "i" in options else 0
+    if "m" in options:
+        flags |= re.MULTILINE
+    if "s" in options:
+        flags |= re.DOTALL
+    return re.compile(pattern, flags)
+
+
+def _regexp(pattern: str, options: str, value: Any) -> int:
+    if not isinstance(value, str):
+        return 0
+    return 1 if _compiled(pattern, options or "").search(value) else 0
+
+
+def _dump(doc: Document) -> str:
+    return orjson.dumps(doc).decode()
+
+
+def _load(row: tuple[int, str]) -> Document:
+    doc = orjson.loads(row[1])
+    doc["id"] = row[0]
+    return doc
+
+
+def _project(doc: Document, projection: Sequence[str] | None) -> Document:
+    if not projection:
+        return doc
+    out: Document = {}
+    for path in projection:
+        node: Any = doc
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            target = out
+            *parents, leaf = path.split(".")
+            for key in parents:
+                target = target.setdefault(key, {})
+            target[leaf] = node
+    return out
+
+
+class _Connections(threading.local):
+    conn: sqlite3.Connection | None = None
+
+
+class SQLiteStore:
+    """A :class:`~kvmdesk.core.store.Store` in one SQLite file.
+
+    :param path: database file (``:memory:`` is refused: readers need a shared file).
+    :param readers: number of reader threads.
+    """
+
+    def __init__(self, path: str, *, reactor: Any = None, readers: int = 4):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        if not path or path == ":memory:":
+            raise ValueError("the SQLite store needs a file path")
+        self.path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._reactor = reactor
+        self._local = _Connections()
+        self._all_connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._tables: set[str] = set()
+        self._collections: dict[str, SQLiteCollection] = {}
+        #: SQLite names the index, not the fields, when a UNIQUE constraint fails.
+        self.index_fields: dict[str, tuple[str, ...]] = {}
+        self._writer = ThreadPool(1, 1, name="kvmdesk-sqlite-writer")
+        self._readers = ThreadPool(1, readers, name="kvmdesk-sqlite-reader")
+        self._writer.start()
+        self._readers.start()
+        self._closed = False
+        # WAL is a property of the file: set it once, synchronously, before any thread uses it.
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode=WAL")
+
+    # -- threads and connections -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = self._local.conn
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.create_function("kvmdesk_regexp", 3, _regexp, deterministic=True)
+            self._local.conn = conn
+            with self._lock:
+                self._all_connections.append(conn)
+        return conn
+
+    def _run(self, pool: ThreadPool, fn: Callable[[sqlite3.Connection], T]):
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+
+        def call() -> T:
+            try:
+                return fn(self._connect())
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    raise _MissingTable() from exc
+                raise StoreUnavailable(str(exc)) from exc
+
+        return deferToThreadPool(self._reactor, pool, call)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
+        """Run a read on a reader thread; a collection never written to reads as ``empty``."""
+        try:
+            return await self._run(self._readers, fn)
+        except _MissingTable:
+            return empty
+
+    async def write(self, table: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer thread inside ``BEGIN IMMEDIATE`` ... ``COMMIT``."""
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            self._ensure_table(conn, table)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(self._writer, transaction)
+
+    def _ensure_table(self, conn: sqlite3.Connection, table: str) -> None:
+        if table not in self._tables:
+            conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL)')
+            self._tables.add(table)
+
+    # -- Store -------------------------------------------------------------------------------
+
+    def collection(self, name: str) -> "SQLiteCollection":
+        coll = self._collections.get(name)
+        if coll is None:
+            coll = self._collections[name] = SQLiteCollection(self, check_collection(name))
+        return coll
+
+    async def ensure_indexes(self, indexes: Iterable[Index]) -> None:
+        for index in indexes:
+            table = check_collection(index.collection)
+            columns = ", ".join(
+                f"{field_expr(path)} {'DESC' if direction < 0 else 'ASC'}" for path, direction in index.keys()
+            )
+            sql_name = f"{table}__{index.name}"
+            self.index_fields[sql_name] = tuple(path for path, _ in index.keys())
+            sql = f'CREATE {"UNIQUE " if index.unique else ""}INDEX IF NOT EXISTS "{sql_name}" ON "{table}" ({columns})'
+
+            def create(conn: sqlite3.Connection, sql: str = sql, index: Index = index) -> None:
+                try:
+                    conn.execute(sql)
+                except sqlite3.IntegrityError as exc:
+                    raise DuplicateKeyError(index.collection, [p for p, _ in index.keys()]) from exc
+
+            await self.write(table, create)
+
+    async def ping(self) -> None:
+        await self._run(self._readers, lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # ThreadPool.stop joins its threads: do it off the reactor thread.
+        from twisted.internet.threads import deferToThread
+
+        def stop() -> None:
+            self._writer.stop()
+            self._readers.stop()
+            with self._lock:
+                for conn in self._all_connections:
+                    conn.close()
+                self._all_connections.clear()
+
+        await deferToThread(stop)
+
+
+class _MissingTable(Exception):
+    pass
+
+
+class SQLiteCollection:
+    """One table of JSON documents; see :class:`~kvmdesk.core.store.Collection`."""
+
+    def __init__(self, store: SQLiteStore, name: str):
+        self.store = store
+        self.name = name
+
+    # -- helpers run on the writer thread ----------------------------------------------------
+
+    def _insert(self, conn: sqlite3.Connection, doc: Document) -> Document:
+        body = {k: v for k, v in doc.items() if k not in ("id", "_id")}
+        try:
+            (row_id,) = conn.execute(f'INSERT INTO "{self.name}" (doc) VALUES (?) RETURNING id', (_dump(body),)).fetchone()
+        except sqlite3.IntegrityError as exc:
+            raise self._duplicate(conn, exc) from exc
+        body["id"] = row_id
+        return body
+
+    def _duplicate(self, conn: sqlite3.Connection, exc: sqlite3.IntegrityError) -> DuplicateKeyError:
+        match = _INDEX_NAME.search(str(exc))
+        fields = self.store.index_fields.get(match.group(1), ()) if match else ()
+        return DuplicateKeyError(self.name, fields)
+
+    def _select(self, conn, filter: Filter | None, sort: Sort | None, skip: int, limit: int) -> list[tuple]:
+        params: list = []
+        sql = f'SELECT id, doc FROM "{self.name}" WHERE {compile_filter(filter, params)}{compile_sort(sort)}'
+        if limit or skip:
+            sql += " LIMIT ? OFFSET ?"
+            params.extend([limit if limit > 0 else -1, max(skip, 0)])
+        return conn.execute(sql, params).fetchall()
+
+    def _update_rows(self, conn, rows: list[tuple], update: Update) -> list[tuple[Document, Document]]:
+        changed = []
+        for row in rows:
+            before = _load(row)
+            after = apply_update(before, update)
+            after["id"] = before["id"]
+            body = {k: v for k, v in after.items() if k != "id"}
+            try:
+                conn.execute(f'UPDATE "{self.name}" SET doc = ? WHERE id = ?', (_dump(body), row[0]))
+            except sqlite3.IntegrityError as exc:
+                raise self._duplicate(conn, exc) from exc
+            changed.append((before, after))
+        return changed
+
+    def _upsert(self, conn, filter: Filter, update: Update) -> Document:
+        return self._insert(conn, apply_update(upsert_seed(filter), update))
+
+    # -- Collection ----------------------------------------------------------------------------
+
+    async def insert_one(self, doc: Document) -> Document:
+        return await self.store.write(self.name, lambda conn: self._insert(conn, doc))
+
+    async def insert_many(self, docs: Sequence[Document]) -> list[Document | DuplicateKeyError]:
+        def insert_all(conn) -> list:
+            results: list = []
+            for doc in docs:
+                try:
+                    results.append(self._insert(conn, doc))
+                except DuplicateKeyError as exc:
+                    results.append(exc)
+            return results
+
+        return await self.store.write(self.name, insert_all)
+
+    async def find(
+        self,
+        filter: Filter | None = None,
+        *,
+        sort: Sort | None = None,
+        skip: int = 0,
+        limit: int = 0,
+        projection: Sequence[str] | None = None,
+    ) -> list[Document]:
+        check_filter(filter)  # reject a bad filter here, not as a thread failure
+        for path in projection or ():
+            check_field(path)
+        rows = await self.store.read(lambda conn: self._select(conn, filter, sort, skip, limit), [])
+        return [_project(_load(row), projection) for row in rows]
+
+    async def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None) -> Document | None:
+        found = await self.find(filter, sort=sort, limit=1)
+        return found[0] if found else None
+
+    async def count(self, filter: Filter | None = None) -> int:
+        params: list = []
+        sql = f'SELECT count(*) FROM "{self.name}" WHERE {compile_filter(filter, params)}'
+        return await self.store.read(lambda conn: conn.execute(sql, params).fetchone()[0], 0)
+
+    async def count_by(self, field: str, filter: Filter | None = None) -> dict[Any, int]:
+        params: list = []
+        expr = field_expr(field)
+        sql = f'SELECT {expr}, count(*) FROM "{self.name}" WHERE {compile_filter(filter, params)} GROUP BY {expr}'
+        rows = await self.store.read(lambda conn: conn.execute(sql, params).fetchall(), [])
+        return {value: count for value, count in rows}
+
+    async def update_one(self, filter: Filter, update: Update, *, upsert: bool = False) -> int:
+        result = await self.find_one_and_update(filter, update, upsert=upsert)
+        return 0 if result is None else 1
+
+    async def update_many(self, filter: Filter, update: Update) -> int:
+        check_update(update)
+        check_filter(filter)
+        return await self.store.write(
+            self.name, lambda conn: len(self._update_rows(conn, self._select(conn, filter, None, 0, 0), update))
+        )
+
+    async def find_one_and_update(
+        self,
+        filter: Filter,
+        update: Update,
+        *,
+        sort: Sort | None = None,
+        upsert: bool = False,
+        return_new: bool = True,
+    ) -> Document | None:
+        check_update(update)
+        check_filter(filter)
+
+        def run(conn) -> Document | None:
+            rows = self._select(conn, filter, sort, 0, 1)
+            if not rows:
+                if not upsert:
+                    return None
+                created = self._upsert(conn, filter, update)
+                return created if return_new else None
+            ((before, after),) = self._update_rows(conn, rows, update)
+            return after if return_new else before
+
+        return await self.store.write(self.name, run)
+
+    async def delete_one(self, filter: Filter) -> int:
+        return await self._delete(filter, 1)
+
+    async def delete_many(self, filter: Filter) -> int:
+        return await self._delete(filter, 0)
+
+    async def _delete(self, filter: Filter, limit: int) -> int:
+        params: list = []
+        where = compile_filter(filter, params)
+        sql = f'DELETE FROM "{self.name}" WHERE id IN (SELECT id FROM "{self.name}" WHERE {where} ORDER BY id'
+        sql += " LIMIT 1)" if limit else ")"
+        return await self.store.write(self.name, lambda conn: conn.execute(sql, params).rowcount)

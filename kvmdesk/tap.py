@@ -1,0 +1,103 @@
+"""twistd entry points: ``twistd -n kvmdesk`` (the controller).  The agent's is added by the agent."""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Optional
+
+from twisted.application import service
+from twisted.application.internet import TCPServer
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from kvmdesk.core.config import Config, ConfigError, load_file
+
+log = Logger(namespace="kvmdesk.tap")
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd kvmdesk``; each overrides the configuration file."""
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see kvmdesk/config/defaults.toml)"],
+        ["listen", "l", None, "address the API listens on [default: 127.0.0.1]"],
+        ["port", "p", None, "TCP port of the API [default: 50004]", int],
+        ["data-dir", "d", None, "directory for the embedded store and uploads [default: ./kvmdesk-data]"],
+        ["mongo-uri", "m", None, "use MongoDB at this URI instead of the embedded store"],
+    ]
+
+    def postOptions(self) -> None:
+        layers: list[dict[str, Any]] = []
+        if self["config"]:
+            try:
+                layers.append(load_file(self["config"]))
+            except ConfigError as exc:
+                raise usage.UsageError(str(exc)) from None
+        overrides: dict[str, Any] = {"controller": {}, "store": {}}
+        if self["listen"]:
+            overrides["controller"]["listen"] = self["listen"]
+        if self["port"] is not None:
+            overrides["controller"]["port"] = self["port"]
+        if self["data-dir"]:
+            overrides["controller"]["data_dir"] = self["data-dir"]
+        if self["mongo-uri"]:
+            overrides["store"]["uri"] = self["mongo-uri"]
+        layers.append(overrides)
+        self.config = Config(layers)
+
+
+class ControllerService(service.MultiService):
+    """Builds the core asynchronously, then listens; stops listeners, services and the store in order."""
+
+    def __init__(self, config: Config, reactor: Any = None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.core: Optional[Any] = None
+        self.port: Optional[Any] = None
+        self.ready: defer.Deferred = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        defer.ensureDeferred(self._start()).addCallbacks(self.ready.callback, self._failed)
+
+    async def _start(self) -> Any:
+        from kvmdesk.core.app import build_core
+
+        self.core = await build_core(self.config, self.reactor)
+        self.core.services.setServiceParent(self)
+        site = Site(self.core.router.resource())
+        site.displayTracebacks = False
+        listen = self.config.get("controller.listen")
+        self.port = self.reactor.listenTCP(int(self.config.get("controller.port")), site, interface=listen)
+        address = self.port.getHost()
+        log.info("kvmdesk controller listening on http://{host}:{port}/api/v1.0/", host=address.host, port=address.port)
+        return self.core
+
+    def _failed(self, failure: Any) -> None:
+        log.failure("kvmdesk controller failed to start", failure)
+        self.ready.errback(failure)
+        if self.reactor.running:
+            sys.exitcode = 1  # noqa: read by makeService's shutdown trigger below
+            self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred:
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+        await defer.maybeDeferred(super().stopService)
+        if self.core is not None:
+            await self.core.store.close()
+
+
+def makeService(options: Options) -> service.IService:
+    """twistd's hook: the controller service for the parsed options."""
+    return ControllerService(options.config)

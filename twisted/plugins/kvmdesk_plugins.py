@@ -1,0 +1,4 @@
+"""twistd plugin entries for kvmdesk (no __init__.py in twisted/plugins, by Twisted's rules)."""
+from twisted.application.service import ServiceMaker
+
+kvmdesk = ServiceMaker("kvmdesk", "kvmdesk.tap", "kvmdesk VDI controller (REST API on port 50004)", "kvmdesk")
