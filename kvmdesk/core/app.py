@@ -21,7 +21,8 @@ log = Logger(namespace="kvmdesk.core")
 class Core:
     """Everything a plugin needs, handed to its hooks.
 
-    :ivar clock: the reactor's clock (an injected ``Clock`` in tests); use it, never ``time.time``.
+    :ivar reactor: the real reactor (threads, network).
+    :ivar clock: the time source (the reactor, or an injected ``Clock`` in tests); use it, never ``time.time``.
     """
 
     config: Config
@@ -31,14 +32,11 @@ class Core:
     data_dir: Path
     auth: auth.Authenticator
     oplog: oplog.OperationLog
+    clock: Any = None
     services: MultiService = attrs.field(factory=MultiService)
     router: Any = None
     #: Free-form room for plugins to share objects (e.g. the node agents' client).
     extensions: dict[str, Any] = attrs.field(factory=dict)
-
-    @property
-    def clock(self) -> Any:
-        return self.reactor
 
     async def usage(self, kind: str, uuid: str) -> Optional[str]:
         """Ask every plugin whether ``kind``/``uuid`` is still in use; return the first reason."""
@@ -51,13 +49,17 @@ def store_uri(config: Config, data_dir: Path) -> str:
     return uri or f"sqlite://{data_dir / 'kvmdesk.db'}"
 
 
-async def build_core(config: Config, reactor: Any, plugins: Optional[pluggy.PluginManager] = None) -> Core:
+async def build_core(
+    config: Config, reactor: Any, plugins: Optional[pluggy.PluginManager] = None, clock: Any = None
+) -> Core:
     """Open the store, load plugins, create indexes, seed data, register routes and services.
 
     :param plugins: a ready plugin manager (tests); by default entry points are loaded.
+    :param clock: time source for records, tokens and watchers (default: the reactor).
     """
     from kvmdesk.api.app import make_router
 
+    clock = clock if clock is not None else reactor
     if plugins is None:
         plugins = make_plugin_manager(blocked_names(config.get("plugins.blocked", [])))
     for defaults in plugins.hook.kvmdesk_config_defaults():
@@ -72,9 +74,10 @@ async def build_core(config: Config, reactor: Any, plugins: Optional[pluggy.Plug
             store=store,
             plugins=plugins,
             reactor=reactor,
+            clock=clock,
             data_dir=data_dir,
-            auth=auth.Authenticator(store, reactor, config),
-            oplog=oplog.OperationLog(store, reactor),
+            auth=auth.Authenticator(store, clock, config),
+            oplog=oplog.OperationLog(store, clock),
         )
         plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
         indexes = [*auth.INDEXES, *oplog.INDEXES]

@@ -1,0 +1,132 @@
+"""Test helpers for plugin authors: a real core on a temporary SQLite store, driven through StubTreq.
+
+Usage (pytest-twisted)::
+
+    @pytest_twisted.ensureDeferred
+    async def test_something(tmp_path):
+        async with api_client(tmp_path) as api:
+            status, body = await api.call("GET", "/resource_mgr/resource_pools")
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+import orjson
+import pluggy
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.web.resource import IResource, Resource
+
+from kvmdesk.api.router import API_PREFIX
+from kvmdesk.core.app import Core, build_core
+from kvmdesk.core.config import Config
+
+ADMIN_PASSWORD = "test-admin-password"
+
+
+class _FlushOnFinish(Resource):
+    """Wraps the router's resource so StubTreq delivers a response as soon as the handler finishes.
+
+    StubTreq moves bytes only when flushed; our handlers finish later (store calls run in threads),
+    so each finished request schedules the flush itself: no polling, no sleeping.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource, reactor: Any):
+        super().__init__()
+        self.inner = inner
+        self.reactor = reactor
+        self.stub: Optional[StubTreq] = None
+
+    def render(self, request: Any) -> Any:
+        request.notifyFinish().addBoth(lambda _: self.reactor.callLater(0, self.stub.flush))
+        return self.inner.render(request)
+
+
+class ApiClient:
+    """Calls the API of ``core`` in memory and decodes the envelope."""
+
+    def __init__(self, core: Core):
+        self.core = core
+        wrapper = _FlushOnFinish(core.router.resource(), core.reactor)
+        self.stub = StubTreq(wrapper)
+        wrapper.stub = self.stub
+        self.token: Optional[str] = None
+
+    async def login(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
+        status, body = await self.call("POST", "/auth/login", {"username": username, "password": password}, auth=False)
+        assert status == 200, body
+        self.token = body["data"]["token"]
+        return self.token
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        *,
+        auth: bool = True,
+        headers: Optional[dict[str, str]] = None,
+        data: Optional[bytes] = None,
+        params: Optional[dict[str, Any]] = None,
+    ) -> tuple[int, Any]:
+        """Send a request to ``/api/v1.0<path>``; returns ``(status, decoded JSON body)``."""
+        sent_headers = {"Host": "kvmdesk.test"}
+        sent_headers.update(headers or {})
+        if auth and self.token:
+            sent_headers["Authorization"] = f"Bearer {self.token}"
+        if json is not None:
+            data = orjson.dumps(json)
+            sent_headers.setdefault("Content-Type", "application/json")
+        response = await self.stub.request(
+            method, "http://kvmdesk.test" + API_PREFIX + path, data=data, headers=sent_headers, params=params
+        )
+        content = await response.content()
+        try:
+            return response.code, orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return response.code, content
+
+    async def raw(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The treq response itself (headers, streamed bodies)."""
+        headers = {"Host": "kvmdesk.test", **kwargs.pop("headers", {})}
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        return await self.stub.request(method, "http://kvmdesk.test" + API_PREFIX + path, headers=headers, **kwargs)
+
+
+async def make_core(
+    tmp_path: Path,
+    *,
+    config: Optional[dict[str, Any]] = None,
+    plugins: Optional[pluggy.PluginManager] = None,
+    clock: Any = None,
+) -> Core:
+    """A real core on a fresh SQLite store under ``tmp_path`` (``admin`` / :data:`ADMIN_PASSWORD`)."""
+    import os
+
+    from twisted.internet import reactor
+
+    os.environ["KVMDESK_ADMIN_PASSWORD"] = ADMIN_PASSWORD
+    layers = [{"controller": {"data_dir": str(tmp_path / "data")}}]
+    if config:
+        layers.append(config)
+    return await build_core(Config(layers), reactor, plugins=plugins, clock=clock)
+
+
+@contextlib.asynccontextmanager
+async def api_client(tmp_path: Path, *, login: bool = True, **kwargs: Any) -> AsyncIterator[ApiClient]:
+    """A logged-in :class:`ApiClient` on a fresh core; closes the store afterwards."""
+    core = await make_core(tmp_path, **kwargs)
+    try:
+        client = ApiClient(core)
+        if login:
+            await client.login()
+        yield client
+    finally:
+        if core.services.running:
+            await defer.maybeDeferred(core.services.stopService)
+        await core.store.close()
