@@ -1,8 +1,7 @@
 """twistd entry points: ``twistd -n kvmdesk`` (the controller).  The agent's is added by the agent."""
 from __future__ import annotations
 
-import signal
-import sys
+import os
 from typing import Any, Optional
 
 from twisted.application import service
@@ -81,10 +80,17 @@ class ControllerService(service.MultiService):
         return self.core
 
     def _failed(self, failure: Any) -> None:
-        log.failure("kvmdesk controller failed to start", failure)
+        from kvmdesk.core.store import StoreError
+
+        if failure.check(StoreError, ConfigError, OSError):
+            log.critical("kvmdesk controller cannot start: {reason}", reason=str(failure.value))
+        else:
+            log.failure("kvmdesk controller failed to start", failure)
         self.ready.errback(failure)
         if self.reactor.running:
-            sys.exitcode = 1  # noqa: read by makeService's shutdown trigger below
+            # twistd offers no way to set the exit status; a service manager must see that start-up
+            # failed, so exit 1 once the reactor has shut down cleanly.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self.reactor.stop()
 
     def stopService(self) -> defer.Deferred:
