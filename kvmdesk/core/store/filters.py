@@ -1,6 +1,7 @@
 """Validation of the filter subset every backend supports (see the package docstring)."""
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from . import Filter, check_field
@@ -42,8 +43,13 @@ def _check_operators(ops: Mapping[str, Any]) -> None:
             raise ValueError(f"unsupported filter operator {op!r}")
         if op in ("$in", "$nin") and not isinstance(value, (list, tuple)):
             raise ValueError(f"{op} needs a list")
-        if op == "$regex" and not isinstance(value, str):
-            raise ValueError("$regex needs a string pattern")
+        if op == "$regex":
+            if not isinstance(value, str):
+                raise ValueError("$regex needs a string pattern")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid $regex: {exc}") from None
         if op == "$options" and "$regex" not in ops:
             raise ValueError("$options without $regex")
         if op == "$elemMatch":
