@@ -9,8 +9,8 @@ from twisted.application.internet import TCPServer
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
+from kvmdesk.api.streaming import make_site
 from kvmdesk.core.config import Config, ConfigError, load_file
 
 log = Logger(namespace="kvmdesk.tap")
@@ -71,8 +71,8 @@ class ControllerService(service.MultiService):
 
         self.core = await build_core(self.config, self.reactor)
         self.core.services.setServiceParent(self)
-        site = Site(self.core.router.resource())
-        site.displayTracebacks = False
+        # The API's site streams upload bodies to their endpoints instead of buffering them whole.
+        site = make_site(self.core.router)
         listen = self.config.get("controller.listen")
         self.port = self.reactor.listenTCP(int(self.config.get("controller.port")), site, interface=listen)
         address = self.port.getHost()

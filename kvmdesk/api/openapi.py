@@ -60,7 +60,9 @@ def _operation(spec: "Endpoint", components: dict) -> dict:
     elif spec.body is not None and not spec.raw_body:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _schema(spec.body, components)}}}
     elif spec.raw_body:
-        op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object"}}}}
+        # Uploads: the body model (if any) describes the form's fields.
+        form = _schema(spec.body, components) if spec.body is not None else {"type": "object"}
+        op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": form}}}
     if spec.auth:
         op["security"] = [{"bearer": []}]
     else:
@@ -75,7 +77,9 @@ def openapi_document(router: "Router") -> dict:
     for spec in router.registry:
         paths.setdefault(router.prefix + spec.path, {})[spec.method.lower()] = _operation(spec, components)
     return {
-        "openapi": "3.0.3",
+        # 3.1: its schema dialect is JSON Schema 2020-12, which is what pydantic generates
+        # (``{"type": "null"}`` for Optional fields is invalid in 3.0).
+        "openapi": "3.1.0",
         "info": {"title": "kvmdesk API", "version": __version__},
         "paths": paths,
         "components": {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import attrs
 import orjson
@@ -54,6 +54,8 @@ class ApiRequest:
     oplog_detail: Optional[str] = None
     #: The dispatched entry of an action table, once known.
     action: Optional["Action"] = None
+    #: What a ``stream=`` endpoint's sink made of the body (e.g. an uploaded file), once complete.
+    stream: Any = None
 
     @property
     def client_ip(self) -> str:
@@ -90,6 +92,8 @@ class Endpoint:
     actions: Optional[Mapping[str, "Action"]] = None
     search_fields: Optional[Mapping[str, type]] = None
     paged: bool = False
+    #: Streams the body into a sink (see :mod:`kvmdesk.api.streaming`); the handler gets ``req.stream``.
+    stream: Optional[Callable[..., Any]] = None
 
     @property
     def records_operation(self) -> bool:
@@ -117,6 +121,14 @@ def _language(request: IRequest) -> str:
     return "en" if header.startswith("en") else "zh"
 
 
+def _path_pattern(path: str) -> re.Pattern:
+    """A regular expression matching ``path`` (``{name}`` placeholders) with or without its trailing slash."""
+    parts = _PLACEHOLDER.split(path.rstrip("/"))
+    # split() alternates literal text and placeholder names.
+    regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>[^/]+)" for i, part in enumerate(parts))
+    return re.compile(regex + "/?")
+
+
 def _variants(path: str) -> list[str]:
     """The path with and without its trailing slash, in werkzeug's ``<name>`` syntax."""
     path = _PLACEHOLDER.sub(r"<\1>", path.rstrip("/") or "/")
@@ -140,6 +152,12 @@ class Router(Klein):
         self.handle_errors(MethodNotAllowed)(self._not_allowed)
         #: Called after each state-changing request with (request, endpoint, code, msg).
         self.recorders: list[Callable[..., Awaitable[None]]] = []
+        #: Every endpoint as (method, compiled full path, endpoint), matched when the headers are in
+        #: (before twisted.web reads the body): streamed bodies, early size refusals.
+        self.patterns: list[tuple[str, re.Pattern, Endpoint]] = []
+        #: Checks a streamed request from its headers before its body is stored (e.g. the agent's
+        #: signature check); default: the bearer token of ``core.auth`` for ``auth=True`` endpoints.
+        self.stream_guard: Optional[Callable[[IRequest], Awaitable[None]]] = None
 
     # -- registration -------------------------------------------------------------------------
 
@@ -157,6 +175,7 @@ class Router(Klein):
         raw_body: bool = False,
         search_fields: Optional[Mapping[str, type]] = None,
         paged: bool = False,
+        stream: Optional[Callable[..., Any]] = None,
     ) -> Callable[[Handler], Handler]:
         """Register ``handler`` for ``method path`` (``{name}`` marks path parameters).
 
@@ -165,17 +184,25 @@ class Router(Klein):
         :param oplog: zh-CN label for the operation log ("" to not record a state change).
         :param raw_body: the handler reads the body itself (uploads); no size check or parsing.
         :param search_fields: filterable fields of a list endpoint (documented in OpenAPI).
+        :param stream: a factory ``(StreamContext) -> BodySink``: the body is streamed into the sink as
+            it arrives, never buffered (uploads); the handler gets what the sink made of it in
+            ``req.stream``.  Implies ``raw_body``; ``body`` may then describe the form for OpenAPI.
         """
 
         def register(handler: Handler) -> Handler:
             self._add(Endpoint(method.upper(), path, handler, summary, body, query, auth, tuple(tags), oplog,
-                               raw_body, None, search_fields, paged))
+                               raw_body or stream is not None, None, search_fields, paged, stream=stream))
             return handler
 
         return register
 
-    def actions(self, path: str, table: Mapping[str, Action], *, tags: tuple[str, ...] = (), summary: str = "") -> None:
-        """Register a ``POST path`` that dispatches on the body's ``action`` through ``table``."""
+    def actions(
+        self, path: str, table: Mapping[str, Action], *, tags: tuple[str, ...] = (), summary: str = "", auth: bool = True
+    ) -> None:
+        """Register a ``POST path`` that dispatches on the body's ``action`` through ``table``.
+
+        :param auth: require a valid token (the agent's router authenticates requests before routing).
+        """
         table = dict(table)
 
         async def dispatch(req: ApiRequest) -> Any:
@@ -188,10 +215,11 @@ class Router(Klein):
             return await action.handler(req)
 
         self._add(Endpoint("POST", path, dispatch, summary or "actions: " + ", ".join(table),
-                           _ActionBody, None, True, tuple(tags), None, False, table))
+                           _ActionBody, None, auth, tuple(tags), None, False, table))
 
     def _add(self, spec: Endpoint) -> None:
         self.registry.append(spec)
+        self.patterns.append((spec.method, _path_pattern(self.prefix + spec.path), spec))
         for variant in _variants(self.prefix + spec.path):
             view = self._view(spec)
             self.route(variant, methods=[spec.method], endpoint=f"{spec.method} {variant}")(view)
@@ -201,6 +229,53 @@ class Router(Klein):
             return defer.ensureDeferred(self._serve(spec, request, path))
 
         return view
+
+    def match(self, method: str, path: bytes) -> Optional[tuple[Endpoint, dict[str, str]]]:
+        """The endpoint for ``method path`` (raw request path), with its path parameters, or ``None``."""
+        text = path.decode("utf-8", "replace")
+        for endpoint_method, pattern, spec in self.patterns:
+            if endpoint_method == method:
+                found = pattern.fullmatch(text)
+                if found is not None:
+                    return spec, {k: unquote(v) for k, v in found.groupdict().items()}
+        return None
+
+    def match_stream(self, method: str, path: bytes) -> Optional[tuple[Endpoint, dict[str, str]]]:
+        """The ``stream=`` endpoint for ``method path``, with its path parameters, or ``None``."""
+        matched = self.match(method, path)
+        return matched if matched is not None and matched[0].stream is not None else None
+
+    async def authenticate_stream(self, request: IRequest) -> None:
+        """Check a streamed request before its body is stored.
+
+        :raises ApiError: refused (the answer is sent while the client is still sending).
+        """
+        if self.stream_guard is not None:
+            await self.stream_guard(request)
+        else:
+            await self.core.auth.authenticate(request.getHeader(b"authorization"))
+
+    async def _streamed_body(self, spec: Endpoint, request: IRequest, req: ApiRequest) -> Any:
+        from kvmdesk.api.streaming import StreamContext, feed_buffered
+
+        stream = getattr(request, "body_stream", None)
+        if stream is not None:
+            return await stream.result()
+        # A site without the streaming request factory buffered the body: feed it through the sink.
+        declared = request.getHeader(b"content-length")
+        context = StreamContext(request=request, path=req.path, args=req.args,
+                                length=int(declared) if declared and declared.isdigit() else None, core=self.core)
+        req.stream = await feed_buffered(request, spec.stream(context), getattr(self.core, "reactor", None))
+        return req.stream
+
+    @staticmethod
+    def _release_stream(request: IRequest, req: ApiRequest) -> None:
+        """After the handler: whatever it did not commit of a streamed body (a temporary file) goes."""
+        stream = getattr(request, "body_stream", None)
+        if stream is not None:
+            stream.release()
+        elif req.stream is not None and hasattr(req.stream, "release"):
+            req.stream.release()
 
     # -- the request pipeline -------------------------------------------------------------------
 
@@ -218,6 +293,8 @@ class Router(Klein):
                 req.admin = await self.core.auth.authenticate(request.getHeader(b"authorization"))
             if spec.body is not None and not spec.raw_body:
                 req.body = validate(spec.body, self._json_body(request))
+            if spec.stream is not None:
+                req.stream = await self._streamed_body(spec, request, req)
             result = await spec.handler(req)
             if IResource.providedBy(result) or isinstance(result, bytes):
                 await self._record(req, spec, errors.SUCCESS.code, errors.SUCCESS.message(req.lang))
@@ -236,6 +313,9 @@ class Router(Klein):
             log.failure("request {rid} {method} {path} failed", rid=req.request_id, method=spec.method, path=spec.path)
             request.setResponseCode(500)
             envelope = self._error(errors.INTERNAL_ERROR, req.lang, request_id=req.request_id)
+        finally:
+            if spec.stream is not None:
+                self._release_stream(request, req)
         await self._record(req, spec, envelope["code"], envelope["msg"])
         return self.render_json(request, envelope)
 

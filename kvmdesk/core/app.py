@@ -62,6 +62,8 @@ async def build_core(
     clock = clock if clock is not None else reactor
     if plugins is None:
         plugins = make_plugin_manager(blocked_names(config.get("plugins.blocked", [])))
+    # Plugins registered by hand after make_plugin_manager() (tests, embedders) are checked too.
+    plugins.check_pending()
     for defaults in plugins.hook.kvmdesk_config_defaults():
         config.add_defaults(defaults or {})
     data_dir = Path(config.get("controller.data_dir")).absolute()

@@ -7,6 +7,7 @@ call costs one dictionary lookup; a logout drops the cache entry at once.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 from collections import defaultdict, deque
@@ -44,7 +45,11 @@ def public_admin(admin: dict[str, Any]) -> dict[str, Any]:
 
 
 class Throttle:
-    """Refuses logins for a (user name, address) after too many recent failures."""
+    """Refuses logins for a (user name, address) for ``lockout`` seconds after ``max_failures``
+    failures within ``window`` seconds.
+
+    The lockout runs from the failure that triggered it (not from the oldest failure counted).
+    """
 
     def __init__(self, clock: IReactorTime, max_failures: int, window: float, lockout: float):
         self.clock = clock
@@ -52,29 +57,35 @@ class Throttle:
         self.window = window
         self.lockout = lockout
         self._failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._locked_until: dict[tuple[str, str], float] = {}
 
     def _recent(self, key: tuple[str, str]) -> deque[float]:
         times = self._failures[key]
-        horizon = self.clock.seconds() - max(self.window, self.lockout)
-        while times and times[0] < horizon:
+        horizon = self.clock.seconds() - self.window
+        while times and times[0] <= horizon:
             times.popleft()
-        if not times:
-            del self._failures[key]
         return times
 
     def check(self, key: tuple[str, str]) -> None:
         """:raises ApiError: this key is locked out; says for how long."""
-        times = self._recent(key)
-        if len(times) >= self.max_failures:
-            remaining = int(times[-1] + self.lockout - self.clock.seconds()) + 1
-            if remaining > 0:
-                raise ApiError(errors.LOGIN_THROTTLED, seconds=remaining)
+        until = self._locked_until.get(key)
+        if until is None:
+            return
+        remaining = until - self.clock.seconds()
+        if remaining > 0:
+            raise ApiError(errors.LOGIN_THROTTLED, seconds=math.ceil(remaining))
+        del self._locked_until[key]
 
     def failed(self, key: tuple[str, str]) -> None:
-        self._failures[key].append(self.clock.seconds())
+        times = self._recent(key)
+        times.append(self.clock.seconds())
+        if len(times) >= self.max_failures:
+            self._locked_until[key] = self.clock.seconds() + self.lockout
+            del self._failures[key]
 
     def succeeded(self, key: tuple[str, str]) -> None:
         self._failures.pop(key, None)
+        self._locked_until.pop(key, None)
 
 
 class Authenticator:

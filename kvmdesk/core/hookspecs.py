@@ -100,7 +100,29 @@ def kvmdesk_usage(core: "Core", kind: str, uuid: str) -> Optional[Awaitable[Opti
 def kvmdesk_node_status_changed(core: "Core", node: Mapping[str, Any], old: Optional[str], new: str) -> None:
     """A node watcher saw a node change status (``online``, ``warning``, ``offline``).
 
-    :param node: the node record after the change.
+    :param node: the node record after the change (without its agent secret).
     :param old: the previous status, ``None`` on the first observation.
     :param new: the new status.
+    """
+
+
+@hookspec
+def kvmdesk_node_removed(core: "Core", node: Mapping[str, Any]) -> Optional[Awaitable[None]]:
+    """A node was deleted from the controller: forget what other plugins keep about it.
+
+    :param node: the deleted node record (without its agent secret).
+    :returns: ``None`` or an awaitable; all are awaited. Not firstresult.
+    """
+
+
+@hookspec
+def kvmdesk_domain_event(core: "Core", node: Mapping[str, Any], event: Mapping[str, Any]) -> Optional[Awaitable[None]]:
+    """A node's agent reported a libvirt domain lifecycle event (forwarded, signed, in order).
+
+    :param node: the node record of the agent that reported it (without its agent secret).
+    :param event: ``{"uuid", "name", "event", "detail", "seq", "at"}``: the domain's uuid and name,
+        libvirt's event and detail names (``started``/``booted``, ``stopped``/``destroyed``, ...), the
+        agent's sequence number and the Unix time the agent saw it.
+    :returns: ``None`` or an awaitable; every implementation is awaited before the next event.
+        Not firstresult.
     """

@@ -28,9 +28,13 @@ def _coerce(field: str, raw: str, kind: type) -> Any:
         raise ApiError(errors.INVALID_PARAM, field=field, reason="expected true/false or 1/0")
     if kind is int:
         try:
-            return int(raw)
+            value = int(raw)
         except ValueError:
             raise ApiError(errors.INVALID_PARAM, field=field, reason="expected an integer") from None
+        # Stores hold 64-bit integers; a larger value reached SQLite as an OverflowError (a 500).
+        if not -(2**63) <= value < 2**63:
+            raise ApiError(errors.INVALID_PARAM, field=field, reason="integer out of range")
+        return value
     return raw
 
 
@@ -116,7 +120,10 @@ async def paginate(
     if size > limit:
         raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
     count = await collection.count(filter)
-    results = await collection.find(filter, sort=list(sort), skip=(page - 1) * size, limit=size)
+    skip = (page - 1) * size
+    # Past the last record there is nothing to read, and a huge page number must not reach the store
+    # (SQLite refuses offsets beyond 64 bits: that was a 500).
+    results = await collection.find(filter, sort=list(sort), skip=skip, limit=size) if skip < count else []
     if decorate and results:
         results = await decorate(results)
     return page_envelope(req, count, page, size, results)

@@ -48,9 +48,16 @@ def gather_hook(results: Iterable[Any]) -> defer.Deferred:
     Coroutines and Deferreds are awaited together; the first failure is re-raised once all finish.
     """
     deferreds = [defer.ensureDeferred(r) if _is_coroutine(r) else defer.maybeDeferred(lambda r=r: r) for r in results]
-    d = defer.gatherResults(deferreds, consumeErrors=True)
-    d.addErrback(lambda failure: failure.value.subFailure)
-    return d
+
+    def collect(outcomes: list[tuple[bool, Any]]) -> Any:
+        for succeeded, value in outcomes:
+            if not succeeded:
+                return value  # the first Failure, now that every result is in
+        return [value for _, value in outcomes]
+
+    # Not gatherResults: it fires at the first failure, while other hooks may still be running
+    # (build_core would then close the store under a start-up hook still writing to it).
+    return defer.DeferredList(deferreds, consumeErrors=True).addCallback(collect)
 
 
 def _is_coroutine(value: Any) -> bool:

@@ -10,8 +10,9 @@ Usage (pytest-twisted)::
 from __future__ import annotations
 
 import contextlib
+import uuid as uuidlib
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Mapping, Optional
 
 import orjson
 import pluggy
@@ -20,6 +21,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 
 from kvmdesk.api.router import API_PREFIX
+from kvmdesk.api.streaming import StreamingRequest, install_streaming, make_site
 from kvmdesk.core.app import Core, build_core
 from kvmdesk.core.config import Config
 
@@ -46,8 +48,28 @@ class _FlushOnFinish(Resource):
         return self.inner.render(request)
 
 
+def multipart_body(
+    fields: Mapping[str, str] = {}, files: Mapping[str, tuple[str, bytes]] = {}, boundary: Optional[str] = None
+) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body: ``(body, content_type)``; ``files`` maps a field to (file name, bytes)."""
+    boundary = boundary or "kvmdesk-" + uuidlib.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n")
+    for name, (filename, content) in files.items():
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n")
+        parts.append(head.encode() + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
 class ApiClient:
-    """Calls the API of ``core`` in memory and decodes the envelope."""
+    """Calls the API of ``core`` in memory and decodes the envelope.
+
+    The in-memory site streams upload bodies like the real one (:mod:`kvmdesk.api.streaming`); StubTreq
+    hands each body over in one piece, so chunking and cut-off cases need a real port (:func:`listening_api`).
+    """
 
     def __init__(self, core: Core):
         self.core = core
@@ -55,6 +77,17 @@ class ApiClient:
         self.stub = StubTreq(wrapper)
         wrapper.stub = self.stub
         self.token: Optional[str] = None
+        stub, reactor = self.stub, core.reactor
+
+        class _StubStreamingRequest(StreamingRequest):
+            def answered_early(self) -> None:
+                # A refusal written outside any render: nothing else would flush it to the client.
+                reactor.callLater(0, stub.flush)
+
+        # treq.testing keeps its in-memory Site private; this is the one place that reaches for it.
+        site = self.stub._agent._serverFactory
+        install_streaming(site, core.router)
+        site.requestFactory = _StubStreamingRequest
 
     async def login(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
         status, body = await self.call("POST", "/auth/login", {"username": username, "password": password}, auth=False)
@@ -90,6 +123,19 @@ class ApiClient:
         except orjson.JSONDecodeError:
             return response.code, content
 
+    async def upload(
+        self,
+        path: str,
+        fields: Mapping[str, str] = {},
+        files: Mapping[str, tuple[str, bytes]] = {},
+        *,
+        method: str = "POST",
+        headers: Optional[dict[str, str]] = None,
+    ) -> tuple[int, Any]:
+        """Send a ``multipart/form-data`` form (small files only: StubTreq holds bodies in memory)."""
+        body, content_type = multipart_body(fields, files)
+        return await self.call(method, path, data=body, headers={"Content-Type": content_type, **(headers or {})})
+
     async def raw(self, method: str, path: str, **kwargs: Any) -> Any:
         """The treq response itself (headers, streamed bodies)."""
         headers = {"Host": "kvmdesk.test", **kwargs.pop("headers", {})}
@@ -115,6 +161,16 @@ async def make_core(
     if config:
         layers.append(config)
     return await build_core(Config(layers), reactor, plugins=plugins, clock=clock)
+
+
+@contextlib.asynccontextmanager
+async def listening_api(core: Core, interface: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve ``core``'s API on a real loopback port (the production site); yields ``http://host:port/api/v1.0``."""
+    port = core.reactor.listenTCP(0, make_site(core.router), interface=interface)
+    try:
+        yield f"http://{interface}:{port.getHost().port}{API_PREFIX}"
+    finally:
+        await port.stopListening()
 
 
 @contextlib.asynccontextmanager

@@ -2,3 +2,6 @@
 from twisted.application.service import ServiceMaker
 
 kvmdesk = ServiceMaker("kvmdesk", "kvmdesk.tap", "kvmdesk VDI controller (REST API on port 50004)", "kvmdesk")
+kvmdesk_agent = ServiceMaker(
+    "kvmdesk-agent", "kvmdesk.agent.tap", "kvmdesk node agent (signed API on port 50005)", "kvmdesk-agent"
+)

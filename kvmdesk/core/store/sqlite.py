@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import re
 import sqlite3
 import threading
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import orjson
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from . import (
@@ -56,6 +59,16 @@ def _regexp(pattern: str, options: str, value: Any) -> int:
     return 1 if _compiled(pattern, options or "").search(value) else 0
 
 
+def _where(filter: Filter | None, params: list) -> str:
+    """`` WHERE ...`` for ``filter``, or nothing for an empty one.
+
+    "WHERE 1" would defeat SQLite's count(*) fast path (it counts the cells of the smallest b-tree
+    instead of visiting rows: 260 -> 12 microseconds for 10,000 documents).
+    """
+    clause = compile_filter(filter, params)
+    return "" if clause == "1" else f" WHERE {clause}"
+
+
 def _dump(doc: Document) -> str:
     return orjson.dumps(doc).decode()
 
@@ -83,6 +96,47 @@ def _project(doc: Document, projection: Sequence[str] | None) -> Document:
                 target = target.setdefault(key, {})
             target[leaf] = node
     return out
+
+
+class _Readers:
+    """Reader threads fed from one queue; each call's result comes back through ``callFromThread``.
+
+    twisted's ThreadPool hands every call through a coordinator, a Python-level ``Queue`` and context
+    propagation: for a store that answers thousands of small reads a second that cost 10-20% of the
+    CPU of a paged list request (three reads; bench/api_bench.py).  ``SimpleQueue`` is implemented in C.
+    """
+
+    def __init__(self, reactor: Any, count: int, name: str):
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            deferred, fn = item
+            try:
+                result = fn()
+            except BaseException:
+                self._reactor.callFromThread(deferred.errback, Failure())
+            else:
+                self._reactor.callFromThread(deferred.callback, result)
+
+    def submit(self, fn: Callable[[], T]) -> defer.Deferred:
+        deferred: defer.Deferred = defer.Deferred()
+        self._queue.put((deferred, fn))
+        return deferred
+
+    def stop(self) -> None:
+        """Run what is queued, then end and join the threads (call it off the reactor thread)."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 class _Connections(threading.local):
@@ -114,9 +168,8 @@ class SQLiteStore:
         #: SQLite names the index, not the fields, when a UNIQUE constraint fails.
         self.index_fields: dict[str, tuple[str, ...]] = {}
         self._writer = ThreadPool(1, 1, name="kvmdesk-sqlite-writer")
-        self._readers = ThreadPool(1, readers, name="kvmdesk-sqlite-reader")
+        self._readers = _Readers(reactor, readers, name="kvmdesk-sqlite-reader")
         self._writer.start()
-        self._readers.start()
         self._closed = False
         # WAL is a property of the file: set it once, synchronously, before any thread uses it.
         conn = self._connect()
@@ -136,7 +189,7 @@ class SQLiteStore:
                 self._all_connections.append(conn)
         return conn
 
-    def _run(self, pool: ThreadPool, fn: Callable[[sqlite3.Connection], T]):
+    def _run(self, pool: ThreadPool | _Readers, fn: Callable[[sqlite3.Connection], T]):
         if self._closed:
             raise StoreUnavailable("the store is closed")
 
@@ -148,6 +201,8 @@ class SQLiteStore:
                     raise _MissingTable() from exc
                 raise StoreUnavailable(str(exc)) from exc
 
+        if isinstance(pool, _Readers):
+            return pool.submit(call)
         return deferToThreadPool(self._reactor, pool, call)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
@@ -176,6 +231,9 @@ class SQLiteStore:
     def _ensure_table(self, conn: sqlite3.Connection, table: str) -> None:
         if table not in self._tables:
             conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL)')
+            # The ids alone, in a b-tree a few pages long: count(*) and the rows an OFFSET skips
+            # are read from it instead of from the documents (see SQLiteCollection._select).
+            conn.execute(f'CREATE INDEX IF NOT EXISTS "{table}__ix_id" ON "{table}" (id)')
             self._tables.add(table)
 
     # -- Store -------------------------------------------------------------------------------
@@ -254,10 +312,18 @@ class SQLiteCollection:
 
     def _select(self, conn, filter: Filter | None, sort: Sort | None, skip: int, limit: int) -> list[tuple]:
         params: list = []
-        sql = f'SELECT id, doc FROM "{self.name}" WHERE {compile_filter(filter, params)}{compile_sort(sort)}'
-        if limit or skip:
-            sql += " LIMIT ? OFFSET ?"
-            params.extend([limit if limit > 0 else -1, max(skip, 0)])
+        where, order = _where(filter, params), compile_sort(sort)
+        if skip > 0:
+            # OFFSET steps over every skipped row: pick the page's ids first (over the id index when
+            # the filter allows), then read only those documents: 2-3x faster on deep pages.
+            params.extend([limit if limit > 0 else -1, skip])
+            sql = (f'SELECT id, doc FROM "{self.name}" WHERE id IN '
+                   f'(SELECT id FROM "{self.name}"{where}{order} LIMIT ? OFFSET ?){order}')
+            return conn.execute(sql, params).fetchall()
+        sql = f'SELECT id, doc FROM "{self.name}"{where}{order}'
+        if limit:
+            sql += " LIMIT ?"
+            params.append(limit)
         return conn.execute(sql, params).fetchall()
 
     def _update_rows(self, conn, rows: list[tuple], update: Update) -> list[tuple[Document, Document]]:
@@ -315,13 +381,13 @@ class SQLiteCollection:
 
     async def count(self, filter: Filter | None = None) -> int:
         params: list = []
-        sql = f'SELECT count(*) FROM "{self.name}" WHERE {compile_filter(filter, params)}'
+        sql = f'SELECT count(*) FROM "{self.name}"{_where(filter, params)}'
         return await self.store.read(lambda conn: conn.execute(sql, params).fetchone()[0], 0)
 
     async def count_by(self, field: str, filter: Filter | None = None) -> dict[Any, int]:
         params: list = []
         expr = field_expr(field)
-        sql = f'SELECT {expr}, count(*) FROM "{self.name}" WHERE {compile_filter(filter, params)} GROUP BY {expr}'
+        sql = f'SELECT {expr}, count(*) FROM "{self.name}"{_where(filter, params)} GROUP BY {expr}'
         rows = await self.store.read(lambda conn: conn.execute(sql, params).fetchall(), [])
         return {value: count for value, count in rows}
 

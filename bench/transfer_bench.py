@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Upload a 1 GB base image to the controller and distribute it to two local agents; print throughputs.
+
+    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--hash-in-thread] [--workdir DIR] [--keep]
+
+What runs (all on this machine, all files on the same disk, in one run):
+
+- ``cp`` of the image file (the reference throughput of this disk and page cache);
+- the controller (``ControllerService`` from ``kvmdesk.tap``, the production site with streamed uploads)
+  as a subprocess, its peak RSS read from ``/proc/<pid>/status`` (VmHWM) after start-up and at the end;
+- two agents' image endpoints (``kvmdesk.agent.images.routes`` on the streaming site) as subprocesses
+  on 127.0.0.2 and 127.0.0.3;
+- the upload with ``curl -F file=@...`` (multipart, streamed from the file), then the distribution
+  to both agents, measured until both report the verified file.
+
+Printed: MB/s of cp, of the upload, and of the distribution (bytes written to the agents per second,
+both streams together, and per node), each as a fraction of cp; the controller's RSS growth.
+Targets: upload and distribution at least 50% of cp; controller RSS growth under 100 MB.
+This prints figures; it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ADMIN_PASSWORD = "bench-admin-password"
+MiB = 1 << 20
+
+
+# -- the processes under test -------------------------------------------------------------------------
+
+
+def serve_agent(host: str, port: int, data_dir: str, hash_in_thread: bool) -> None:
+    """An agent's image endpoints, as the agent application mounts them."""
+    from types import SimpleNamespace
+
+    from twisted.internet import reactor
+
+    from kvmdesk.agent.images.routes import register_routes
+    from kvmdesk.api.router import Router
+    from kvmdesk.api.streaming import make_site
+
+    settings = {"agent.images.hash_in_thread": hash_in_thread}
+    agent = SimpleNamespace(config=SimpleNamespace(get=lambda key, default=None: settings.get(key, default)),
+                            data_dir=Path(data_dir))
+    router = Router(SimpleNamespace(reactor=reactor), prefix="/agent/v1")
+    register_routes(router, agent, reactor=reactor)
+    reactor.listenTCP(port, make_site(router), interface=host)
+    print("READY", flush=True)
+    profiled(reactor.run, f"agent-{host}")
+
+
+def serve_controller(config_json: str) -> None:
+    """The production controller service, with a pool and two nodes seeded in its store."""
+    from twisted.internet import defer, reactor
+
+    from kvmdesk.core.config import Config
+    from kvmdesk.core.records import new_record
+    from kvmdesk.tap import ControllerService
+
+    settings = json.loads(config_json)
+    os.environ["KVMDESK_ADMIN_PASSWORD"] = ADMIN_PASSWORD
+    # The nodes plugin would watch (and enrol) real agents; the bench seeds node records itself.
+    os.environ["KVMDESK_BLOCKED_PLUGINS"] = "nodes"
+    service = ControllerService(Config([settings["config"]]), reactor)
+
+    async def seed(core):
+        pool = await core.store.collection("resource_pools").insert_one(
+            new_record(core.clock, name="bench", desc=None, status=0, default=1))
+        for i, host in enumerate(settings["agents"]):
+            await core.store.collection("nodes").insert_one(new_record(
+                core.clock, name=f"bench-node-{i}", hostname=f"bench-node-{i}", ip=host,
+                resource_pool_uuid=pool["uuid"], status="online", type=2))
+        print("READY", service.port.getHost().port, pool["uuid"], flush=True)
+
+    service.ready.addCallback(lambda core: defer.ensureDeferred(seed(core)))
+    service.ready.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    profiled(reactor.run, "controller")
+
+
+def profiled(run, name: str) -> None:
+    """Run the reactor, under cProfile when KVMDESK_BENCH_PROFILE names a directory for the stats."""
+    directory = os.environ.get("KVMDESK_BENCH_PROFILE")
+    if not directory:
+        run()
+        return
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.runcall(run)
+    profile.dump_stats(os.path.join(directory, f"{name}.prof"))
+
+
+# -- the driver ----------------------------------------------------------------------------------------
+
+
+def free_port(hosts: list[str]) -> int:
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = probe.getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def start(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([PYTHON, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, **(env or {})}, cwd=ROOT, text=True)
+    line = process.stdout.readline()
+    if not line.startswith("READY"):
+        process.kill()
+        raise RuntimeError(f"{args[0]} did not start: {line}{process.stderr.read()[-3000:]}")
+    return process, line.split()[1:]
+
+
+def vm(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` memory figure, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def warm_memory(directory: Path, size_mb: int) -> float:
+    """Write and delete a scratch file of ``size_mb``; returns its MB/s.
+
+    In a VM whose RAM is backed lazily by the host (Firecracker here), the first write into a guest
+    page costs a host page fault: a fresh page-cache page fills at ~250 MB/s, a reused one at several
+    GB/s.  Without this, whichever of cp, the controller or the agents happens to get never-touched
+    pages looks slow for reasons that have nothing to do with it.
+    """
+    scratch = directory / "warm.scratch"
+    block = b"\x5a" * MiB
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    started = time.perf_counter()
+    try:
+        for _ in range(size_mb):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - started
+    scratch.unlink()
+    return size_mb * MiB / 1e6 / elapsed
+
+
+def make_image(path: Path, size_mb: int) -> None:
+    """A raw disk image of non-repeating data (qemu-img accepts it as raw: whole 512-byte sectors)."""
+    with open(path, "wb") as handle:
+        for i in range(size_mb):
+            handle.write(hashlib.sha256(i.to_bytes(8, "little")).digest() * (MiB // 32))
+
+
+def api(base: str, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
+    command = ["curl", "-s", "-X", method, base + path, "-H", "Content-Type: application/json"]
+    if token:
+        command += ["-H", f"Authorization: Bearer {token}"]
+    if body is not None:
+        command += ["-d", json.dumps(body)]
+    return json.loads(subprocess.run(command, capture_output=True, check=True, text=True).stdout)
+
+
+def sync() -> None:
+    os.sync()
+
+
+def timed_cp(source: Path, targets: list[Path]) -> float:
+    """Seconds for ``cp`` of ``source`` to each target at once (one cp process per target)."""
+    sync()
+    started = time.perf_counter()
+    copies = [subprocess.Popen(["cp", str(source), str(target)]) for target in targets]
+    for copy in copies:
+        if copy.wait() != 0:
+            raise RuntimeError("cp failed")
+    elapsed = time.perf_counter() - started
+    for target in targets:
+        target.unlink()
+    return elapsed
+
+
+def run(options: argparse.Namespace) -> None:
+    workdir = Path(options.workdir or tempfile.mkdtemp(prefix="kvmdesk-bench-", dir=options.tmp))
+    workdir.mkdir(parents=True, exist_ok=True)
+    processes: list[subprocess.Popen] = []
+    try:
+        image = workdir / "bench.img"
+        size = options.size_mb * MiB
+        if options.warm_mb:
+            rate = warm_memory(workdir, options.warm_mb)
+            print(f"warmed {options.warm_mb} MiB of page cache ({rate:.0f} MB/s on first touch)", flush=True)
+        print(f"generating a {options.size_mb} MiB image in {workdir} ...", flush=True)
+        make_image(image, options.size_mb)
+        md5 = hashlib.md5()
+        started = time.perf_counter()
+        with open(image, "rb") as handle:
+            for block in iter(lambda: handle.read(MiB), b""):
+                md5.update(block)
+        md5_rate = size / 1e6 / (time.perf_counter() - started)
+
+        cp_seconds = timed_cp(image, [workdir / "cp-copy.img"])
+
+        hosts = ["127.0.0.2", "127.0.0.3"]
+        agent_port = free_port(hosts)
+        for i, host in enumerate(hosts):
+            process, _ = start(["--serve-agent", host, str(agent_port), str(workdir / f"agent-{i}"),
+                                "1" if options.hash_in_thread else "0"])
+            processes.append(process)
+        controller_port = free_port(["127.0.0.1"])
+        config = {
+            "controller": {"listen": "127.0.0.1", "port": controller_port, "data_dir": str(workdir / "controller")},
+            "nodes": {"agent_port": agent_port},
+            "storage": {"hash_in_thread": options.hash_in_thread, "max_streams": 2, "max_upload": 4 * size},
+        }
+        controller, (port, pool) = start(["--serve-controller", json.dumps({"config": config, "agents": hosts})])
+        processes.append(controller)
+        base = f"http://127.0.0.1:{port}/api/v1.0"
+        token = api(base, "POST", "/auth/login", body={"username": "admin", "password": ADMIN_PASSWORD})["data"]["token"]
+        rss_start = vm(controller.pid, "VmRSS")
+        hwm_start = vm(controller.pid, "VmHWM")
+
+        sync()
+        started = time.perf_counter()
+        upload = subprocess.run(
+            ["curl", "-s", "-H", f"Authorization: Bearer {token}", "-F", "name=bench", "-F", "os_type=Linux",
+             "-F", f"file=@{image};type=application/octet-stream", f"{base}/resource_mgr/resource_pools/{pool}/base_images"],
+            capture_output=True, check=True, text=True)
+        upload_seconds = time.perf_counter() - started
+        answer = json.loads(upload.stdout)
+        if answer.get("code") != 0:
+            raise RuntimeError(f"upload failed: {answer}")
+        uuid = answer["data"]["uuid"]
+        assert answer["data"]["md5_sum"] == md5.hexdigest(), "the controller computed another MD5"
+
+        # Distribution starts as the upload answers; poll its state (a benchmark may poll, tests never do).
+        while True:
+            detail = api(base, "GET", f"/resource_mgr/resource_pools/{pool}/base_images/{uuid}", token)["data"]
+            if detail["publish_count"] == 2 or detail["status"] == 2 and all(d["status"] != 1 for d in detail["detail"]):
+                break
+            time.sleep(0.05)
+        distribution_seconds = time.perf_counter() - started - upload_seconds
+        if detail["publish_count"] != 2:
+            raise RuntimeError(f"distribution failed: {detail}")
+        for i in range(2):
+            arrived = workdir / f"agent-{i}" / "storage" / "instances" / "_base" / uuid
+            assert arrived.stat().st_size == size, f"agent {i} holds {arrived.stat().st_size} bytes"
+        hwm_end = vm(controller.pid, "VmHWM")
+        agents_hwm = [vm(p.pid, "VmHWM") for p in processes[:2]]
+        # The same two copies the agents just made, by cp, now (two cp processes at once).
+        cp2_seconds = timed_cp(image, [workdir / "cp-copy-1.img", workdir / "cp-copy-2.img"])
+
+        mb = size / 1e6
+        cp_rate = mb / cp_seconds
+        cp2_rate = 2 * mb / cp2_seconds
+        upload_rate = mb / upload_seconds
+        total_rate = 2 * mb / distribution_seconds
+        per_node = mb / distribution_seconds
+        load = os.getloadavg()[0]
+        print()
+        print(f"file: {options.size_mb} MiB; chunks hashed {'on a worker thread' if options.hash_in_thread else 'on the reactor thread'}; "
+              f"{os.cpu_count()} CPUs, load average {load:.1f}; MD5 alone on one core: {md5_rate:.0f} MB/s")
+        print(f"{'':34}{'seconds':>9}{'MB/s':>10}{'vs cp':>8}")
+        print(f"{'cp, 1 copy (before the upload)':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}")
+        print(f"{'upload (curl -> controller)':34}{upload_seconds:9.2f}{upload_rate:10.1f}{upload_rate / cp_rate:8.0%}")
+        print(f"{'cp, 2 copies at once (after)':34}{cp2_seconds:9.2f}{cp2_rate:10.1f}{'':>8}")
+        print(f"{'distribution, 2 agents at once':34}{distribution_seconds:9.2f}{total_rate:10.1f}{total_rate / cp2_rate:8.0%}"
+              f"   ({per_node:.1f} MB/s per node, MD5-verified on each; {total_rate / cp_rate:.0%} of 1 cp)")
+        print(f"controller RSS: {rss_start / MiB:.0f} MiB after start-up (VmHWM {hwm_start / MiB:.0f} MiB), "
+              f"peak VmHWM {hwm_end / MiB:.0f} MiB: growth {(hwm_end - hwm_start) / MiB:.1f} MiB")
+        print(f"agents' peak RSS: {', '.join(f'{h / MiB:.0f} MiB' for h in agents_hwm)}")
+        ok = upload_rate >= cp_rate / 2 and total_rate >= cp2_rate / 2 and hwm_end - hwm_start < 100 * MiB
+        print(f"targets (>= 50% of cp each, RSS growth < 100 MB): {'met' if ok else 'NOT met'}")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-agent":
+        serve_agent(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-controller":
+        serve_controller(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--hash-in-thread", action="store_true", help="write and hash chunks on a worker thread")
+    parser.add_argument("--workdir", help="where the image, the copies and the data directories go")
+    parser.add_argument("--tmp", default=None, help="parent of the temporary work directory")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--warm-mb", type=int, default=0,
+                        help="page cache to write and free once before measuring (VMs with lazily backed RAM)")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,93 @@
+"""The agent's image endpoints (see :mod:`kvmdesk.agent.images.protocol`), on the agent's router.
+
+The agent's HTTP application calls :func:`register_routes` with its :class:`~kvmdesk.api.router.Router`
+(prefix ``/agent/v1``).  The PUT streams its body into the partial file as it arrives when the agent's
+site has the streaming request factory (:func:`kvmdesk.api.streaming.make_site` /
+``install_streaming``); on any other site the router feeds the buffered body through the same sink.
+The agent authenticates every request before routing, so these endpoints are registered with
+``auth=False``; a router that can check a request from its headers alone sets ``router.stream_guard``
+so that unauthenticated bodies are refused before they are written.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from twisted.internet.threads import deferToThreadPool
+
+from kvmdesk.agent.images import protocol
+from kvmdesk.agent.images.store import ImageStore
+from kvmdesk.api.router import ApiRequest, Router
+from kvmdesk.api.streaming import StreamContext
+from kvmdesk.core.errors import ApiError
+
+TAGS = ("images",)
+
+
+def _int_arg(args: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
+    raw = args.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise ApiError(protocol.BAD_TRANSFER, reason=f"{name} is required")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(protocol.BAD_TRANSFER, reason=f"{name} must be an integer") from None
+
+
+def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: Optional[ImageStore] = None) -> ImageStore:
+    """Add the image endpoints to the agent's router; returns the :class:`ImageStore` they use.
+
+    :param agent: the agent (its ``config`` gives ``[agent.storage]`` paths, ``data_dir`` the default).
+    :param store: an :class:`ImageStore` to use instead of one built from the agent's configuration.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    images = store if store is not None else ImageStore.for_agent(agent, reactor)
+
+    def in_thread(fn: Any, *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+
+    def receive(context: StreamContext) -> Any:
+        args = context.args
+        return images.receiver(
+            context,
+            context.path["kind"],
+            _int_arg(args, "role", 1),
+            context.path["file_id"],
+            offset=_int_arg(args, "offset", 0),
+            total=_int_arg(args, "total"),
+            md5=args.get("md5", ""),
+            version=_int_arg(args, "version", 0) or None,
+        )
+
+    base = "/images/{kind}/{file_id}"
+
+    @router.endpoint("GET", base, summary="State of one image file on this node", tags=TAGS, auth=False)
+    async def image_state(req: ApiRequest) -> dict:
+        role = _int_arg(req.args, "role", 1)
+        images.final_path(req.path["kind"], role, req.path["file_id"])  # validates before touching the disk
+        return await in_thread(images.state, req.path["kind"], role, req.path["file_id"], req.args.get("md5"))
+
+    @router.endpoint("PUT", base, summary="Receive (or resume) an image file; verified by MD5 before it appears",
+                     tags=TAGS, auth=False, oplog="", stream=receive)
+    async def image_put(req: ApiRequest) -> dict:
+        return await req.stream.commit()
+
+    @router.endpoint("DELETE", base, summary="Remove an image file and any partial transfer of it", tags=TAGS,
+                     auth=False, oplog="")
+    async def image_delete(req: ApiRequest) -> dict:
+        final = images.final_path(req.path["kind"], _int_arg(req.args, "role", 1), req.path["file_id"])
+        images.forget(final)
+        return {"removed": await in_thread(images.remove_files, final)}
+
+    @router.endpoint("GET", "/images/{kind}", summary="Complete image files of a kind in a storage role", tags=TAGS,
+                     auth=False)
+    async def image_list(req: ApiRequest) -> list:
+        role = _int_arg(req.args, "role", 1)
+        images.directory(req.path["kind"], role)
+        return await in_thread(images.listing, req.path["kind"], role)
+
+    return images

@@ -1,0 +1,49 @@
+"""``twistd -n kvmdesk-agent``: the node agent.
+
+    twistd -n kvmdesk-agent --listen ADDR --port PORT --libvirt-uri URI --data-dir DIR [--config FILE]
+
+The enrolment password comes from ``KVMDESK_AGENT_PASSWORD`` or the configuration's ``password``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.python import usage
+
+from kvmdesk.agent.config import AgentConfig
+from kvmdesk.core.config import ConfigError, load_file
+
+
+class Options(usage.Options):
+    """Command-line options; each overrides the configuration file (``agent-defaults.toml``)."""
+
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see kvmdesk/config/agent-defaults.toml)"],
+        ["listen", "l", None, "address the agent listens on [default: 0.0.0.0]"],
+        ["port", "p", None, "TCP port of the agent [default: 50005]", int],
+        ["libvirt-uri", "u", None, "libvirt URI [default: qemu:///system]"],
+        ["data-dir", "d", None, "directory for the enrolment secret and storage [default: ./kvmdesk-agent-data]"],
+    ]
+
+    def postOptions(self) -> None:
+        layers: list[dict[str, Any]] = []
+        if self["config"]:
+            try:
+                layers.append(load_file(self["config"]))
+            except ConfigError as exc:
+                raise usage.UsageError(str(exc)) from None
+        overrides: dict[str, Any] = {}
+        for option, key in (("listen", "listen"), ("port", "port"), ("libvirt-uri", "libvirt_uri"),
+                            ("data-dir", "data_dir")):
+            if self[option] is not None:
+                overrides[key] = self[option]
+        layers.append({"agent": overrides})
+        self.config = AgentConfig(layers)
+
+
+def makeService(options: Options) -> service.IService:
+    """twistd's hook: the agent service for the parsed options."""
+    from kvmdesk.agent.service import Agent
+
+    return Agent(options.config)

@@ -1,0 +1,300 @@
+"""The nodes plugin's state: the agent client, the watchers, enrolment and the node records.
+
+One :class:`NodeManager` per core, at ``core.extensions["nodes"]``; its client is also
+``core.extensions["agents"]`` for other plugins.
+"""
+from __future__ import annotations
+
+import collections
+import socket
+import uuid as uuidlib
+from typing import Any, Callable, Mapping, Optional
+
+from twisted.logger import Logger
+
+from kvmdesk.core import agentauth, errors
+from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.plugins import gather_hook
+from kvmdesk.core.records import new_record, now_text, without
+from kvmdesk.core.store import DuplicateKeyError, Index
+from kvmdesk.plugins.nodes.agentclient import AgentClient, AgentError
+from kvmdesk.plugins.nodes.views import (
+    COMPUTE_TYPES,
+    NODES,
+    ONLINE,
+    STATUS_CODES,
+    TYPE_COMPUTE,
+    WITHOUT_COMPUTE,
+)
+from kvmdesk.plugins.nodes.watchers import NodeWatchers, WatchSettings
+
+log = Logger(namespace="kvmdesk.nodes")
+
+#: Secrets obtained by ``check_node_virt`` (or left by a node deleted while its agent was down):
+#: needed to sign the re-enrolment that "add node" makes.
+ENROLMENTS = "node_enrolments"
+SETTINGS = "node_settings"
+INDEXES = [
+    Index(NODES, ["uuid"], unique=True),
+    Index(NODES, ["ip"], unique=True),
+    Index(NODES, ["agent_id"]),
+    Index(NODES, ["type"]),
+    Index(ENROLMENTS, ["ip"], unique=True),
+    Index(SETTINGS, ["key"], unique=True),
+]
+
+RESOURCE = "节点"
+#: Never handed to other plugins' hooks (they read the record from the store if they must call the agent).
+SECRET_FIELDS = ("agent_secret",)
+
+NO_VIRTUALIZATION = define(2020, 400, "节点 {ip} 不支持虚拟化: {reason}", "node {ip} cannot run virtual machines: {reason}")
+NODE_IN_USE = define(2021, 409, "节点 {name} 正在使用中, 不能删除: {reason}", "node {name} is in use and cannot be deleted: {reason}")
+NO_AGENT = define(2022, 409, "节点 {name} 没有可用的代理 (未注册)", "node {name} has no enrolled agent")
+NOT_COMPUTE = define(2023, 404, "不是计算节点: {key}", "not a compute node: {key}")
+NOT_CONTROLLER = define(2024, 404, "不是控制节点: {key}", "not a controller node: {key}")
+
+
+def agent_failure(exc: AgentError) -> ApiError:
+    return exc.api_error()
+
+
+class NodeManager:
+    """Enrols, adds, removes and watches nodes.
+
+    :param core: the controller core.
+    """
+
+    def __init__(self, core: Any):
+        self.core = core
+        config = core.config
+        self.client = AgentClient(
+            core.reactor,
+            int(config.get("nodes.agent_port", 50005)),
+            timeout=float(config.get("nodes.agent_timeout", 30.0)),
+            connect_timeout=float(config.get("nodes.agent_connect_timeout", 5.0)),
+        )
+        self.settings = WatchSettings.from_config(config)
+        self.watchers = NodeWatchers(self, self.settings)
+        #: node uuid -> the latest heartbeat sample (``{"at", "agent", "hypervisor", "metrics"}``).
+        self.latest: dict[str, dict[str, Any]] = {}
+        #: The latest domain events received from agents (newest last), for diagnostics.
+        self.events: collections.deque = collections.deque(maxlen=1000)
+        self.event_verifier = agentauth.Verifier(core.reactor, agentauth.TO_CONTROLLER)
+        self._controller_id: Optional[str] = None
+
+    @property
+    def nodes(self) -> Any:
+        return self.core.store.collection(NODES)
+
+    # -- identity --
+
+    async def controller_id(self) -> str:
+        """This controller (cluster)'s id, created on first use and kept in the store."""
+        if self._controller_id is None:
+            settings = self.core.store.collection(SETTINGS)
+            found = await settings.find_one({"key": "controller_id"})
+            if found is None:
+                try:
+                    found = await settings.insert_one({"key": "controller_id", "value": str(uuidlib.uuid4())})
+                except DuplicateKeyError:
+                    found = await settings.find_one({"key": "controller_id"})
+            self._controller_id = found["value"]
+        return self._controller_id
+
+    def controller_url(self) -> str:
+        """The API base URL the agents post events to."""
+        configured = self.core.config.get("nodes.controller_url") or ""
+        if configured:
+            return configured.rstrip("/")
+        host = self.core.config.get("controller.listen") or "127.0.0.1"
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.core.config.get('controller.port')}/api/v1.0"
+
+    # -- lookups --
+
+    async def node_or_404(self, uuid: str) -> dict:
+        node = await self.nodes.find_one({"uuid": uuid})
+        if node is None:
+            raise ApiError(errors.NOT_FOUND, resource=RESOURCE, key=uuid)
+        return node
+
+    async def compute_node_or_404(self, uuid: str) -> dict:
+        node = await self.node_or_404(uuid)
+        if node.get("type") not in COMPUTE_TYPES:
+            raise ApiError(NOT_COMPUTE, key=uuid)
+        return node
+
+    def live(self, uuid: str) -> Optional[dict]:
+        return self.latest.get(uuid)
+
+    # -- agent calls that answer with API errors --
+
+    async def call(self, node: Mapping[str, Any], method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
+        """An agent call whose failures are API errors (for handlers)."""
+        if not node.get("agent_secret"):
+            raise ApiError(NO_AGENT, name=node.get("name") or node.get("ip"))
+        try:
+            return await self.client.call(node, method, path, json, **kwargs)
+        except AgentError as exc:
+            raise agent_failure(exc) from None
+
+    # -- enrolment --
+
+    async def enrol(self, ip: str, password: str) -> dict[str, Any]:
+        """Enrol with the agent at ``ip``; the secret is kept as a pending enrolment until the node is added.
+
+        :raises ApiError: unreachable, wrong password, enrolled with another controller.
+        """
+        pending = await self.core.store.collection(ENROLMENTS).find_one({"ip": ip})
+        try:
+            answer = await self.client.enrol(ip, password, await self.controller_id(), self.controller_url(),
+                                             current_secret=pending["agent_secret"] if pending else None)
+        except AgentError as exc:
+            raise agent_failure(exc) from None
+        await self.core.store.collection(ENROLMENTS).update_one(
+            {"ip": ip},
+            {"$set": {"ip": ip, "agent_secret": answer["secret"], "agent_id": answer["agent_id"],
+                      "updated_at": now_text(self.core.clock)}},
+            upsert=True,
+        )
+        log.info("enrolled the agent at {ip} (agent id {agent_id})", ip=ip, agent_id=answer["agent_id"])
+        return answer
+
+    async def probe(self, ip: str, password: str, *, require_virt: bool = True) -> tuple[dict, dict]:
+        """Enrol and read the host facts: ``(enrolment answer, facts)``.
+
+        :param require_virt: refuse a host without usable KVM (unless its agent runs the demo driver).
+        """
+        answer = await self.enrol(ip, password)
+        facts = await self.call({"ip": ip, "agent_secret": answer["secret"]}, "GET", "/facts")
+        virtualization = facts.get("virtualization") or {}
+        hypervisor = facts.get("hypervisor") or {}
+        if require_virt and not virtualization.get("supported") and not hypervisor.get("demo"):
+            raise ApiError(NO_VIRTUALIZATION, ip=ip, reason=virtualization.get("reason") or "no usable /dev/kvm")
+        return answer, facts
+
+    def _agent_fields(self, answer: Mapping[str, Any], facts: Mapping[str, Any]) -> dict[str, Any]:
+        stamp = now_text(self.core.clock)
+        return {
+            "agent_secret": answer["secret"],
+            "agent_id": answer["agent_id"],
+            "agent_version": answer.get("version"),
+            "enrolled_at": stamp,
+            "facts": dict(facts),
+            "facts_at": stamp,
+            "hypervisor": facts.get("hypervisor"),
+            "hostname": facts.get("hostname"),
+            "state": ONLINE,
+            "status": STATUS_CODES[ONLINE],
+            "status_reason": None,
+            "status_changed_at": stamp,
+            "last_seen_at": stamp,
+        }
+
+    async def add_node(self, ip: str, password: str, pool_uuid: str, *, node_type: int = TYPE_COMPUTE,
+                       prepare: Optional[Callable[[dict], Mapping[str, Any]]] = None) -> dict:
+        """Enrol the agent at ``ip`` and insert its node record into ``pool_uuid``; start watching it.
+
+        :param prepare: given the host facts, returns extra fields for the record (or raises ApiError).
+        """
+        if await self.nodes.find_one({"ip": ip}) is not None:
+            raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip)
+        answer, facts = await self.probe(ip, password)
+        extra = prepare(facts) if prepare else {}
+        record = new_record(
+            self.core.clock,
+            name=facts.get("hostname") or ip,
+            ip=ip,
+            type=node_type,
+            resource_pool_uuid=pool_uuid,
+            **self._agent_fields(answer, facts),
+            **dict(extra or {}),
+        )
+        try:
+            created = await self.nodes.insert_one(record)
+        except DuplicateKeyError:
+            raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip) from None
+        await self.core.store.collection(ENROLMENTS).delete_many({"ip": ip})
+        log.info("added node {name} ({ip}) to pool {pool}", name=created["name"], ip=ip, pool=pool_uuid)
+        self.announce(created, None, ONLINE)
+        if self.watchers.running:
+            self.watchers.watch(created)
+        return created
+
+    async def attach_agent(self, node: Mapping[str, Any], ip: str, password: str, changes: Mapping[str, Any]) -> dict:
+        """Enrol the agent at ``ip`` for an existing record (the controller's own node)."""
+        answer, facts = await self.probe(ip, password, require_virt=False)
+        fields = {**self._agent_fields(answer, facts), "ip": ip, "updated_at": now_text(self.core.clock), **changes}
+        updated = await self.nodes.find_one_and_update({"uuid": node["uuid"]}, {"$set": fields})
+        await self.core.store.collection(ENROLMENTS).delete_many({"ip": ip})
+        if updated is not None:
+            self.announce(updated, None, ONLINE)
+            if self.watchers.running:
+                self.watchers.watch(updated)
+        return updated
+
+    async def remove_node(self, node: Mapping[str, Any]) -> None:
+        """Delete a compute node (a controller node only loses its compute role).
+
+        :raises ApiError: the node still hosts something (``core.usage("node", uuid)``).
+        """
+        reason = await self.core.usage("node", node["uuid"])
+        if reason:
+            raise ApiError(NODE_IN_USE, name=node.get("name"), reason=reason)
+        if node.get("type") in WITHOUT_COMPUTE:
+            await self.nodes.update_one(
+                {"uuid": node["uuid"]},
+                {"$set": {"type": WITHOUT_COMPUTE[node["type"]], "resource_pool_uuid": None,
+                          "updated_at": now_text(self.core.clock)}},
+            )
+            return
+        await self.watchers.forget(node["uuid"])
+        released = False
+        if node.get("agent_secret"):
+            try:
+                await self.client.call(node, "POST", "/unenrol", timeout=10)
+                released = True
+            except AgentError as exc:
+                log.warn("could not release the agent of node {name} ({ip}): {reason}; its secret is kept so "
+                         "the node can be added again", name=node.get("name"), ip=node.get("ip"), reason=exc.reason)
+        if not released and node.get("agent_secret"):
+            await self.core.store.collection(ENROLMENTS).update_one(
+                {"ip": node["ip"]},
+                {"$set": {"ip": node["ip"], "agent_secret": node["agent_secret"], "agent_id": node.get("agent_id"),
+                          "updated_at": now_text(self.core.clock)}},
+                upsert=True,
+            )
+        await self.nodes.delete_one({"uuid": node["uuid"]})
+        log.info("deleted node {name} ({ip})", name=node.get("name"), ip=node.get("ip"))
+        await gather_hook(self.core.plugins.hook.kvmdesk_node_removed(core=self.core, node=without(node, SECRET_FIELDS)))
+
+    # -- status hook --
+
+    def announce(self, node: Mapping[str, Any], old: Optional[str], new: str) -> None:
+        """Fire ``kvmdesk_node_status_changed`` (with the record minus its secret)."""
+        try:
+            self.core.plugins.hook.kvmdesk_node_status_changed(core=self.core, node=without(node, SECRET_FIELDS),
+                                                               old=old, new=new)
+        except Exception:
+            log.failure("a kvmdesk_node_status_changed implementation failed")
+
+    # -- events --
+
+    async def receive_events(self, node: Mapping[str, Any], events: list[dict[str, Any]]) -> int:
+        """Hand an agent's events to ``kvmdesk_domain_event``, one at a time, in order."""
+        node = without(node, SECRET_FIELDS)
+        for event in events:
+            self.events.append({"node_uuid": node["uuid"], **event})
+            try:
+                await gather_hook(self.core.plugins.hook.kvmdesk_domain_event(core=self.core, node=node, event=event))
+            except Exception:
+                log.failure("a kvmdesk_domain_event implementation failed for {event!r}", event=event)
+        return len(events)
+
+    async def close(self) -> None:
+        """Close the agent connections (when the controller stops)."""
+        await self.client.close()
+

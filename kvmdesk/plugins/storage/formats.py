@@ -1,0 +1,117 @@
+"""File format checks: disk images through ``qemu-img info`` (a subprocess), ISO 9660 by its signature."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import orjson
+from twisted.internet import defer, error, protocol
+
+from kvmdesk.core.errors import ApiError
+from kvmdesk.plugins.storage import errors
+
+#: Disk image formats a base image may have.
+IMAGE_FORMATS = ("qcow2", "raw")
+#: The ISO 9660 primary volume descriptor's identifier, at byte 0x8001 of the image.
+ISO_SIGNATURE = b"CD001"
+ISO_SIGNATURE_OFFSET = 0x8001
+ISO_MIN_SIZE = ISO_SIGNATURE_OFFSET + len(ISO_SIGNATURE)
+SECTOR = 512
+QEMU_IMG_TIMEOUT = 60.0
+
+
+class _Collect(protocol.ProcessProtocol):
+    """Collects a subprocess's output, bounded (``qemu-img info`` prints a few hundred bytes)."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.size = 0
+        self.done: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size <= self.LIMIT:
+            self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        if sum(map(len, self.err)) <= self.LIMIT:
+            self.err.append(data)
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode if isinstance(reason.value, error.ProcessTerminated) else 0
+        self.done.callback((code, b"".join(self.out), b"".join(self.err)))
+
+
+async def qemu_img_info(path: Path, *, reactor: Any, qemu_img: str = "qemu-img", timeout: float = QEMU_IMG_TIMEOUT) -> dict:
+    """``qemu-img info --output=json`` of ``path``, run asynchronously (never on the reactor thread).
+
+    :raises ApiError: ``qemu-img`` is missing, timed out, or could not read the file.
+    """
+    collector = _Collect()
+    try:
+        transport = reactor.spawnProcess(
+            collector, qemu_img, [qemu_img, "info", "--output=json", "--force-share", str(path)],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+        )
+    except OSError as exc:
+        raise ApiError(errors.IMAGE_CHECK_FAILED, reason=f"{qemu_img}: {exc.strerror}") from None
+    killer = reactor.callLater(timeout, lambda: transport.signalProcess("KILL"))
+    code, out, err = await collector.done
+    if killer.active():
+        killer.cancel()
+    else:
+        raise ApiError(errors.IMAGE_CHECK_FAILED, reason=f"{qemu_img} took longer than {timeout:g} s")
+    if code != 0:
+        reason = err.decode("utf-8", "replace").strip().splitlines()
+        raise ApiError(errors.NOT_AN_IMAGE, reason=reason[-1] if reason else f"qemu-img exit status {code}")
+    try:
+        return orjson.loads(out)
+    except orjson.JSONDecodeError:
+        raise ApiError(errors.IMAGE_CHECK_FAILED, reason="qemu-img printed no JSON") from None
+
+
+def image_problem(info: dict, size: int, head: bytes) -> Optional[str]:
+    """Why ``qemu-img info``'s answer (plus the file's size and first bytes) is not a usable base image.
+
+    - only qcow2 and raw;
+    - a qcow2 image must be self-contained: no backing file, no external data file (either would make
+      the hypervisor open a path of the uploader's choosing on every node);
+    - qemu-img calls anything it does not recognise "raw", so a raw image must at least be a whole
+      number of 512-byte sectors and must not be an ISO (those belong in the ISO library).
+    """
+    fmt = info.get("format")
+    if fmt not in IMAGE_FORMATS:
+        return f"format {fmt!r} (only qcow2 and raw are accepted)"
+    if fmt == "qcow2":
+        if info.get("backing-filename") or info.get("full-backing-filename"):
+            return "a qcow2 image with a backing file"
+        data_file = (info.get("format-specific") or {}).get("data", {}).get("data-file")
+        if data_file:
+            return "a qcow2 image with an external data file"
+        return None
+    if size % SECTOR:
+        return f"{size} bytes is not a whole number of {SECTOR}-byte sectors"
+    if looks_like_iso(head):
+        return "an ISO image (upload it to the ISO library)"
+    return None
+
+
+def looks_like_iso(head: bytes) -> bool:
+    """Whether the first bytes of a file (at least :data:`ISO_MIN_SIZE`) carry the ISO 9660 signature."""
+    return head[ISO_SIGNATURE_OFFSET:ISO_MIN_SIZE] == ISO_SIGNATURE
+
+
+async def check_base_image(path: Path, size: int, head: bytes, *, reactor: Any, qemu_img: str = "qemu-img") -> dict:
+    """Check an uploaded base image; returns ``{"format", "virtual_size"}``.
+
+    :raises ApiError: not a usable image.
+    """
+    info = await qemu_img_info(path, reactor=reactor, qemu_img=qemu_img)
+    problem = image_problem(info, size, head)
+    if problem:
+        raise ApiError(errors.NOT_AN_IMAGE, reason=problem)
+    return {"format": info["format"], "virtual_size": info.get("virtual-size")}

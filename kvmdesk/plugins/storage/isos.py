@@ -1,0 +1,225 @@
+"""The ISO library (contract #59-#63): upload, list, edit, download (with Range), delete.
+
+ISOs stay on the controller (templates attach them from there).  An upload is refused as soon as its
+first 34 KiB show it is not an ISO 9660 image.  Downloads are streamed by twisted.web's static file
+resource, which answers Range requests (206) so a client can resume.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import quote
+
+from pydantic import Field
+from twisted.internet.threads import deferToThreadPool
+from twisted.web.static import File
+
+from kvmdesk.api.models import Model, Uuids
+from kvmdesk.api.router import ApiRequest, Router
+from kvmdesk.api.streaming import StreamContext
+from kvmdesk.core import errors as core_errors
+from kvmdesk.core.errors import ApiError
+from kvmdesk.core.jobs import run_batch
+from kvmdesk.core.paging import paginate
+from kvmdesk.core.records import new_record, now_text
+from kvmdesk.core.store import Index
+from kvmdesk.plugins.storage import errors
+from kvmdesk.plugins.storage.formats import ISO_MIN_SIZE, looks_like_iso
+from kvmdesk.plugins.storage.settings import settings, size_in_gb
+from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload
+
+ISOS = "isos"
+RESOURCE = "ISO"
+TAGS = ("isos",)
+INDEXES = [Index(ISOS, ["uuid"], unique=True), Index(ISOS, ["type"])]
+ISO_TYPES = (1, 2, 3)  # 1 software, 2 tools, 3 operating system
+HIDDEN = ("file",)
+_RANGE = re.compile(r"^bytes=(.+)$")
+
+
+class IsoForm(Model):
+    """The upload form (multipart)."""
+
+    file: bytes = Field(description="the ISO 9660 image", json_schema_extra={"format": "binary"})
+    iso_type: int = Field(description="1 software, 2 tools, 3 operating system")
+    os_type: str = Field(default="", max_length=64)
+
+
+class IsoEdit(Model):
+    name: Optional[str] = Field(default=None, min_length=1, max_length=128)
+    os_type: Optional[str] = Field(default=None, max_length=64)
+    type: Optional[int] = Field(default=None, ge=1, le=3)
+    desc: Optional[str] = Field(default=None, max_length=1024)
+
+
+def public(iso: dict) -> dict:
+    return {k: v for k, v in iso.items() if k not in HIDDEN}
+
+
+async def iso_or_404(core: Any, uuid: str) -> dict:
+    iso = await core.store.collection(ISOS).find_one({"uuid": uuid})
+    if iso is None:
+        raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=uuid)
+    return iso
+
+
+def _sniff_iso(head: bytes) -> None:
+    if len(head) < ISO_MIN_SIZE or not looks_like_iso(head):
+        raise ApiError(errors.NOT_AN_ISO)
+
+
+def _upload_sink(context: StreamContext) -> FormUpload:
+    config = settings(context.core)
+    spec = FormSpec(directory=config.iso_dir, fields=frozenset({"iso_type", "os_type", "name", "desc"}),
+                    max_file=config.max_upload, sniff=_sniff_iso, threaded=config.hash_in_thread)
+    return FormUpload(context, spec)
+
+
+def _parse_type(raw: Optional[str], field: str) -> int:
+    try:
+        value = int(raw or "")
+    except ValueError:
+        raise ApiError(core_errors.INVALID_PARAM, field=field, reason="expected 1, 2 or 3") from None
+    if value not in ISO_TYPES:
+        raise ApiError(core_errors.INVALID_PARAM, field=field, reason="expected 1, 2 or 3")
+    return value
+
+
+def _list_filter(args: dict[str, str]) -> dict:
+    """``name`` is a substring (case-insensitive), ``type`` and ``os_type`` are exact; nothing else is a filter."""
+    allowed = {"name", "type", "os_type", "uuid", "page", "page_size", "searchtype"}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ApiError(core_errors.UNKNOWN_FILTER, data={"fields": sorted(allowed - {"page", "page_size"})},
+                       field=unknown[0])
+    conditions: dict[str, Any] = {}
+    if args.get("name"):
+        conditions["name"] = {"$regex": re.escape(args["name"]), "$options": "i"}
+    if args.get("type"):
+        conditions["type"] = _parse_type(args["type"], "type")
+    if args.get("os_type"):
+        conditions["os_type"] = args["os_type"]
+    if args.get("uuid"):
+        conditions["uuid"] = args["uuid"]
+    return conditions
+
+
+def _check_range(header: Optional[bytes], size: int) -> None:
+    """Refuse (with the envelope) a byte range that cannot be served; other Range forms go to twisted.web."""
+    if not header:
+        return
+    found = _RANGE.match(header.decode("latin-1").strip())
+    if not found:
+        return  # not a byte range: ignored, the whole file is sent (RFC 9110)
+    satisfiable = False
+    for spec in found.group(1).split(","):
+        start, sep, end = spec.strip().partition("-")
+        if not sep or not (start.isdigit() or end.isdigit()) or (start and not start.isdigit()) or (end and not end.isdigit()):
+            return  # malformed: ignored like twisted.web does
+        if start == "":
+            satisfiable = satisfiable or (int(end) > 0 and size > 0)
+        elif int(start) < size and (end == "" or int(end) >= int(start)):
+            satisfiable = True
+    if not satisfiable:
+        raise ApiError(errors.RANGE_NOT_SATISFIABLE, size=size)
+
+
+class _Download(File):
+    """A static file whose content type is fixed (``.iso`` is not in every MIME table)."""
+
+    isLeaf = True
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        return self
+
+
+def register_routes(router: Router) -> None:
+    base = "/resource_mgr/isos"
+
+    @router.endpoint("GET", base, summary="List ISOs, paged; name (substring) and type filters", tags=TAGS, paged=True)
+    async def list_isos(req: ApiRequest) -> Any:
+        conditions = _list_filter(req.args)
+        page = await paginate(req, req.core.store.collection(ISOS), conditions, sort=[("id", -1)])
+        page["results"] = [public(i) for i in page["results"]]
+        return page
+
+    @router.endpoint("POST", base, summary="Upload an ISO (multipart form: file, iso_type, os_type)", tags=TAGS,
+                     body=IsoForm, stream=_upload_sink, oplog="上传ISO")
+    async def upload_iso(req: ApiRequest) -> dict:
+        core = req.core
+        upload = req.stream
+        fields = dict(upload.fields)
+        iso_type = _parse_type(fields.get("iso_type") or req.args.get("iso_type"), "iso_type")
+        os_type = fields.get("os_type", req.args.get("os_type", ""))
+        if len(os_type) > 64:
+            raise ApiError(core_errors.INVALID_PARAM, field="os_type", reason="at most 64 characters")
+        filename = upload.filename or "image.iso"
+        name = fields.get("name") or re.sub(r"\.iso$", "", filename, flags=re.I) or filename
+        req.oplog_detail = name
+        record = new_record(core.clock, name=name, type=iso_type, os_type=os_type, desc=fields.get("desc", ""),
+                            filename=filename, size=size_in_gb(upload.size), size_bytes=upload.size, md5=upload.md5,
+                            status=0)
+        destination = settings(core).iso_dir / f"{record['uuid']}.iso"
+        record["path"] = record["file"] = str(destination)
+        upload.commit(destination)
+        try:
+            created = await core.store.collection(ISOS).insert_one(record)
+        except BaseException:
+            destination.unlink(missing_ok=True)
+            raise
+        return public(created)
+
+    @router.endpoint("PUT", base + "/{iso_uuid}", summary="Edit an ISO's name, system type, type or description",
+                     tags=TAGS, body=IsoEdit, oplog="编辑ISO")
+    async def edit_iso(req: ApiRequest) -> dict:
+        iso = await iso_or_404(req.core, req.path["iso_uuid"])
+        req.oplog_detail = iso["name"]
+        changes = req.body.model_dump(exclude_unset=True)
+        if "name" in changes and changes["name"] is None:
+            raise ApiError(core_errors.INVALID_PARAM, field="name", reason="must not be null")
+        if not changes:
+            return public(iso)
+        changes = {k: ("" if v is None else v) for k, v in changes.items()}
+        changes["updated_at"] = now_text(req.core.clock)
+        updated = await req.core.store.collection(ISOS).find_one_and_update({"uuid": iso["uuid"]}, {"$set": changes})
+        if updated is None:
+            raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=iso["uuid"])
+        return public(updated)
+
+    @router.endpoint("GET", base + "/{iso_uuid}", summary="Download an ISO (streamed; Range requests resume)",
+                     tags=TAGS)
+    async def download_iso(req: ApiRequest) -> Any:
+        iso = await iso_or_404(req.core, req.path["iso_uuid"])
+        path = Path(iso["file"])
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ApiError(errors.FILE_MISSING, path=iso["name"]) from None
+        _check_range(req.http.getHeader(b"range"), size)
+        filename = iso.get("filename") or f"{iso['name']}.iso"
+        ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
+        req.http.setHeader(
+            b"content-disposition",
+            f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}".encode("latin-1"),
+        )
+        resource = _Download(str(path), defaultType="application/x-iso9660-image")
+        # Fixed, so a stored file name never decides the type or a content-encoding.
+        resource.type, resource.encoding = "application/x-iso9660-image", None
+        return resource
+
+    @router.endpoint("DELETE", base, summary="Delete ISOs (batch); refused while attached to a template", tags=TAGS,
+                     body=Uuids, oplog="删除ISO")
+    async def delete_isos(req: ApiRequest) -> dict:
+        core = req.core
+
+        async def delete_one(uuid: str) -> None:
+            iso = await iso_or_404(core, uuid)
+            reason = await core.usage("iso", uuid)
+            if reason:
+                raise ApiError(core_errors.IN_USE, resource=f"{RESOURCE} {iso['name']}", reason=reason)
+            await core.store.collection(ISOS).delete_one({"uuid": uuid})
+            await deferToThreadPool(core.reactor, core.reactor.getThreadPool(), Path(iso["file"]).unlink, True)
+
+        return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
+

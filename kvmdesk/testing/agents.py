@@ -1,0 +1,249 @@
+"""Test helpers: real node agents (in-process or as ``twistd kvmdesk-agent`` processes) and a controller
+that reaches them, each agent on its own loopback address with its own libvirt test-driver host.
+
+Usage (pytest-twisted)::
+
+    port = free_port("127.0.0.2", "127.0.0.3")
+    async with running_agent(tmp_path, "127.0.0.2", port) as agent, \\
+            nodes_controller(tmp_path, port) as api:
+        status, body = await api.call("POST", "/resource_mgr/check_node_virt",
+                                      {"ip": "127.0.0.2", "root_pwd": AGENT_PASSWORD})
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable, Mapping, Optional
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+
+from kvmdesk.agent.config import AgentConfig
+from kvmdesk.agent.testdriver import DomainSpec, write_test_host
+from kvmdesk.testing.api import ApiClient, listening_api, make_core
+
+log = Logger(namespace="kvmdesk.testing.agents")
+
+AGENT_PASSWORD = "test-enrolment-password"
+#: Thresholds that never put a test node in "warning" (the machine running the tests may be busy).
+NO_WARNINGS = {"warn_cpu": 101.0, "warn_memory": 101.0, "warn_storage": 101.0}
+
+
+def free_port(*hosts: str) -> int:
+    """A TCP port free on every one of ``hosts`` (agents on distinct loopback addresses share it)."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = probe.getsockname()[1]
+        ok = True
+        for host in hosts:
+            with socket.socket() as other:
+                try:
+                    other.bind((host, port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return port
+    raise RuntimeError(f"no port free on all of {hosts}")
+
+
+def agent_layers(
+    directory: Path,
+    ip: str,
+    port: int,
+    *,
+    hostname: Optional[str] = None,
+    password: str = AGENT_PASSWORD,
+    domains: Iterable[DomainSpec | Mapping] = (),
+    cpus: int = 4,
+    memory_kib: int = 8 * 1024 * 1024,
+    agent: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """Configuration of a test agent: a fresh test-driver host file and data directory under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    uri = write_test_host(directory / "host.xml", hostname=hostname or f"node-{ip}", cpus=cpus,
+                          memory_kib=memory_kib, domains=domains)
+    section = {
+        "listen": ip,
+        "port": port,
+        "libvirt_uri": uri,
+        "data_dir": str(directory / "data"),
+        "password": password,
+        "allow_power_actions": False,
+        # No systemctl: the services list says "unknown" instead of touching the machine's units.
+        "systemctl": str(directory / "no-systemctl"),
+    }
+    section.update(agent or {})
+    return {"agent": section}
+
+
+@contextlib.asynccontextmanager
+async def running_agent(directory: Path, ip: str, port: int, **kwargs: Any) -> AsyncIterator[Any]:
+    """An in-process :class:`~kvmdesk.agent.service.Agent` listening on ``ip:port`` (stopped after)."""
+    from kvmdesk.agent.service import Agent
+
+    clock = kwargs.pop("clock", None)
+    agent = Agent(AgentConfig([agent_layers(directory, ip, port, **kwargs)], environ={}), clock=clock)
+    agent.startService()
+    try:
+        await agent.hypervisor.wait_connected()
+        yield agent
+    finally:
+        if agent.running:
+            await agent.stopService()
+
+
+class _AgentProcessProtocol(protocol.ProcessProtocol):
+    def __init__(self, ready: defer.Deferred, ended: defer.Deferred, marker: bytes):
+        self.ready = ready
+        self.ended = ended
+        self.marker = marker
+        self.output = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.ready.called and self.marker in self.output:
+            self.ready.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.ready.called:
+            self.ready.errback(RuntimeError("agent process ended before listening:\n"
+                                            + self.output.decode("utf-8", "replace")[-3000:]))
+        self.ended.callback(reason.value)
+
+
+class AgentProcess:
+    """``twistd -n kvmdesk-agent`` in a child process, with its own test-driver host.
+
+    :meth:`start` waits for the agent's "listening" log line (no polling); :meth:`kill` ends it by
+    its pid (SIGKILL: an agent that dies) and waits for the exit; :meth:`stop` sends SIGTERM.
+    """
+
+    def __init__(self, directory: Path, ip: str, port: int, **kwargs: Any):
+        self.directory = directory
+        self.ip = ip
+        self.port = port
+        self.kwargs = kwargs
+        self.transport: Any = None
+        self.protocol: Optional[_AgentProcessProtocol] = None
+        self.ended: Optional[defer.Deferred] = None
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config_file = directory / "agent.toml"
+        self._write_config()
+
+    def _write_config(self) -> None:
+        section = agent_layers(self.directory, self.ip, self.port, **self.kwargs)["agent"]
+        lines = ["[agent]"]
+        for key, value in section.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{key} = {value}")
+            else:
+                lines.append(f"{key} = {_toml_string(str(value))}")
+        self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    async def start(self) -> None:
+        from twisted.internet import reactor
+
+        ready: defer.Deferred = defer.Deferred()
+        self.ended = defer.Deferred()
+        self.protocol = _AgentProcessProtocol(ready, self.ended, b"kvmdesk agent listening on")
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        args = [twistd, "-n", "--pidfile=", "kvmdesk-agent", "--config", str(self.config_file),
+                "--listen", self.ip, "--port", str(self.port)]
+        env = {k: v for k, v in os.environ.items() if k != "KVMDESK_AGENT_PASSWORD"}
+        self.transport = reactor.spawnProcess(self.protocol, twistd, args, env=env, path=str(self.directory))
+        await ready
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.transport.pid if self.transport is not None else None
+
+    @property
+    def output(self) -> str:
+        return self.protocol.output.decode("utf-8", "replace") if self.protocol else ""
+
+    async def _signal(self, signo: int) -> None:
+        if self.transport is None or self.transport.pid is None:
+            return
+        ended = self.ended
+        os.kill(self.transport.pid, signo)
+        await ended
+        self.transport = None
+
+    async def kill(self) -> None:
+        await self._signal(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        await self._signal(signal.SIGTERM)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def controller_config(agent_port: int, **nodes: Any) -> dict[str, Any]:
+    """A controller configuration for tests: no local agent, agents on ``agent_port``, no warnings."""
+    return {"agent": {"local": False}, "nodes": {"agent_port": agent_port, **NO_WARNINGS, **nodes}}
+
+
+@contextlib.asynccontextmanager
+async def nodes_controller(
+    tmp_path: Path,
+    agent_port: int,
+    *,
+    clock: Any = None,
+    plugins: Any = None,
+    config: Optional[Mapping[str, Any]] = None,
+    nodes: Optional[Mapping[str, Any]] = None,
+) -> AsyncIterator[ApiClient]:
+    """A logged-in controller whose API also listens on a loopback port (agents post events to it).
+
+    Its services (the watchers) are not started: a test starts ``api.core.services`` itself.
+    """
+    from twisted.internet import reactor
+
+    from kvmdesk.api.streaming import make_site
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        api_port = probe.getsockname()[1]
+    layers = controller_config(agent_port, controller_url=f"http://127.0.0.1:{api_port}/api/v1.0", **(nodes or {}))
+    for key, value in (config or {}).items():
+        layers.setdefault(key, {}).update(value)
+    layers.setdefault("controller", {})["port"] = api_port
+    core = await make_core(tmp_path, config=layers, plugins=plugins, clock=clock)
+    site_port = None
+    try:
+        site_port = reactor.listenTCP(api_port, make_site(core.router), interface="127.0.0.1")
+        client = ApiClient(core)
+        await client.login()
+        yield client
+    finally:
+        if core.services.running:
+            await defer.maybeDeferred(core.services.stopService)
+        await core.extensions["nodes"].close()
+        if site_port is not None:
+            await site_port.stopListening()
+        await core.store.close()
+
+
+__all__ = [
+    "AGENT_PASSWORD",
+    "AgentProcess",
+    "NO_WARNINGS",
+    "agent_layers",
+    "controller_config",
+    "free_port",
+    "listening_api",
+    "nodes_controller",
+    "running_agent",
+]

@@ -1,0 +1,219 @@
+"""End to end: the real ``twistd -n kvmdesk`` in a subprocess on a loopback port, driven with treq.
+
+Readiness is event-driven: a ProcessProtocol watches the log output for the "listening on" line,
+bounded by a timeout.  Every process started here is stopped by its pid in teardown.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.web.client import HTTPConnectionPool
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "e2e-admin-password"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+REQUEST_TIMEOUT = 30.0
+LISTENING = re.compile(rb"kvmdesk controller listening on http://([0-9.]+):(\d+)/api/v1\.0/")
+
+
+def _twistd_command() -> list[str]:
+    script = Path(sys.executable).with_name("twistd")
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Twistd(ProcessProtocol):
+    """One ``twistd -n kvmdesk`` process: its output, readiness and exit."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ready: defer.Deferred = defer.Deferred()  # fires with the base URL
+        self.ended: defer.Deferred = defer.Deferred()  # fires with the exit reason
+        self.transport: Any = None
+        self.pid: Optional[int] = None
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def outReceived(self, data: bytes) -> None:
+        self._received(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        self.output += data
+        if not self.ready.called:
+            found = LISTENING.search(self.output)
+            if found:
+                host, port = found.group(1).decode(), int(found.group(2))
+                self.ready.callback(f"http://{host}:{port}/api/v1.0")
+
+    def processEnded(self, reason: Any) -> None:
+        self.pid = None
+        if not self.ready.called:
+            self.ready.errback(RuntimeError("twistd ended before listening:\n" + self.text))
+        self.ended.callback(reason.value)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+@pytest_twisted.async_yield_fixture
+async def start(tmp_path):
+    """``await start(data_dir, env)`` runs a controller; teardown stops whatever still runs, by pid."""
+    started: list[Twistd] = []
+
+    async def run(data_dir: Path, env: Optional[dict[str, str]] = None) -> tuple[Twistd, str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMDESK_")}
+        environment.update(env if env is not None else {"KVMDESK_ADMIN_PASSWORD": PASSWORD})
+        process = Twistd()
+        # The product's defaults, except the in-process node agent's port: a free one, so that this test
+        # never clashes with another controller on the machine.
+        config = tmp_path / f"kvmdesk-{len(started)}.toml"
+        config.write_text(f"[nodes]\nagent_port = {_free_port()}\n")
+        command = _twistd_command() + ["-n", "--pidfile=", "kvmdesk", "--config", str(config), "--port",
+                                       str(_free_port()), "--listen", "127.0.0.1", "--data-dir", str(data_dir)]
+        reactor.spawnProcess(process, command[0], command, env=environment, path=str(tmp_path))
+        started.append(process)
+        base = await process.ready.addTimeout(START_TIMEOUT, reactor)
+        return process, base
+
+    yield run
+
+    for process in started:
+        if process.running:
+            os.kill(process.pid, signal.SIGKILL)
+            await process.ended.addTimeout(STOP_TIMEOUT, reactor)
+
+
+async def _terminate(process: Twistd) -> Any:
+    """SIGTERM the process and wait (bounded) for it to exit."""
+    os.kill(process.pid, signal.SIGTERM)
+    return await process.ended.addTimeout(STOP_TIMEOUT, reactor)
+
+
+class Client:
+    """A small treq client for the envelope API."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.token: Optional[str] = None
+
+    async def call(self, method: str, path: str, json: Any = None, *, auth: bool = True) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token}"} if auth and self.token else {}
+        response = await treq.request(method, self.base + path, json=json, headers=headers, pool=self.pool,
+                                      timeout=REQUEST_TIMEOUT)
+        return response.code, await response.json()
+
+    async def login(self, password: str = PASSWORD) -> None:
+        status, body = await self.call("POST", "/auth/login", {"username": "admin", "password": password}, auth=False)
+        assert (status, body["code"]) == (200, 0), body
+        self.token = body["data"]["token"]
+
+
+def _assert_clean_exit(process: Twistd, reason: Any) -> None:
+    """The shutdown ran to its end without errors.
+
+    twistd (since Twisted 21.2) ends a process stopped by a signal with that same signal once the
+    reactor has shut down cleanly (``twisted.scripts.twistd.runApp``), so supervisors see "stopped by
+    SIGTERM" (systemd counts it as a clean stop); a plain exit status 0 is accepted too.
+    """
+    clean_status = (isinstance(reason, ProcessDone) and reason.exitCode == 0) or (
+        reason.signal == signal.SIGTERM and reason.exitCode is None)
+    assert clean_status, (reason, process.text)
+    assert "Main loop terminated." in process.text and "Server Shut Down." in process.text, process.text
+    assert "Traceback" not in process.text and "Unhandled" not in process.text, process.text
+
+
+@pytest_twisted.ensureDeferred
+async def test_pools_survive_a_restart(start, tmp_path):
+    data_dir = tmp_path / "data"
+    process, base = await start(data_dir)
+    api = Client(base)
+
+    status, body = await api.call("GET", "/resource_mgr/resource_pools", auth=False)
+    assert (status, body["code"]) == (401, 1008)
+    status, body = await api.call("POST", "/auth/login", {"username": "admin", "password": "nope"}, auth=False)
+    assert (status, body["code"]) == (401, 1009)
+    await api.login()
+
+    status, body = await api.call("GET", "/resource_mgr/resource_pools")
+    assert (status, [p["name"] for p in body["data"]["results"]]) == (200, ["default"])
+    status, body = await api.call("POST", "/resource_mgr/resource_pools", {"name": "e2e-pool", "desc": "created"})
+    assert (status, body["code"]) == (200, 0)
+    kept = body["data"]["uuid"]
+    status, body = await api.call("POST", "/resource_mgr/resource_pools/", {"name": "e2e-doomed", "desc": None})
+    doomed = body["data"]["uuid"]
+    status, body = await api.call("PUT", f"/resource_mgr/resource_pools/{kept}", {"desc": "edited"})
+    assert (status, body["data"]["desc"]) == (200, "edited")
+    status, body = await api.call("DELETE", "/resource_mgr/resource_pools", {"uuids": [doomed]})
+    assert (status, body["code"]) == (200, 0)
+    status, body = await api.call("GET", "/resource_mgr/resource_pools?searchtype=contain&name=E2E")
+    assert [(p["name"], p["desc"]) for p in body["data"]["results"]] == [("e2e-pool", "edited")]
+    status, body = await api.call("GET", "/index/get_operation_log/?page_size=3")
+    before_restart = body["data"]["results"]
+    assert [r["content"].split(":")[0] for r in before_restart] == ["删除资源池", "编辑资源池", "新增资源池"]
+    assert {r["user_ip"] for r in before_restart} == {"127.0.0.1"}
+
+    _assert_clean_exit(process, await _terminate(process))
+
+    process, base = await start(data_dir)
+    api = Client(base)
+    await api.login()
+    status, body = await api.call("GET", "/resource_mgr/resource_pools")
+    pools = {p["name"]: p for p in body["data"]["results"]}
+    assert set(pools) == {"default", "e2e-pool"}
+    assert (pools["e2e-pool"]["uuid"], pools["e2e-pool"]["desc"]) == (kept, "edited")
+    status, body = await api.call("GET", "/index/get_operation_log/?page_size=4")
+    assert body["data"]["results"][1:] == before_restart  # the newest record is this login
+
+    status, body = await api.call("POST", "/auth/logout")
+    assert status == 200
+    status, body = await api.call("GET", "/resource_mgr/resource_pools")
+    assert status == 401
+    _assert_clean_exit(process, await _terminate(process))
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_start_without_a_password_writes_one(start, tmp_path):
+    data_dir = tmp_path / "data"
+    process, base = await start(data_dir, env={})
+    path = data_dir / "initial-admin-password"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    password = path.read_text().strip()
+    assert password in process.text  # logged once, for the operator
+    api = Client(base)
+    await api.login(password)
+    status, body = await api.call("GET", "/openapi.json", auth=False)
+    assert status == 200 and body["openapi"].startswith("3.")
+    status, body = await api.call("GET", "/no/such/page", auth=False)
+    assert (status, body["code"]) == (404, 1006)
+    _assert_clean_exit(process, await _terminate(process))

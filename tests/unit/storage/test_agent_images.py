@@ -1,0 +1,244 @@
+"""The agent's side of a transfer: verified before visible, resumable, safe names, removal."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.web.server import Site
+
+from kvmdesk.agent.images.routes import register_routes
+from kvmdesk.agent.images.store import ImageReceiver
+from kvmdesk.api.router import Router
+from kvmdesk.core import errors as core_errors
+from kvmdesk.core.errors import ApiError
+from storage_testlib import InProcessAgent, RawHTTP, decode, files_in, http_client, parse_response, request_head, with_timeout
+
+CONTENT = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(40000))  # 1.28 MB
+MD5 = hashlib.md5(CONTENT).hexdigest()
+FILE_ID = "0b7c6a7e-1111-4c3e-9a55-4b2b3a0c9d01"
+
+
+def url(agent: InProcessAgent, path: str) -> str:
+    return f"http://{agent.host}:{agent.port}/agent/v1{path}"
+
+
+async def put(agent, body: bytes, *, offset: int = 0, total: int = len(CONTENT), md5: str = MD5,
+              file_id: str = FILE_ID, kind: str = "base", role: int = 1) -> tuple[int, dict]:
+    response = await http_client().put(url(agent, f"/images/{kind}/{file_id}"), data=body,
+                                       params={"role": role, "offset": offset, "total": total, "md5": md5})
+    return await decode(response)
+
+
+async def state(agent, file_id: str = FILE_ID, md5: str = MD5) -> dict:
+    status, body = await decode(await http_client().get(url(agent, f"/images/base/{file_id}"),
+                                                        params={"role": 1, "md5": md5}))
+    assert status == 200, body
+    return body["data"]
+
+
+async def cut_after(agent, count: int, offset: int = 0) -> None:
+    """Send a PUT that declares the rest of the file but stops after ``count`` bytes (a broken link)."""
+    stored: defer.Deferred = defer.Deferred()
+    write = ImageReceiver.write
+
+    def spy(receiver, data):
+        write(receiver, data)
+        if receiver.offset + receiver.received >= offset + count and not stored.called:
+            stored.callback(None)
+
+    ImageReceiver.write = spy
+    try:
+        client = await RawHTTP().connect(agent.host, agent.port)
+        path = f"/agent/v1/images/base/{FILE_ID}?role=1&offset={offset}&total={len(CONTENT)}&md5={MD5}"
+        client.send(request_head("PUT", path, {"Content-Length": str(len(CONTENT) - offset)}))
+        client.send(CONTENT[offset:offset + count])
+        await with_timeout(stored, what="the bytes on the agent")  # written: now the link breaks
+        client.abort()
+        await with_timeout(client.closed, what="close")
+    finally:
+        ImageReceiver.write = write
+
+
+@pytest.fixture
+def agent(agents):
+    return agents[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_complete_transfer_is_verified_then_visible(agent):
+    assert (await state(agent))["exists"] is False
+    status, body = await put(agent, CONTENT)
+    assert status == 200, body
+    final = agent.base_image(FILE_ID)
+    assert body["data"] == {"path": str(final), "size": len(CONTENT), "md5": MD5}
+    assert final.read_bytes() == CONTENT
+    assert files_in(final.parent) == sorted([FILE_ID, f".{FILE_ID}.json"])
+    now = await state(agent)
+    assert (now["exists"], now["md5"], now["size"], now["partial"]) == (True, MD5, len(CONTENT), 0)
+    status, body = await decode(await http_client().get(url(agent, "/images/base"), params={"role": 1}))
+    assert [f["file_id"] for f in body["data"]] == [FILE_ID] and body["data"][0]["md5"] == MD5
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_content_is_refused_and_leaves_nothing(agent):
+    corrupt = bytearray(CONTENT)
+    corrupt[1000] ^= 0xFF
+    status, body = await put(agent, bytes(corrupt))
+    assert status == 422 and body["code"] == 4043, body
+    assert files_in(agent.base_image(FILE_ID).parent) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupted_transfer_resumes_where_it_stopped(agent):
+    await cut_after(agent, 500_000)
+    seen = await state(agent)
+    assert seen["exists"] is False and seen["partial"] >= 500_000
+    status, body = await put(agent, CONTENT[seen["partial"]:], offset=seen["partial"])
+    assert status == 200, body
+    assert agent.base_image(FILE_ID).read_bytes() == CONTENT
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_agent_resumes_from_disk_and_hashes_the_whole_file(agents):
+    agent = agents[0]
+    await cut_after(agent, 700_000)
+    await agent.stop()
+    agents[0] = agent = InProcessAgent(agent.host, agent.data_dir, port=agent.port).start()
+    assert agent.images.partials == {}
+    seen = await state(agent)
+    assert seen["partial"] >= 700_000
+    status, body = await put(agent, CONTENT[seen["partial"]:], offset=seen["partial"])
+    assert status == 200 and body["data"]["md5"] == MD5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resumed_transfer_with_a_corrupted_prefix_is_caught(agents):
+    agent = agents[0]
+    await cut_after(agent, 600_000)
+    await agent.stop()
+    part = agent.base_image(FILE_ID).with_name(f".{FILE_ID}.part")
+    with open(part, "r+b") as handle:
+        handle.seek(10)
+        handle.write(b"\x00\x00\x00")
+    agents[0] = agent = InProcessAgent(agent.host, agent.data_dir, port=agent.port).start()
+    offset = (await state(agent))["partial"]
+    status, body = await put(agent, CONTENT[offset:], offset=offset)
+    assert status == 422 and body["code"] == 4043
+    assert (await state(agent))["partial"] == 0 and not agent.base_image(FILE_ID).exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_offset_is_answered_with_what_is_there(agent):
+    await cut_after(agent, 300_000)
+    have = (await state(agent))["partial"]
+    status, body = await put(agent, CONTENT[have + 10:], offset=have + 10)
+    assert status == 409 and body["code"] == 4042 and body["data"] == {"partial": have}
+    # A partial file of other content is never resumed.
+    status, body = await put(agent, CONTENT[have:], offset=have, md5="0" * 32)
+    assert status == 409 and body["data"] == {"partial": 0}
+
+
+@pytest.mark.parametrize("file_id, kind, code", [
+    ("..", "base", 4041), (".hidden", "base", 4041), ("a..b", "base", 4041), ("x" * 200, "base", 4041),
+    (FILE_ID, "etc", 4040),
+])
+@pytest_twisted.ensureDeferred
+async def test_names_outside_the_image_directories_are_refused(agent, file_id, kind, code):
+    status, body = await put(agent, CONTENT, file_id=file_id, kind=kind)
+    assert status == 400 and body["code"] == code, body
+    assert files_in(agent.storage) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_encoded_slashes_do_not_reach_the_file_system(agent):
+    response = await http_client().put(url(agent, "/images/base/..%2F..%2Fescape"), data=CONTENT,
+                                       params={"role": 1, "offset": 0, "total": len(CONTENT), "md5": MD5})
+    status, body = await decode(response)
+    assert status in (400, 404) and isinstance(body, dict) and body["code"] != 0
+    assert not (agent.data_dir / "escape").exists() and not (agent.storage / "escape").exists()
+
+
+@pytest.mark.parametrize("params, reason", [
+    ({"offset": 0, "total": 10, "md5": MD5}, "body of"),
+    ({"offset": 0, "total": len(CONTENT), "md5": "xyz"}, "md5"),
+    ({"offset": 5, "total": 2, "md5": MD5}, "offset"),
+    ({"offset": 0, "md5": MD5}, "total"),
+    ({"offset": 0, "total": len(CONTENT), "md5": MD5, "role": 9}, "role"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_transfer_parameters_are_refused(agent, params, reason):
+    params = {"role": 1, **params}
+    response = await http_client().put(url(agent, f"/images/base/{FILE_ID}"), data=CONTENT, params=params)
+    status, body = await decode(response)
+    assert status == 400 and body["code"] == 4045 and reason in body["msg"], body
+    assert files_in(agent.base_image(FILE_ID).parent) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_removes_the_file_and_any_partial(agent):
+    assert (await put(agent, CONTENT))[0] == 200
+    other = "1b7c6a7e-1111-4c3e-9a55-4b2b3a0c9d02"
+    status, _ = await put(agent, CONTENT[:100], total=len(CONTENT), file_id=other)  # declared longer than sent
+    assert status == 400
+    for file_id, removed in ((FILE_ID, True), (other, False)):
+        status, body = await decode(await http_client().delete(url(agent, f"/images/base/{file_id}"),
+                                                               params={"role": 1}))
+        assert status == 200 and body["data"] == {"removed": removed}
+    assert files_in(agent.base_image(FILE_ID).parent) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_guard_refuses_before_anything_is_written(agent):
+    async def guard(request):
+        if request.getHeader(b"x-signature") != b"good":
+            raise ApiError(core_errors.UNAUTHENTICATED)
+
+    agent.site.api_router.stream_guard = guard
+    client = await RawHTTP().connect(agent.host, agent.port)
+    path = f"/agent/v1/images/base/{FILE_ID}?role=1&offset=0&total={len(CONTENT)}&md5={MD5}"
+    client.send(request_head("PUT", path, {"Content-Length": str(len(CONTENT))}) + CONTENT[:1000])
+    status, _, body = parse_response(await with_timeout(client.first_bytes, what="401"))
+    assert status == 401 and body["code"] == 1008
+    client.abort()
+    await with_timeout(client.closed, what="close")
+    assert not agent.base_image(FILE_ID).exists()
+    assert agent.images.partials == {} and agent.images.active == {}
+    response = await http_client().put(url(agent, f"/images/base/{FILE_ID}"), data=CONTENT, headers={"X-Signature": "good"},
+                                       params={"role": 1, "offset": 0, "total": len(CONTENT), "md5": MD5})
+    assert response.code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_routes_work_on_a_site_without_streaming(tmp_path):
+    """An agent application that builds a plain Site still gets verified transfers (buffered body)."""
+    router = Router(SimpleNamespace(reactor=reactor), prefix="/agent/v1")
+    agent = SimpleNamespace(config=SimpleNamespace(get=lambda key, default=None: default), data_dir=tmp_path)
+    register_routes(router, agent, reactor=reactor)
+    port = reactor.listenTCP(0, Site(router.resource()), interface="127.0.0.1")
+    try:
+        target = f"http://127.0.0.1:{port.getHost().port}/agent/v1/images/template/{FILE_ID}"
+        response = await http_client().put(target, data=CONTENT,
+                                           params={"role": 2, "offset": 0, "total": len(CONTENT), "md5": MD5})
+        status, body = await decode(response)
+        assert status == 200, body
+        assert Path(body["data"]["path"]) == tmp_path / "storage" / "instances" / "_template" / FILE_ID
+        assert Path(body["data"]["path"]).read_bytes() == CONTENT
+    finally:
+        await port.stopListening()
+
+
+def test_storage_roots_follow_the_agent_configuration(tmp_path):
+    from kvmdesk.agent.images.store import ImageStore
+
+    configured = {"agent.storage.template_data": str(tmp_path / "slow")}
+    agent = SimpleNamespace(config=SimpleNamespace(get=lambda key, default=None: configured.get(key, default)),
+                            data_dir=tmp_path / "data")
+    store = ImageStore.for_agent(agent, reactor)
+    assert store.directory("base", 1) == tmp_path / "data" / "storage" / "instances" / "_base"
+    assert store.directory("template", 2) == tmp_path / "slow" / "instances" / "_template"
+    assert os.path.isabs(store.roots[3])

@@ -1,0 +1,259 @@
+"""Smaller pieces: format rules, os_type_simple, the hashing writer, the file producer, retry backoff."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from kvmdesk.core.errors import ApiError
+from kvmdesk.core.filewriter import HIGH_WATER, HashingWriter
+from kvmdesk.plugins.storage.agents import AgentUnreachable
+from kvmdesk.plugins.storage.formats import check_base_image, image_problem
+from kvmdesk.plugins.storage.ostypes import os_type_simple
+from kvmdesk.plugins.storage.producers import FileRangeProducer, SourceChanged
+from storage_testlib import add_node, controller, iso_bytes, small_qcow2, with_timeout
+
+
+@pytest.mark.parametrize("info, size, head, problem", [
+    ({"format": "qcow2"}, 1000, b"", None),
+    ({"format": "raw"}, 1 << 20, b"\0" * 0x9000, None),
+    ({"format": "vmdk"}, 1 << 20, b"", "vmdk"),
+    ({"format": "qcow2", "backing-filename": "/etc/shadow"}, 1000, b"", "backing"),
+    ({"format": "qcow2", "format-specific": {"data": {"data-file": "/dev/sda"}}}, 1000, b"", "data file"),
+    ({"format": "raw"}, 1000, b"", "sectors"),
+    ({"format": "raw"}, 0x9000 * 2, iso_bytes(0x9000), "ISO"),
+])
+def test_image_rules(info, size, head, problem):
+    found = image_problem(info, size, head)
+    assert found is None if problem is None else problem in found
+
+
+@pytest_twisted.ensureDeferred
+async def test_qemu_img_checks_real_files(tmp_path):
+    image = small_qcow2(tmp_path / "ok.qcow2")
+    checked = await check_base_image(image, image.stat().st_size, image.read_bytes()[:0x9000], reactor=reactor)
+    assert checked == {"format": "qcow2", "virtual_size": 16 << 20}
+    with pytest.raises(ApiError) as missing:
+        await check_base_image(image, 1, b"", reactor=reactor, qemu_img="/nonexistent/qemu-img")
+    assert missing.value.error.code in (4005, 4012)
+
+
+@pytest.mark.parametrize("os_type, simple", [
+    ("Windows 7 bit 64", "win7"), ("Windows7(64bit)", "win7"), ("windows10", "win10"), ("Windows XP", "winxp"),
+    ("Windows Server 2008 R2", "win2008"), ("Ubuntu 22.04", "ubuntu"), ("CentOS 7.9", "centos"),
+    ("银河麒麟 V10", "kylin"), ("Linux", "linux"), ("Plan 9", "other"),
+])
+def test_os_type_simple(os_type, simple):
+    assert os_type_simple(os_type) == simple
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_hashing_writer_writes_and_hashes_in_order(tmp_path, threaded):
+    chunks = [os.urandom(1000 + i) for i in range(300)]
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    pauses = []
+    writer = HashingWriter(fd, reactor=reactor, threaded=threaded, pause=lambda: pauses.append("pause"),
+                           resume=lambda: pauses.append("resume"))
+    for chunk in chunks:
+        writer.write(chunk)
+    await writer.flush()
+    os.close(fd)
+    whole = b"".join(chunks)
+    assert path.read_bytes() == whole and writer.hexdigest() == hashlib.md5(whole).hexdigest()
+    assert writer.written == len(whole)
+
+
+@pytest_twisted.ensureDeferred
+async def test_threaded_writer_pauses_the_network_when_the_disk_falls_behind(tmp_path):
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    events = []
+    writer = HashingWriter(fd, reactor=reactor, threaded=True, pause=lambda: events.append("pause"),
+                           resume=lambda: events.append("resume"))
+    chunk = b"x" * (1 << 20)
+    for _ in range(HIGH_WATER // len(chunk) + 4):  # faster than any thread can drain: queued on the reactor
+        writer.write(chunk)
+    assert events == ["pause"]
+    await writer.flush()
+    os.close(fd)
+    assert events == ["pause", "resume"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_hashing_writer_reports_write_errors(tmp_path):
+    fd = os.open(tmp_path / "out", os.O_RDONLY | os.O_CREAT)
+    writer = HashingWriter(fd, reactor=reactor, threaded=True)
+    writer.write(b"data")
+    with pytest.raises(OSError):
+        await writer.flush()
+    os.close(fd)
+
+
+class Collect:
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_range_producer_sends_a_range_and_reports_progress(tmp_path):
+    path = tmp_path / "f"
+    content = os.urandom(3_500_000)
+    path.write_bytes(content)
+    seen = []
+    consumer = Collect()
+    producer = FileRangeProducer(path, 1_000_000, 2_000_000, on_progress=seen.append, chunk_size=300_000)
+    assert producer.length == 2_000_000
+    await with_timeout(producer.startProducing(consumer))
+    assert bytes(consumer.data) == content[1_000_000:3_000_000]
+    assert seen[-1] == 2_000_000 and seen == sorted(seen) and len(seen) == 7
+
+    short = FileRangeProducer(path, 3_000_000, 900_000, chunk_size=300_000)
+    with pytest.raises(SourceChanged):
+        await with_timeout(short.startProducing(Collect()))
+
+
+class FakeLink:
+    """An agent link that fails the first ``failures`` sends, then succeeds."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.sends = 0
+
+    def call(self, node, method, path, *, json=None, params=None):
+        if method == "GET":
+            return defer.succeed({"exists": False, "size": 0, "md5": None, "partial": 0, "path": "/n/" + path})
+        return defer.succeed({"removed": True})
+
+    def send(self, node, method, path, body, *, params=None):
+        self.sends += 1
+        if self.sends <= self.failures:
+            return defer.fail(AgentUnreachable("connection refused"))
+        return defer.succeed({"path": "/n" + path, "size": body.length, "md5": params["md5"]})
+
+
+async def upload_one(api, tmp_path):
+    image = small_qcow2(tmp_path / "x.qcow2").read_bytes()
+    status, body = await api.upload(f"/resource_mgr/resource_pools/{api.pool}/base_images",
+                                    {"name": "x", "os_type": "win7"}, {"file": ("x.qcow2", image)})
+    assert status == 200, body
+    return body["data"]
+
+
+def events_of(distributor, name):
+    seen = []
+    distributor.observers.append(lambda event, record: event == name and seen.append(dict(record)))
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_transfers_back_off_exponentially_on_the_clock(tmp_path, clock):
+    config = {"storage": {"retry_initial": 5.0, "retry_max": 30.0}}
+    async with controller(tmp_path, clock, config=config) as api:
+        link = FakeLink(failures=5)
+        api.core.extensions["storage.agent_link"] = link
+        await add_node(api.core, api.pool, "10.0.0.1", "n1")
+        failed, done = events_of(api.distributor, "failed"), events_of(api.distributor, "done")
+        api.distributor.startService()
+        finished = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "done" and not finished.called and finished.callback(r))
+        first_failure = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "failed" and not first_failure.called and first_failure.callback(r))
+        await upload_one(api, tmp_path)
+        await with_timeout(first_failure)
+        delays = []
+        for expected in (5.0, 10.0, 20.0, 30.0, 30.0):
+            pending = [c for c in clock.getDelayedCalls() if c.func.__name__ == "_timer_fired"]
+            assert len(pending) == 1
+            delays.append(pending[0].getTime() - clock.seconds())
+            progressed = defer.Deferred()
+            api.distributor.observers.append(
+                lambda e, r, d=progressed: e in ("failed", "done") and not d.called and d.callback(e))
+            clock.advance(expected - 0.25)  # (binary fractions: the clock's sums stay exact)
+            assert not progressed.called, "retried before its backoff was over"
+            clock.advance(0.25)
+            await with_timeout(progressed)
+        assert delays == [5.0, 10.0, 20.0, 30.0, 30.0]
+        await with_timeout(finished)
+        assert [f["attempts"] for f in failed] == [1, 2, 3, 4, 5] and len(done) == 1
+        assert done[0]["progress"] == 100 and done[0]["attempts"] == 0 and link.sends == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_limit_gives_up_until_the_node_returns(tmp_path, clock):
+    config = {"storage": {"retry_initial": 1.0, "retry_limit": 2}}
+    async with controller(tmp_path, clock, config=config) as api:
+        link = FakeLink(failures=2)
+        api.core.extensions["storage.agent_link"] = link
+        node = await add_node(api.core, api.pool, "10.0.0.1", "n1")
+        api.distributor.startService()
+        second = defer.Deferred()
+        api.distributor.observers.append(
+            lambda e, r: e == "failed" and r["attempts"] == 2 and not second.called and second.callback(r))
+        first = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "failed" and not first.called and first.callback(r))
+        await upload_one(api, tmp_path)
+        await with_timeout(first)
+        clock.advance(1.0)
+        gave_up = await with_timeout(second)
+        assert gave_up["next_retry_at"] is None and gave_up["status"] == 2
+        assert [c for c in clock.getDelayedCalls() if c.func.__name__ == "_timer_fired"] == []
+        done = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "done" and not done.called and done.callback(r))
+        api.core.plugins.hook.kvmdesk_node_status_changed(core=api.core, node=node, old="offline", new="online")
+        await with_timeout(done)
+        assert link.sends == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_transfers_interrupted_by_a_controller_restart_resume_at_start(tmp_path, clock):
+    async with controller(tmp_path, clock) as api:
+        link = FakeLink(failures=0)
+        api.core.extensions["storage.agent_link"] = link
+        await add_node(api.core, api.pool, "10.0.0.1", "n1")
+        await upload_one(api, tmp_path)  # the distributor is not running: the transfer waits
+        assert link.sends == 0
+        done = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "done" and not done.called and done.callback(r))
+        api.distributor.startService()
+        await with_timeout(done)
+        assert link.sends == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_stream_is_cut_and_retried(tmp_path, clock):
+    in_flight = defer.Deferred()
+
+    class Stalling(FakeLink):
+        def send(self, node, method, path, body, *, params=None):
+            self.sends += 1
+            if self.sends == 1:
+                # Announced on the next reactor turn: by then the distributor is waiting on this request.
+                reactor.callLater(0, in_flight.callback, None)
+                return defer.Deferred()  # never answers, never sends a byte
+            return super().send(node, method, path, body, params=params)
+
+    config = {"storage": {"stall_timeout": 120.0, "retry_initial": 5.0}}
+    async with controller(tmp_path, clock, config=config) as api:
+        link = Stalling(failures=0)
+        api.core.extensions["storage.agent_link"] = link
+        await add_node(api.core, api.pool, "10.0.0.1", "n1")
+        api.distributor.startService()
+        await upload_one(api, tmp_path)
+        await with_timeout(in_flight)
+        failed = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "failed" and not failed.called and failed.callback(r))
+        clock.advance(120)
+        record = await with_timeout(failed)
+        assert "no progress" in record["error"]
+        done = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "done" and not done.called and done.callback(r))
+        clock.advance(5)
+        await with_timeout(done)
