@@ -17,6 +17,12 @@ Printed: MB/s of cp, of the upload, and of the distribution (bytes written to th
 both streams together, and per node), each as a fraction of cp; the controller's RSS growth.
 Targets: upload and distribution at least 50% of cp; controller RSS growth under 100 MB.
 This prints figures; it asserts nothing.
+
+Two cp baselines are taken: one copy before the upload (what the upload writes), and two copies at
+once after the distribution (what the two agents write).  ``cp`` copies inside the kernel
+(``copy_file_range``: no user-space copy, no hashing), so it bounds what any program that reads a
+socket and computes an MD5 can reach; the MD5 rate of one core is printed for scale.
+``KVMDESK_BENCH_PROFILE=DIR`` writes cProfile statistics of the controller and agents to ``DIR``.
 """
 from __future__ import annotations
 

@@ -8,12 +8,19 @@ arrives from the network, in a :class:`BodySink` it creates when the request hea
 
 - :class:`StreamingRequest` is the request factory of the API's :class:`~twisted.web.server.Site`
   (:func:`make_site`, or :func:`install_streaming` on a site built elsewhere).  Requests to other
-  endpoints behave exactly like ordinary twisted.web requests.
-- A sink may refuse a body at once (too large, wrong type, not authenticated, malformed): the error
-  envelope is sent while the client is still sending, the rest of the body is read and thrown away
-  (up to :data:`DRAIN_LIMIT` bytes, so the client sees the answer rather than a reset connection), and
-  the connection is closed.  ``Expect: 100-continue`` clients never send the body at all.
-- When the whole body is in, :meth:`BodySink.finish` gives the handler its result (``req.stream``).
+  endpoints are ordinary twisted.web requests, except that a body over the router's ``max_body``
+  (for endpoints that parse their body) is refused with a 413 from its declared length, or as soon as
+  a chunked body passes it, instead of being buffered to disk first.
+- The request is authenticated from its headers (the router's token check, or ``router.stream_guard``)
+  before one byte of the body reaches the sink: reading pauses until the check is done.
+- A sink may refuse a body at once (too large, wrong type, malformed): the error envelope is sent
+  while the client is still sending (through the request's own ``write``, so subclasses add their
+  headers), the rest of the body is read and thrown away (up to :data:`DRAIN_LIMIT` bytes, so the
+  client sees the answer rather than a reset connection), and the connection is closed.  A refusal
+  decided from the headers alone goes out before twisted.web's ``100 Continue``, so such clients never
+  send the body at all.
+- When the whole body is in, :meth:`BodySink.finish` gives the handler its result (``req.stream``);
+  whatever the handler did not keep is released after it (``release()`` on the result).
 - A connection lost before the body is complete calls :meth:`BodySink.abort`; the handler never runs.
 
 On a site without the streaming request factory (StubTreq, another application's site) the router

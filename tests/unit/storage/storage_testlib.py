@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +25,7 @@ import kvmdesk.plugins.storage
 from kvmdesk import hookimpl
 from kvmdesk.agent.images.routes import register_routes as register_agent_routes
 from kvmdesk.api.router import Router
-from kvmdesk.api.streaming import StreamingRequest, install_streaming
+from kvmdesk.api.streaming import install_streaming
 from kvmdesk.core.plugins import make_plugin_manager
 from kvmdesk.core.records import new_record
 from kvmdesk.plugins.storage.producers import FileRangeProducer
@@ -290,8 +289,6 @@ async def decode(response: Any) -> tuple[int, Any]:
 def files_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
-
-__all__ = ["StreamingRequest", "os"]
 
 
 class RawHTTP:

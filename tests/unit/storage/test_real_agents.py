@@ -46,6 +46,7 @@ async def chain(tmp_path, clock):
             yield api, pool, nodes, [first, second], port
         finally:
             await distributor.stopService()
+    assert clock.getDelayedCalls() == [], "a delayed call was left on the clock"
 
 
 @pytest_twisted.ensureDeferred
