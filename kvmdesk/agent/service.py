@@ -79,7 +79,9 @@ class TrackingSite(AgentSite):
 
     def drop_connections(self) -> None:
         for protocol in list(self.protocols):
-            transport = getattr(protocol, "transport", None)
+            # twisted.web wraps each HTTP channel in a proxy that has no transport of its own.
+            channel = getattr(protocol, "_channel", protocol)
+            transport = getattr(channel, "transport", None)
             if transport is not None:
                 transport.abortConnection()
 

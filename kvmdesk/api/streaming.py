@@ -130,7 +130,8 @@ def _release(value: Any) -> None:
 class BodyStream:
     """The state of one streamed body: its sink, its result, its refusal.
 
-    Order of events: the endpoint's factory validates the headers and creates the sink (no file is
+    Order of events: the request is authenticated from its headers; then the endpoint's factory
+    validates the headers and creates the sink (no file is
     written yet: a 413 for a declared length goes out at once, before any ``100 Continue``); while the
     request is being authenticated the network is paused and the few bytes already read are held, so
     not one byte of an unauthenticated body reaches the sink; then the body flows into the sink.
@@ -156,28 +157,39 @@ class BodyStream:
     # -- lifecycle, driven by StreamingRequest -------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            self.sink = self.spec.stream(self.context)
-        except ApiError as exc:
-            self.refuse(exc)
-            return
-        except Exception:
-            log.failure("stream factory of {path} failed", path=self.spec.path)
-            self.refuse(ApiError(errors.INTERNAL_ERROR, request_id="stream"))
-            return
         if self.spec.auth or self.router.stream_guard is not None:
+            # Authenticate first: an anonymous caller learns nothing about the endpoint (not even its
+            # size limit or content types) and none of its bytes reach a sink.
             self._checking = True
             self.context.pause()
             d = defer.ensureDeferred(self.router.authenticate_stream(self.request))
             d.addCallbacks(self._authenticated, self._check_failed)
+        else:
+            self._open_sink()
+
+    def _open_sink(self) -> bool:
+        try:
+            self.sink = self.spec.stream(self.context)
+        except ApiError as exc:
+            self.refuse(exc)
+            return False
+        except Exception:
+            log.failure("stream factory of {path} failed", path=self.spec.path)
+            self.refuse(ApiError(errors.INTERNAL_ERROR, request_id="stream"))
+            return False
         precheck = getattr(self.sink, "precheck", None)
         if precheck is not None:
             # Checks that need the store (e.g. the target exists) run while the body is arriving.
             defer.maybeDeferred(precheck).addErrback(self._check_failed)
+        return True
 
     def _authenticated(self, _: Any) -> None:
         self._checking = False
         if self.refused is not None:
+            return
+        if not self._open_sink():
+            self._held = []
+            self.context.resume()
             return
         self.context.resume()
         held, self._held = self._held, []

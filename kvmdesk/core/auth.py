@@ -151,9 +151,13 @@ class Authenticator:
         await self.store.collection(TOKENS).delete_many({"expires_at": {"$lt": now}})
         token = secrets.token_urlsafe(32)
         expires = now + self.ttl
+        digest = _digest(token)
         await self.store.collection(TOKENS).insert_one(
-            {"token_hash": _digest(token), "admin_uuid": admin["uuid"], "expires_at": expires, "client_ip": client_ip}
+            {"token_hash": digest, "admin_uuid": admin["uuid"], "expires_at": expires, "client_ip": client_ip}
         )
+        # Trusted from memory at once: the first call with the new token needs no store round trip
+        # (and a streamed upload is then authenticated before twisted.web answers "100 Continue").
+        self._cache[digest] = (public_admin(admin), min(expires, now + CACHE_SECONDS))
         return {"token": token, "expires_at": expires, "username": admin["username"]}
 
     @staticmethod
