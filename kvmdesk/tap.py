@@ -6,13 +6,12 @@ import os
 from typing import Any, Optional
 
 from twisted.application import service
-from twisted.application.internet import TCPServer
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from kvmdesk.api.streaming import make_site
-from kvmdesk.core.config import Config, ConfigError, load_file
+from kvmdesk.core.config import Config, ConfigError, command_line_layers
 
 log = Logger(namespace="kvmdesk.tap")
 
@@ -29,22 +28,11 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        layers: list[dict[str, Any]] = []
-        if self["config"]:
-            try:
-                layers.append(load_file(self["config"]))
-            except ConfigError as exc:
-                raise usage.UsageError(str(exc)) from None
-        overrides: dict[str, Any] = {"controller": {}, "store": {}}
-        if self["listen"]:
-            overrides["controller"]["listen"] = self["listen"]
-        if self["port"] is not None:
-            overrides["controller"]["port"] = self["port"]
-        if self["data-dir"]:
-            overrides["controller"]["data_dir"] = self["data-dir"]
-        if self["mongo-uri"]:
-            overrides["store"]["uri"] = self["mongo-uri"]
-        layers.append(overrides)
+        try:
+            layers = command_line_layers(self, {"listen": "controller.listen", "port": "controller.port",
+                                                "data-dir": "controller.data_dir", "mongo-uri": "store.uri"})
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
         self.config = Config(layers)
 
 

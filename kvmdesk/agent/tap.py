@@ -12,7 +12,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from kvmdesk.agent.config import AgentConfig
-from kvmdesk.core.config import ConfigError, load_file
+from kvmdesk.core.config import ConfigError, command_line_layers
 
 
 class Options(usage.Options):
@@ -27,18 +27,11 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        layers: list[dict[str, Any]] = []
-        if self["config"]:
-            try:
-                layers.append(load_file(self["config"]))
-            except ConfigError as exc:
-                raise usage.UsageError(str(exc)) from None
-        overrides: dict[str, Any] = {}
-        for option, key in (("listen", "listen"), ("port", "port"), ("libvirt-uri", "libvirt_uri"),
-                            ("data-dir", "data_dir")):
-            if self[option] is not None:
-                overrides[key] = self[option]
-        layers.append({"agent": overrides})
+        try:
+            layers = command_line_layers(self, {"listen": "agent.listen", "port": "agent.port",
+                                                "libvirt-uri": "agent.libvirt_uri", "data-dir": "agent.data_dir"})
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
         self.config = AgentConfig(layers)
 
 

@@ -41,6 +41,29 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
 
 
+def command_line_layers(options: Mapping[str, Any], keys: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Configuration layers from twistd options: the ``--config`` file, then the options given.
+
+    :param keys: option name -> dotted configuration key (``{"port": "controller.port"}``).
+    :raises ConfigError: the file named by ``--config`` is unreadable or malformed.
+    """
+    layers: list[dict[str, Any]] = []
+    if options.get("config"):
+        layers.append(load_file(options["config"]))
+    overrides: dict[str, Any] = {}
+    for option, dotted in keys.items():
+        value = options.get(option)
+        if value is None or value == "":
+            continue
+        *parents, leaf = dotted.split(".")
+        node = overrides
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    layers.append(overrides)
+    return layers
+
+
 class Config:
     """Layered configuration, read with dotted keys: ``config.get("controller.port")``."""
 
