@@ -43,6 +43,15 @@ def _run(*argv: str, env: Optional[dict] = None, check: bool = True) -> subproce
     return done
 
 
+def in_netns(ns: str, *argv: str) -> list[str]:
+    """``argv`` run inside network namespace ``ns``.
+
+    ``nsenter --net`` enters only the network namespace; ``ip -n``/``ip netns exec`` also remount
+    ``/sys``, which needs ``/`` to be a mount point and so fails in a chroot (as on a fresh-machine check).
+    """
+    return ["nsenter", f"--net=/run/netns/{ns}", *argv]
+
+
 class Namespaces:
     """Named network namespaces (``ip netns add``) and veth pairs between them, removed by :meth:`close`."""
 
@@ -61,14 +70,14 @@ class Namespaces:
 
     def veth(self, ns: str, name: str, peer_ns: str, peer: str, *, up: bool = True) -> None:
         """A veth pair ``name`` (in ``ns``) <-> ``peer`` (in ``peer_ns``), both up unless told otherwise."""
-        _run("ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", peer, "netns", peer_ns)
+        _run(*in_netns(ns, "ip", "link", "add", name, "type", "veth", "peer", "name", peer, "netns", peer_ns))
         if up:
-            _run("ip", "-n", ns, "link", "set", name, "up")
-            _run("ip", "-n", peer_ns, "link", "set", peer, "up")
+            _run(*in_netns(ns, "ip", "link", "set", name, "up"))
+            _run(*in_netns(peer_ns, "ip", "link", "set", peer, "up"))
 
     def run(self, ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a command inside ``ns``."""
-        return _run("ip", "netns", "exec", ns, *argv, check=check)
+        return _run(*in_netns(ns, *argv), check=check)
 
     def close(self) -> None:
         for name in reversed(self.names):
@@ -128,7 +137,7 @@ class PrivateOvs:
         argv = [self._tool("ovs-vswitchd"), self.db, f"--pidfile={switchd_pid}", "--detach",
                 f"--log-file={d / 'ovs-vswitchd.log'}"]
         if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+            argv = in_netns(self.netns, *argv)
         try:
             _run(*argv, env=self.env)
         finally:
@@ -275,8 +284,8 @@ def tcp_exchange(namespaces: Namespaces, server_ns: str, server_ip: str, client_
                  timeout: float = 5.0) -> int:
     """Send ``size`` bytes over TCP from ``client_ns`` to a server in ``server_ns``; returns the bytes the
     server says it received (``-1`` if the exchange failed)."""
-    server = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", _TCP_SERVER, server_ip,
-                               str(timeout), str(size)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(in_netns(server_ns, sys.executable, "-c", _TCP_SERVER, server_ip, str(timeout), str(size)),
+                              stdout=subprocess.PIPE, text=True)
     try:
         port = server.stdout.readline().strip()
         done = namespaces.run(client_ns, sys.executable, "-c", _TCP_CLIENT, server_ip, port, str(timeout), str(size),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field
 from twisted.internet.threads import deferToThreadPool
 
 from kvmdesk.agent.images.store import md5_file
