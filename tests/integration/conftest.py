@@ -76,6 +76,9 @@ def _missing() -> Optional[str]:
             return f"{tool} is not installed (apt install libvirt-daemon-system qemu-system-x86 qemu-utils)"
     if os.geteuid() != 0:
         return "the integration set starts libvirtd and must run as root"
+    if not os.path.ismount("/"):
+        # libvirt gives each QEMU domain its own mount namespace, which needs "/" to be a mount point.
+        return "the root filesystem is not a mount point (a chroot?): libvirt cannot start QEMU domains here"
     return None
 
 
