@@ -103,7 +103,8 @@ async def test_a_killed_agent_goes_offline_within_two_intervals_and_comes_back(t
                 step = wa._call.getTime() - clock.seconds()
                 delays.append(step)
                 await rounds(clock, [wa], step)
-            assert delays == sorted(delays) and delays[-1] > delays[0] and max(delays) <= 4 * INTERVAL
+            # Delays are differences of clock times: allow float rounding (20.000000000000004), nothing more.
+            assert delays == sorted(delays) and delays[-1] > delays[0] and max(delays) <= 4 * INTERVAL + 1e-9
 
             await a.start()  # same data directory: same enrolment, new boot
             boot_before = wa.boot_id
