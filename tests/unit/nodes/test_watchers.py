@@ -90,7 +90,7 @@ async def test_a_killed_agent_goes_offline_within_two_intervals_and_comes_back(t
                 clock.advance(step)
                 elapsed += step
                 await defer.gatherResults(waits)
-            assert elapsed <= 2 * INTERVAL, elapsed
+            assert elapsed <= 2 * INTERVAL + 1e-9, elapsed  # a sum of clock steps: float rounding only
             assert wb.state == ONLINE
             status, body = await api.call("GET", f"/resource_mgr/nodes/{wa.node['uuid']}")
             assert body["data"]["status"] == 2 and body["data"]["status_changed_at"]
