@@ -54,6 +54,7 @@ from . import (
     check_collection,
     check_field,
 )
+from .projection import project
 from .sqlite_sql import compile_filter, compile_sort
 from .updates import apply_update, check_update, upsert_seed
 
@@ -144,26 +145,6 @@ def _get_path(doc: Any, path: str) -> Any:
             return None
         doc = doc[key]
     return doc
-
-
-def _project(doc: Document, projection: Sequence[str] | None) -> Document:
-    """Keep only the ``projection`` paths, shaped exactly as the SQLite backend shapes them."""
-    if not projection:
-        return doc
-    out: Document = {}
-    for path in projection:
-        node: Any = doc
-        for key in path.split("."):
-            if not isinstance(node, dict) or key not in node:
-                break
-            node = node[key]
-        else:
-            target = out
-            *parents, leaf = path.split(".")
-            for key in parents:
-                target = target.setdefault(key, {})
-            target[leaf] = node
-    return out
 
 
 def _server_projection(projection: Sequence[str] | None) -> dict[str, int]:
@@ -501,7 +482,7 @@ class MongoCollection:
             return await self._coll.find(query, fields, skip=max(skip, 0), limit=max(limit, 0), sort=order)
 
         docs = await self.store.run(work)
-        return [_project(_strip(doc), projection) for doc in docs]
+        return [project(_strip(doc), projection) for doc in docs]
 
     async def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None) -> Document | None:
         found = await self.find(filter, sort=sort, limit=1)

@@ -35,6 +35,7 @@ from . import (
     check_field,
 )
 from .filters import check_filter
+from .projection import project
 from .sqlite_sql import compile_filter, compile_sort, field_expr
 from .updates import apply_update, check_update, upsert_seed
 
@@ -77,25 +78,6 @@ def _load(row: tuple[int, str]) -> Document:
     doc = orjson.loads(row[1])
     doc["id"] = row[0]
     return doc
-
-
-def _project(doc: Document, projection: Sequence[str] | None) -> Document:
-    if not projection:
-        return doc
-    out: Document = {}
-    for path in projection:
-        node: Any = doc
-        for key in path.split("."):
-            if not isinstance(node, dict) or key not in node:
-                break
-            node = node[key]
-        else:
-            target = out
-            *parents, leaf = path.split(".")
-            for key in parents:
-                target = target.setdefault(key, {})
-            target[leaf] = node
-    return out
 
 
 class _Readers:
@@ -373,7 +355,7 @@ class SQLiteCollection:
         for path in projection or ():
             check_field(path)
         rows = await self.store.read(lambda conn: self._select(conn, filter, sort, skip, limit), [])
-        return [_project(_load(row), projection) for row in rows]
+        return [project(_load(row), projection) for row in rows]
 
     async def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None) -> Document | None:
         found = await self.find(filter, sort=sort, limit=1)
