@@ -70,13 +70,23 @@ def _stop(pid: int, timeout: float = 30.0) -> None:
         os.close(fd)
 
 
+def _root_is_a_mount() -> bool:
+    """True when this process's "/" is a mount point (not so in a chroot into a plain directory).
+
+    ``os.path.ismount("/")`` is always true (there "/.." is "/"); mountinfo lists mounts as this
+    process sees them, and a chroot into a directory has no mount at "/".
+    """
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        return any(line.split()[4] == "/" for line in handle if len(line.split()) > 4)
+
+
 def _missing() -> Optional[str]:
     for tool in ("libvirtd", "virtlogd", "qemu-system-x86_64", "qemu-img"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             return f"{tool} is not installed (apt install libvirt-daemon-system qemu-system-x86 qemu-utils)"
     if os.geteuid() != 0:
         return "the integration set starts libvirtd and must run as root"
-    if not os.path.ismount("/"):
+    if not _root_is_a_mount():
         # libvirt gives each QEMU domain its own mount namespace, which needs "/" to be a mount point.
         return "the root filesystem is not a mount point (a chroot?): libvirt cannot start QEMU domains here"
     return None
