@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvmdesk.api.streaming import make_site  # noqa: E402
 from kvmdesk.core.passwords import HASHER, hash_password_now  # noqa: E402
+from kvmdesk.core.app import freeze_startup_heap  # noqa: E402
 from kvmdesk.core.config import Config  # noqa: E402
 from kvmdesk.plugins.users.imports import hash_concurrency  # noqa: E402
 from kvmdesk.plugins.users.plugin import DEFAULTS  # noqa: E402
@@ -239,6 +240,7 @@ async def main(reactor: Any, users: int, queries: int) -> None:
     globalLogPublisher.addObserver(observe)
     with tempfile.TemporaryDirectory(prefix="kvmdesk-users-bench-") as directory:
         core = await make_core(Path(directory))
+        freeze_startup_heap()  # as the twistd service does once its core is built
         port = reactor.listenTCP(0, make_site(core.router), interface="127.0.0.1")  # the production site
         api = Api(reactor, f"http://127.0.0.1:{port.getHost().port}/api/v1.0")
         try:

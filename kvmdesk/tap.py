@@ -1,7 +1,6 @@
 """twistd entry points: ``twistd -n kvmdesk`` (the controller).  The agent's is added by the agent."""
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any, Optional
 
@@ -56,13 +55,10 @@ class ControllerService(service.MultiService):
         defer.ensureDeferred(self._start()).addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> Any:
-        from kvmdesk.core.app import build_core
+        from kvmdesk.core.app import build_core, freeze_startup_heap
 
         self.core = await build_core(self.config, self.reactor)
-        # Everything built so far (modules, routes, plugins) lives as long as the process: move it out
-        # of the collector's generations so full collections stay short and do not stall the reactor.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_heap()
         self.core.services.setServiceParent(self)
         # The API's site streams upload bodies to their endpoints instead of buffering them whole.
         site = make_site(self.core.router)

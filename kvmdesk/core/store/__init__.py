@@ -161,15 +161,17 @@ class Store(Protocol):
         """Release connections and threads."""
 
 
-def open_store(uri: str, *, reactor: Any = None, timeout: float = 10.0) -> Store:
+def open_store(uri: str, *, reactor: Any = None, timeout: float = 10.0, inline_read_ms: float = 1.0) -> Store:
     """Open a store from a URI: ``sqlite:///abs/path.db`` or ``mongodb://host:port/dbname``.
 
     :param timeout: seconds a MongoDB operation may take before :class:`StoreUnavailable`.
+    :param inline_read_ms: SQLite: how long a read may run on the reactor thread before it moves to a
+        reader thread (see :mod:`.sqlite`).
     """
     if uri.startswith("sqlite://"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(uri[len("sqlite://") :], reactor=reactor)
+        return SQLiteStore(uri[len("sqlite://") :], reactor=reactor, inline_read_ms=inline_read_ms)
     if uri.startswith(("mongodb://", "mongodb+srv://")):
         from .mongo import MongoStore
 

@@ -1,8 +1,13 @@
 """The embedded SQLite backend (the default store).
 
 - WAL journal, one writer connection on a single dedicated thread (SQLite allows one writer at a
-  time anyway) and a small pool of reader threads with a connection each, so no call ever runs on
-  the reactor thread.
+  time anyway) and a small pool of reader threads with a connection each.
+- A read first runs on the reactor thread under a time budget (``inline_read_ms``, 1 ms by default)
+  that SQLite's progress handler enforces: most reads (a page, a count, one document) take tens of
+  microseconds, and handing them to a thread cost more than the read itself (the thread hop, the
+  wake-up and the GIL hand-over halved the throughput of a paged list; bench/api_bench.py).  A read
+  that exceeds the budget is interrupted and rerun on a reader thread, so the reactor never waits
+  longer than the budget; one that finds the database busy goes to a reader thread at once.
 - Writes that read before they write (updates, find-one-and-update) run in one ``BEGIN IMMEDIATE``
   transaction on the writer: atomic against other writers in this and any other process.
 - Unique and compound indexes are SQLite expression indexes over ``json_extract``.
@@ -15,6 +20,7 @@ import queue
 import re
 import sqlite3
 import threading
+import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import orjson
@@ -130,9 +136,11 @@ class SQLiteStore:
 
     :param path: database file (``:memory:`` is refused: readers need a shared file).
     :param readers: number of reader threads.
+    :param inline_read_ms: how long a read may run on the calling (reactor) thread before it is
+        interrupted and rerun on a reader thread; 0 sends every read to a reader thread.
     """
 
-    def __init__(self, path: str, *, reactor: Any = None, readers: int = 4):
+    def __init__(self, path: str, *, reactor: Any = None, readers: int = 4, inline_read_ms: float = 1.0):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -153,6 +161,8 @@ class SQLiteStore:
         self._readers = _Readers(reactor, readers, name="kvmdesk-sqlite-reader")
         self._writer.start()
         self._closed = False
+        self._inline_budget = max(0.0, inline_read_ms) / 1000.0
+        self._inline: _InlineReader | None = None
         # WAL is a property of the file: set it once, synchronously, before any thread uses it.
         conn = self._connect()
         conn.execute("PRAGMA journal_mode=WAL")
@@ -188,11 +198,32 @@ class SQLiteStore:
         return deferToThreadPool(self._reactor, pool, call)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
-        """Run a read on a reader thread; a collection never written to reads as ``empty``."""
+        """Run a read, inline within the budget or on a reader thread; a collection never written to
+        reads as ``empty``."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        inline = self._inline_reader()
         try:
+            if inline is not None:
+                done, result = inline.run(fn)
+                if done:
+                    return result
             return await self._run(self._readers, fn)
         except _MissingTable:
             return empty
+
+    def _inline_reader(self) -> "_InlineReader | None":
+        """The reader of the thread that opened the store first (the reactor's), or ``None``."""
+        if not self._inline_budget:
+            return None
+        if self._inline is None:
+            # Closed by close() from a thread of its own: the thread check is _inline_reader's.
+            conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+            conn.create_function("kvmdesk_regexp", 3, _regexp, deterministic=True)
+            with self._lock:
+                self._all_connections.append(conn)
+            self._inline = _InlineReader(conn, self._inline_budget)
+        return self._inline if self._inline.thread == threading.get_ident() else None
 
     async def write(self, table: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the writer thread inside ``BEGIN IMMEDIATE`` ... ``COMMIT``."""
@@ -267,6 +298,44 @@ class SQLiteStore:
 
 class _MissingTable(Exception):
     pass
+
+
+class _InlineReader:
+    """Runs reads on its own thread's connection, interrupting any that outlives the budget.
+
+    The connection never waits for a lock (``timeout=0``): a busy database sends the read to a
+    reader thread, whose connection waits.
+    """
+
+    #: SQLite virtual-machine instructions between two looks at the clock (about 10-50 microseconds).
+    CHECK_EVERY = 20000
+
+    def __init__(self, conn: sqlite3.Connection, budget: float):
+        self.conn = conn
+        self.budget = budget
+        self.thread = threading.get_ident()
+        self._deadline = 0.0
+        self._interrupted = False
+        conn.set_progress_handler(self._over_budget, self.CHECK_EVERY)
+
+    def _over_budget(self) -> int:
+        if time.perf_counter() > self._deadline:
+            self._interrupted = True
+            return 1
+        return 0
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+        """``(True, result)``, or ``(False, None)`` when the read should go to a reader thread."""
+        self._interrupted = False
+        self._deadline = time.perf_counter() + self.budget
+        try:
+            return True, fn(self.conn)
+        except sqlite3.OperationalError as exc:
+            if self._interrupted or "locked" in str(exc) or "busy" in str(exc):
+                return False, None
+            if "no such table" in str(exc):
+                raise _MissingTable() from exc
+            raise StoreUnavailable(str(exc)) from exc
 
 
 class SQLiteCollection:

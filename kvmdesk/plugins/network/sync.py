@@ -43,6 +43,8 @@ class NodeSync(Service):
     running_syncs: dict = attrs.field(factory=dict)
     _loop: Optional[task.LoopingCall] = None
     current_round: Optional[defer.Deferred] = None
+    #: Sweeps finished since start (a round can finish before the call that started it returns).
+    rounds: int = 0
 
     def node_changed(self, node: Mapping[str, Any], old: Any, new: str) -> None:
         """Called by the hook: a node that became reachable is brought in step (in the background)."""
@@ -105,9 +107,14 @@ class NodeSync(Service):
         # a failed round is logged and the loop goes on (a LoopingCall stops at its first failure)
         d = defer.ensureDeferred(self.sweep())
         d.addErrback(lambda failure: log.failure("network sync sweep failed", failure))
-        self.current_round = d
-        d.addBoth(lambda _: setattr(self, "current_round", None))
+        d.addBoth(self._round_finished)
+        if not d.called:
+            self.current_round = d
         return d
+
+    def _round_finished(self, result: Any) -> None:
+        self.current_round = None
+        self.rounds += 1
 
     def settled(self) -> defer.Deferred:
         """Fires once every catch-up in progress has finished."""
