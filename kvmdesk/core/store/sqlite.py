@@ -423,8 +423,13 @@ class SQLiteCollection:
         check_filter(filter)  # reject a bad filter here, not as a thread failure
         for path in projection or ():
             check_field(path)
-        rows = await self.store.read(lambda conn: self._select(conn, filter, sort, skip, limit), [])
-        return [project(_load(row), projection) for row in rows]
+
+        def read(conn: sqlite3.Connection) -> list[Document]:
+            # Decoded where the rows were read: a large result moved to a reader thread is decoded
+            # there too, and the interpreter's thread switching keeps the reactor turning meanwhile.
+            return [project(_load(row), projection) for row in self._select(conn, filter, sort, skip, limit)]
+
+        return await self.store.read(read, [])
 
     async def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None) -> Document | None:
         found = await self.find(filter, sort=sort, limit=1)
