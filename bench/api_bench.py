@@ -39,10 +39,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -64,32 +62,29 @@ def _free_port() -> int:
 
 
 class Server:
-    """A server subprocess whose output is drained by a thread (a full pipe would stall it)."""
+    """A server subprocess logging to a file (no reader in this process competes for the cores)."""
 
     def __init__(self, name: str, command: list[str], env: dict[str, str], cwd: str):
         self.name = name
-        self.tail: deque[str] = deque(maxlen=40)
-        self.listening = threading.Event()
         self.url: Optional[str] = None
-        self.process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, errors="replace")
-        self.reader = threading.Thread(target=self._drain, name=f"drain-{name}", daemon=True)
-        self.reader.start()
+        self.log_path = Path(cwd) / f"{name}.log"
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT)
 
-    def _drain(self) -> None:
-        for line in self.process.stdout:
-            self.tail.append(line.rstrip())
-            if not self.listening.is_set():
-                found = LISTENING.search(line)
-                if found:
-                    self.url = f"http://{found.group(1)}:{found.group(2)}"
-                    self.listening.set()
-        self.listening.set()  # ended: wake the waiter, which sees url is None
+    def _tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
 
     def wait_ready(self) -> str:
-        if not self.listening.wait(START_TIMEOUT) or self.url is None:
-            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.tail))
-        return self.url
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = LISTENING.search(self.log_path.read_text(errors="replace"))
+            if found:
+                self.url = f"http://{found.group(1)}:{found.group(2)}"
+                return self.url
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not start:\n" + self._tail())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -99,7 +94,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(STOP_TIMEOUT)
-        self.reader.join(STOP_TIMEOUT)
 
 
 def _twistd() -> list[str]:

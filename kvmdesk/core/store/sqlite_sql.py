@@ -7,6 +7,7 @@ always bound parameters.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 from . import Filter, Sort, check_field
@@ -16,8 +17,10 @@ _COMPARISONS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _SCALARS = (str, int, float, bool)
 
 
+@functools.lru_cache(maxsize=1024)
 def field_expr(path: str, base: str = "doc") -> str:
-    """The SQL expression that reads ``path`` from the JSON column ``base``."""
+    """The SQL expression that reads ``path`` from the JSON column ``base`` (cached: a field name is
+    checked and turned into SQL once, not on every query)."""
     check_field(path)
     if path == "id" and base == "doc":
         return "id"
@@ -46,7 +49,7 @@ def _in(expr: str, values: Sequence[Any], params: list, negate: bool) -> str:
     has_null = len(concrete) != len(values)
     parts = []
     if concrete:
-        params.extend(_param(v) for v in concrete)
+        params.extend([_param(v) for v in concrete])
         parts.append(f"{expr} IN ({', '.join('?' * len(concrete))})")
     if has_null:
         parts.append(f"{expr} IS NULL")
