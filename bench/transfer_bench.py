@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Upload a 1 GB base image to the controller and distribute it to two local agents; print throughputs.
 
-    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--hash-in-thread] [--workdir DIR] [--keep]
+    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--hash-on-reactor] [--workdir DIR] [--keep]
 
 What runs (all on this machine, all files on the same disk, in one run):
 
@@ -316,13 +316,16 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024)
-    parser.add_argument("--hash-in-thread", action="store_true", help="write and hash chunks on a worker thread")
+    parser.add_argument("--hash-on-reactor", action="store_true",
+                        help="write and hash chunks on the reactor thread (the product default is a worker thread)")
     parser.add_argument("--workdir", help="where the image, the copies and the data directories go")
     parser.add_argument("--tmp", default=None, help="parent of the temporary work directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--warm-mb", type=int, default=0,
                         help="page cache to write and free once before measuring (VMs with lazily backed RAM)")
-    run(parser.parse_args())
+    options = parser.parse_args()
+    options.hash_in_thread = not options.hash_on_reactor
+    run(options)
 
 
 if __name__ == "__main__":

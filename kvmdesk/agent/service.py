@@ -148,6 +148,9 @@ class Agent(MultiService):
         )
         self.forwarder.setServiceParent(self)
         self.hypervisor.subscribe(self.forwarder.push)
+        #: Waited for at stop, once the connections are dropped: what dropped requests left running
+        #: (route modules add theirs, e.g. an image receiver writing its last chunks).
+        self.drains: list[Callable[[], Any]] = []
         self.router = make_router(self)
         self.site = TrackingSite(SignedResource(self.router.resource(), self, self.router))
         self.site.api_router = self.router
@@ -184,6 +187,8 @@ class Agent(MultiService):
             port, self.port = self.port, None
             await port.stopListening()
         self.site.drop_connections()
+        for drain in self.drains:
+            await defer.maybeDeferred(drain)
         try:
             await defer.maybeDeferred(super().stopService)
         finally:

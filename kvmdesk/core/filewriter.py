@@ -1,8 +1,9 @@
 """Writing a stream of chunks to a file while computing its MD5, for uploads and image transfers.
 
-Used by the controller's upload sinks and by the agent's image receiver.  Two strategies:
+Used by the controller's upload sinks and by the agent's image receiver.  Two strategies (the product
+uses the threaded one unless ``[storage] hash_in_thread`` / ``[agent.images] hash_in_thread`` say no):
 
-- ``threaded=False`` (default): each chunk is written and hashed on the reactor thread as it arrives.
+- ``threaded=False``: each chunk is written and hashed on the reactor thread as it arrives.
   MD5 runs at about 600-700 MB/s and a page-cache write of a 64 KiB-1 MiB chunk takes tens of
   microseconds, so a chunk costs well under a millisecond; ``bench/transfer_bench.py --hash-in-thread``
   measures both strategies side by side.

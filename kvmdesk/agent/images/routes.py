@@ -46,6 +46,8 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
 
         reactor = default_reactor
     images = store if store is not None else ImageStore.for_agent(agent, reactor)
+    if hasattr(agent, "drains"):
+        agent.drains.append(images.drain)
 
     def in_thread(fn: Any, *args: Any) -> Any:
         return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
@@ -68,7 +70,8 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
     @router.endpoint("GET", base, summary="State of one image file on this node", tags=TAGS, auth=False)
     async def image_state(req: ApiRequest) -> dict:
         role = _int_arg(req.args, "role", 1)
-        images.final_path(req.path["kind"], role, req.path["file_id"])  # validates before touching the disk
+        final = images.final_path(req.path["kind"], role, req.path["file_id"])  # validates before touching the disk
+        await images.settled(final)  # an interrupted transfer's last chunks count as what is here
         return await in_thread(images.state, req.path["kind"], role, req.path["file_id"], req.args.get("md5"))
 
     @router.endpoint("PUT", base, summary="Receive (or resume) an image file; verified by MD5 before it appears",

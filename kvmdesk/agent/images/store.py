@@ -86,6 +86,8 @@ class ImageStore:
         self.partials: dict[Path, Partial] = {}
         #: Receivers in progress by final path: a new transfer of the same file supersedes the old one.
         self.active: dict[Path, "ImageReceiver"] = {}
+        #: Interrupted receivers still writing their last chunks (worker thread) before they keep the partial.
+        self.settling: dict[Path, defer.Deferred] = {}
 
     @classmethod
     def for_agent(cls, agent: Any, reactor: Any) -> "ImageStore":
@@ -97,7 +99,7 @@ class ImageStore:
         for role, key in protocol.ROLES.items():
             configured = config.get(f"agent.storage.{key}") or ""
             roots[role] = Path(configured).absolute() if configured else default
-        return cls(roots, reactor=reactor, threaded=bool(config.get("agent.images.hash_in_thread", False)),
+        return cls(roots, reactor=reactor, threaded=bool(config.get("agent.images.hash_in_thread", True)),
                    fsync=bool(config.get("agent.images.fsync", False)))
 
     # -- locations -------------------------------------------------------------------------------
@@ -158,6 +160,20 @@ class ImageStore:
                 found.append({"file_id": entry.name, "size": entry.stat().st_size, "md5": meta.get("md5"),
                               "version": meta.get("version"), "path": str(entry)})
         return found
+
+    def settled(self, final: Path) -> defer.Deferred:
+        """Fires once an interrupted transfer of ``final`` has written what it received (at once if none)."""
+        settling = self.settling.get(final)
+        if settling is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        settling.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
+
+    async def drain(self) -> None:
+        """Wait until every interrupted transfer has written what it received (the agent stops)."""
+        while self.settling:
+            await self.settled(next(iter(self.settling)))
 
     def forget(self, final: Path) -> None:
         """Stop any transfer of ``final`` and drop its remembered state (reactor thread)."""
@@ -279,6 +295,16 @@ class ImageReceiver:
         """Connection lost: keep the partial file (and its MD5 state) for the next attempt."""
         d = defer.ensureDeferred(self._keep_partial())
         d.addErrback(lambda f: log.failure("keeping a partial transfer of {path} failed", f, path=str(self.final)))
+        if not d.called:
+            settling = self.store.settling
+
+            def settled(result: Any) -> Any:
+                if settling.get(self.final) is d:
+                    del settling[self.final]
+                return result
+
+            settling[self.final] = d
+            d.addBoth(settled)
 
     async def _keep_partial(self) -> None:
         if self.writer is None:

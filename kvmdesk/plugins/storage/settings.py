@@ -15,9 +15,9 @@ DEFAULTS = {
         "iso_dir": "",
         # Largest file accepted by an upload, in bytes (the form may add up to 1 MiB around it).
         "max_upload": 200 * (1 << 30),
-        # Write and hash upload chunks on a worker thread instead of the reactor thread (see
-        # kvmdesk/core/filewriter.py and bench/transfer_bench.py for the measurements).
-        "hash_in_thread": False,
+        # Write and MD5-hash upload chunks on a worker thread, off the reactor (false: inline on the
+        # reactor thread; kvmdesk/core/filewriter.py and bench/transfer_bench.py measure both).
+        "hash_in_thread": True,
         # Transfers to nodes: streams at once over the whole controller, chunk size read from disk.
         "max_streams": 2,
         "chunk_size": 1 << 20,

@@ -265,31 +265,32 @@ class FormUpload:
         if self._closed:
             return
         self._closed = True
-        if self.writer is not None and self.writer.pending:
-            # A batch is still being written by the worker thread: close and delete once it is done.
-            from twisted.internet import defer
-
-            defer.ensureDeferred(self._discard_later())
-            return
-        self._remove_temp()
-
-    async def _discard_later(self) -> None:
-        try:
-            await self.writer.flush()
-        except OSError:
-            pass
-        self._remove_temp()
-
-    def _remove_temp(self) -> None:
-        try:
-            self._close_fd()
-        except OSError:
-            log.failure("closing an upload's temporary file failed")
+        # The name goes at once (the refusal is answered with nothing left in the directory); the
+        # descriptor stays open until the worker thread has finished the batch it may be writing.
         if self.temp is not None:
             try:
                 self.temp.unlink()
             except FileNotFoundError:
                 pass
+        if self.writer is not None and self.writer.pending:
+            from twisted.internet import defer
+
+            defer.ensureDeferred(self._close_when_written())
+            return
+        self._close_quietly()
+
+    async def _close_when_written(self) -> None:
+        try:
+            await self.writer.flush()
+        except OSError:
+            pass
+        self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        try:
+            self._close_fd()
+        except OSError:
+            log.failure("closing an upload's temporary file failed")
 
 
 def sweep_temporaries(directory: Path) -> int:

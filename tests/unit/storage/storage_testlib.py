@@ -193,6 +193,7 @@ class InProcessAgent:
     async def stop(self) -> None:
         if self.listening is not None:
             await self.kill()
+        await self.images.drain()  # as the agent service does at stop
 
 
 class Gate:
