@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import orjson
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from kvmdesk.core.plugins import make_plugin_manager
-from kvmdesk.testing.api import ApiClient, make_core
+from kvmdesk.testing.api import ApiClient, api_client
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parents[2] / "plugins_example" / "kvmdesk_example.py"
 POOLS = "/resource_mgr/resource_pools"
@@ -40,16 +39,8 @@ def plugins_with(*extra: tuple[Any, str]) -> Any:
 @contextlib.asynccontextmanager
 async def running_api(tmp_path: Path, clock: Clock, *, login: bool = True, **kwargs: Any) -> AsyncIterator[ApiClient]:
     """A core with ``clock`` and an :class:`ApiClient` on it; stops services and closes the store after."""
-    core = await make_core(tmp_path, clock=clock, **kwargs)
-    try:
-        client = ApiClient(core)
-        if login:
-            await client.login()
+    async with api_client(tmp_path, login=login, clock=clock, **kwargs) as client:
         yield client
-    finally:
-        if core.services.running:
-            await defer.maybeDeferred(core.services.stopService)
-        await core.store.close()
     assert clock.getDelayedCalls() == [], "a delayed call was left on the clock"
 
 

@@ -14,10 +14,9 @@ from typing import Any, AsyncIterator, Iterable, Optional, Sequence
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from kvmdesk.testing.api import ApiClient, make_core
+from kvmdesk.testing.api import ApiClient, api_client
 
 GROUPS = "/personal/group"
 USERS = "/personal/user/"
@@ -27,15 +26,8 @@ HEADER = ("用户名", "密码", "姓名", "用户组", "电话", "邮箱", "状
 
 @contextlib.asynccontextmanager
 async def users_api(tmp_path: Path, clock: Clock, config: Optional[dict] = None) -> AsyncIterator[ApiClient]:
-    core = await make_core(tmp_path, clock=clock, config=config)
-    try:
-        client = ApiClient(core)
-        await client.login()
+    async with api_client(tmp_path, clock=clock, config=config) as client:
         yield client
-    finally:
-        if core.services.running:
-            await defer.maybeDeferred(core.services.stopService)
-        await core.store.close()
     assert clock.getDelayedCalls() == [], "a delayed call was left on the clock"
 
 
