@@ -24,6 +24,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kvmdesk.core.threadpools import stop_pool
+
 from .testdriver import node_file_of, read_test_hostname
 
 T = TypeVar("T")
@@ -372,20 +374,7 @@ class Hypervisor(Service):
         self._connected_waiters.clear()
         pool, self._pool = self._pool, None
         if pool is not None:
-            await self._stop_pool(pool)
-
-    def _stop_pool(self, pool: ThreadPool) -> Deferred[None]:
-        # ThreadPool.stop joins the workers; doing it on the reactor thread would block it.
-        done: Deferred[None] = Deferred()
-
-        def stop() -> None:
-            try:
-                pool.stop()
-            finally:
-                self.reactor.callFromThread(done.callback, None)
-
-        threading.Thread(target=stop, name="libvirt-pool-stop", daemon=True).start()
-        return done
+            await stop_pool(self.reactor, pool, "libvirt-pool-stop")
 
     # -- connection --
 

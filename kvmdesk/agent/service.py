@@ -44,6 +44,7 @@ from kvmdesk.agent.services import SystemdServices
 from kvmdesk.core import agentauth
 from kvmdesk.core.auth import Throttle
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.threadpools import stop_pool
 
 log = Logger(namespace="kvmdesk.agent")
 T = TypeVar("T")
@@ -195,21 +196,7 @@ class Agent(MultiService):
             await self.http_pool.closeCachedConnections()
             pool, self.pool = self.pool, None
             if pool is not None:
-                await self._stop_pool(pool)
-
-    def _stop_pool(self, pool: ThreadPool) -> defer.Deferred:
-        done: defer.Deferred = defer.Deferred()
-
-        def stop() -> None:
-            try:
-                pool.stop()
-            finally:
-                self.reactor.callFromThread(done.callback, None)
-
-        import threading
-
-        threading.Thread(target=stop, name="kvmdesk-agent-pool-stop", daemon=True).start()
-        return done
+                await stop_pool(self.reactor, pool, "kvmdesk-agent-pool-stop")
 
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> defer.Deferred:
         """Run a blocking function in the agent's worker threads (for route modules too)."""
