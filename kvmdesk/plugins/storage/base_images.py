@@ -228,11 +228,7 @@ def register_routes(router: Router) -> None:
         if node.get("resource_pool_uuid") != image["resource_pool_uuid"]:
             raise ApiError(errors.NODE_NOT_IN_POOL, node=node.get("name") or node["uuid"])
         req.oplog_detail = f"{image['name']} -> {node.get('name') or node.get('ip')}"
-        dist = distributor(core)
-        await dist.ensure([Target.base_image(image)], [node])
-        transfer = await core.store.collection(TRANSFERS).find_one(
-            {"kind": "base", "image_uuid": image["uuid"], "node_uuid": node["uuid"]})
-        await dist.restart(transfer["uuid"])
+        await distributor(core).resync(Target.base_image(image), node)
         return (await with_sync_state(core, [image]))[0]
 
 

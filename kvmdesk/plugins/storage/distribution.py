@@ -321,6 +321,13 @@ class Distributor(Service):
             self._rerun.discard(uuid)
             self.schedule(uuid)
 
+    async def resync(self, target: Target, node: Mapping[str, Any]) -> None:
+        """Send ``target`` to ``node`` again (a node of its pool), creating the transfer if it had none."""
+        await self.ensure([target], [node])
+        transfer = await self.transfers.find_one(
+            {"kind": target.kind, "image_uuid": target.image_uuid, "node_uuid": node["uuid"]})
+        await self.restart(transfer["uuid"])
+
     async def restart(self, uuid: str, *, force: bool = True) -> None:
         """Send a transfer again now (resync): a running attempt is stopped and started over."""
         await self.transfers.update_one(

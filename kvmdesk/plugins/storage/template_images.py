@@ -160,9 +160,5 @@ def register_routes(router: Router) -> None:
 
             raise ApiError(errors.NODE_NOT_IN_POOL, node=node.get("name") or node["uuid"])
         req.oplog_detail = f"{image.get('template_name')} {image['image_id']} -> {node.get('name') or node.get('ip')}"
-        dist = distributor(core)
-        await dist.ensure([Target.template_image(image)], [node])
-        transfer = await core.store.collection(TRANSFERS).find_one(
-            {"kind": "template", "image_uuid": image["image_id"], "node_uuid": node["uuid"]})
-        await dist.restart(transfer["uuid"])
+        await distributor(core).resync(Target.template_image(image), node)
         return {"image_id": image["image_id"], "node_uuid": node["uuid"], "status": 1}
