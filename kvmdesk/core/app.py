@@ -10,8 +10,9 @@ import pluggy
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from kvmdesk.core import auth, oplog
+from kvmdesk.core import auth, errors, oplog
 from kvmdesk.core.config import Config
+from kvmdesk.core.errors import ApiError
 from kvmdesk.core.plugins import blocked_names, gather_hook, make_plugin_manager
 from kvmdesk.core.store import Store, open_store
 
@@ -43,6 +44,15 @@ class Core:
         """Ask every plugin whether ``kind``/``uuid`` is still in use; return the first reason."""
         reasons = await gather_hook(self.plugins.hook.kvmdesk_usage(core=self, kind=kind, uuid=uuid))
         return next((r for r in reasons if r), None)
+
+    async def refuse_if_used(self, kind: str, uuid: str, resource: str) -> None:
+        """Raise the 409 "in use, cannot be deleted" error if any plugin says ``kind``/``uuid`` is in use.
+
+        :param resource: how the answer names it (e.g. ``"资源池 lab-1"``).
+        """
+        reason = await self.usage(kind, uuid)
+        if reason:
+            raise ApiError(errors.IN_USE, resource=resource, reason=reason)
 
 
 def store_uri(config: Config, data_dir: Path) -> str:

@@ -98,9 +98,7 @@ async def subnet_in_use(core: Any, subnet: dict) -> None:
         sample = await core.store.collection(schema.ALLOCATIONS).find({"subnet_uuid": subnet["uuid"]}, sort=[("id", 1)], limit=3)
         detail = ": " + ", ".join(a["ip"] for a in sample) + (" ..." if count > len(sample) else "")
         raise ApiError(net_errors.SUBNET_IN_USE, name=subnet["name"], count=count, detail=detail)
-    reason = await core.usage("subnet", subnet["uuid"])
-    if reason:
-        raise ApiError(errors.IN_USE, resource=f"{SUBNET} {subnet['name']}", reason=reason)
+    await core.refuse_if_used("subnet", subnet["uuid"], f"{SUBNET} {subnet['name']}")
 
 
 def new_subnet(clock: Any, network_uuid: str, spec: addressing.SubnetSpec, desc: Optional[str] = None) -> dict:
@@ -198,9 +196,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             network = await network_or_404(core, uuid)
-            reason = await core.usage("data_network", uuid)
-            if reason:
-                raise ApiError(errors.IN_USE, resource=f"{NETWORK} {network['name']}", reason=reason)
+            await core.refuse_if_used("data_network", uuid, f"{NETWORK} {network['name']}")
             subnets = await core.store.collection(schema.SUBNETS).find({"network_uuid": uuid}, sort=[("id", 1)])
             for subnet in subnets:
                 await subnet_in_use(core, subnet)

@@ -108,9 +108,7 @@ def register_routes(router: Router) -> None:
             pool = await pool_or_404(req.core, uuid)
             if pool.get("default"):
                 raise ApiError(DEFAULT_POOL_UNDELETABLE)
-            reason = await req.core.usage("resource_pool", uuid)
-            if reason:
-                raise ApiError(errors.IN_USE, resource=f"{RESOURCE} {pool['name']}", reason=reason)
+            await req.core.refuse_if_used("resource_pool", uuid, f"{RESOURCE} {pool['name']}")
             await req.core.store.collection(POOLS).delete_one({"uuid": uuid})
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)

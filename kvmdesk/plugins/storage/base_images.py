@@ -210,9 +210,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             image = await image_or_404(core, req.path["pool_uuid"], uuid)
-            reason = await core.usage("base_image", uuid)
-            if reason:
-                raise ApiError(core_errors.IN_USE, resource=f"{RESOURCE} {image['name']}", reason=reason)
+            await core.refuse_if_used("base_image", uuid, f"{RESOURCE} {image['name']}")
             await delete_base_image(core, image)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)

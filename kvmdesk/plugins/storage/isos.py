@@ -215,9 +215,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             iso = await iso_or_404(core, uuid)
-            reason = await core.usage("iso", uuid)
-            if reason:
-                raise ApiError(core_errors.IN_USE, resource=f"{RESOURCE} {iso['name']}", reason=reason)
+            await core.refuse_if_used("iso", uuid, f"{RESOURCE} {iso['name']}")
             await core.store.collection(ISOS).delete_one({"uuid": uuid})
             await deferToThreadPool(core.reactor, core.reactor.getThreadPool(), Path(iso["file"]).unlink, True)
 

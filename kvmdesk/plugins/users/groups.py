@@ -127,9 +127,7 @@ def register_routes(router: Router) -> None:
             count = await store.collection(USERS).count({"group": group["uuid"]})
             if count:
                 raise ApiError(codes.GROUP_HAS_USERS, name=group["name"], count=count)
-            reason = await req.core.usage(GROUP_KIND, group["uuid"])
-            if reason:
-                raise ApiError(errors.IN_USE, resource=f"{GROUP} {group['name']}", reason=reason)
+            await req.core.refuse_if_used(GROUP_KIND, group["uuid"], f"{GROUP} {group['name']}")
             await store.collection(GROUPS).delete_one({"uuid": group["uuid"]})
             await group_names.release(store, group["name"], group["uuid"])
 
