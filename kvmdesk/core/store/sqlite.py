@@ -48,6 +48,8 @@ from .updates import apply_update, check_update, upsert_seed
 T = TypeVar("T")
 
 _INDEX_NAME = re.compile(r"index '([^']+)'")
+#: The table of documents per collection (a dot: no collection can have this name).
+ROW_COUNTS = "kvmdesk.row_counts"
 
 
 @functools.lru_cache(maxsize=256)
@@ -242,12 +244,27 @@ class SQLiteStore:
         return await self._run(self._writer, transaction)
 
     def _ensure_table(self, conn: sqlite3.Connection, table: str) -> None:
-        if table not in self._tables:
+        if table in self._tables:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (id INTEGER PRIMARY KEY AUTOINCREMENT, doc TEXT NOT NULL)')
-            # The ids alone, in a b-tree a few pages long: count(*) and the rows an OFFSET skips
-            # are read from it instead of from the documents (see SQLiteCollection._select).
+            # The ids alone, in a b-tree a few pages long: the rows an OFFSET skips are read from it
+            # instead of from the documents (see SQLiteCollection._select).
             conn.execute(f'CREATE INDEX IF NOT EXISTS "{table}__ix_id" ON "{table}" (id)')
-            self._tables.add(table)
+            # The number of documents, kept by triggers in the same transactions as the writes:
+            # count() of a whole collection, asked by every list page, reads one row instead of
+            # walking an index (10,000 documents: 40-50 microseconds on a busy controller).
+            conn.execute(f'CREATE TABLE IF NOT EXISTS "{ROW_COUNTS}" (name TEXT PRIMARY KEY, n INTEGER NOT NULL)')
+            conn.execute(f'INSERT OR IGNORE INTO "{ROW_COUNTS}" (name, n) SELECT ?, count(*) FROM "{table}"', (table,))
+            for event, change in (("INSERT", "+ 1"), ("DELETE", "- 1")):
+                conn.execute(f'CREATE TRIGGER IF NOT EXISTS "{table}__count_{event.lower()}" AFTER {event} ON "{table}" '
+                             f"BEGIN UPDATE \"{ROW_COUNTS}\" SET n = n {change} WHERE name = '{table}'; END")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        self._tables.add(table)
 
     # -- Store -------------------------------------------------------------------------------
 
@@ -437,8 +454,23 @@ class SQLiteCollection:
 
     async def count(self, filter: Filter | None = None) -> int:
         params: list = []
-        sql = f'SELECT count(*) FROM "{self.name}"{_where(filter, params)}'
-        return await self.store.read(lambda conn: conn.execute(sql, params).fetchone()[0], 0)
+        where = _where(filter, params)
+        if where:
+            sql = f'SELECT count(*) FROM "{self.name}"{where}'
+            return await self.store.read(lambda conn: conn.execute(sql, params).fetchone()[0], 0)
+        return await self.store.read(self._count_all, 0)
+
+    def _count_all(self, conn: sqlite3.Connection) -> int:
+        try:
+            row = conn.execute(f'SELECT n FROM "{ROW_COUNTS}" WHERE name = ?', (self.name,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            row = None
+        if row is not None:
+            return row[0]
+        # A table written by a version that kept no counts (they start with its next write).
+        return conn.execute(f'SELECT count(*) FROM "{self.name}"').fetchone()[0]
 
     async def count_by(self, field: str, filter: Filter | None = None) -> dict[Any, int]:
         params: list = []
