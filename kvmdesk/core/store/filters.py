@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+# collections.abc, not typing: isinstance() against typing.Mapping costs 2-3x more, on every filter.
+from collections.abc import Mapping
+from typing import Any
 
 from . import Filter, check_field
 

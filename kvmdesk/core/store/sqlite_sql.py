@@ -8,7 +8,8 @@ always bound parameters.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 from . import Filter, Sort, check_field
 from .filters import check_filter, is_operator_dict

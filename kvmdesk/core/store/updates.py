@@ -7,7 +7,8 @@ one implementation keeps both backends' semantics identical.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import Document, Filter, Update, check_field
 
