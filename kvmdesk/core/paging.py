@@ -119,33 +119,12 @@ async def paginate(
     limit = config.get("api.max_page_size", 1000)
     if size > limit:
         raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
-    count = await collection.count(filter)
-    skip = (page - 1) * size
-    # Past the last record there is nothing to read, and a huge page number must not reach the store
-    # (SQLite refuses offsets beyond 64 bits: that was a 500).
-    results = await _read_page(collection, filter, sort, skip, size, count) if skip < count else []
+    # A page past the last record reads nothing, so a huge page number never reaches SQL (SQLite
+    # refuses offsets beyond 64 bits: that was a 500).
+    count, results = await collection.find_page(filter, sort=sort, skip=(page - 1) * size, limit=size)
     if decorate and results:
         results = await decorate(results)
     return page_envelope(req, count, page, size, results)
-
-
-async def _read_page(collection: Collection, filter: Filter, sort: Sort, skip: int, size: int, count: int) -> list:
-    """The page of ``size`` records from position ``skip`` of ``count``, read from the nearer end.
-
-    Both stores step over every skipped record (SQLite ~15 ns each, MongoDB likewise), so a page in the
-    back half is read in reverse order from the end and turned round: half the cost of an average page.
-    ``id`` completes the sort so that the reverse order is exactly the forward one backwards.
-    """
-    rows = min(size, count - skip)
-    from_end = count - skip - rows
-    if from_end >= skip:
-        return await collection.find(filter, sort=list(sort), skip=skip, limit=size)
-    order = list(sort)
-    if not any(path == "id" for path, _ in order):
-        order.append(("id", 1))
-    backwards = await collection.find(filter, sort=[(path, -direction) for path, direction in order],
-                                      skip=from_end, limit=rows)
-    return backwards[::-1]
 
 
 def page_envelope(req: "ApiRequest", count: int, page: int, size: int, results: Sequence[Any]) -> dict:

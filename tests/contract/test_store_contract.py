@@ -268,8 +268,24 @@ async def test_ping(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_find_page_counts_and_slices(store):
+    coll = store.collection("things")
+    assert await coll.find_page({}, sort=[("id", 1)], skip=0, limit=10) == (0, [])
+    docs = await seed(coll, 9)
+    ids = [d["id"] for d in docs]
+    count, page = await coll.find_page({}, sort=[("id", 1)], skip=2, limit=3)
+    assert (count, [d["id"] for d in page]) == (9, ids[2:5])
+    count, page = await coll.find_page({"group": 1}, sort=[("n", -1)], skip=1, limit=10)
+    assert (count, [d["n"] for d in page]) == (4, [5, 3, 1])
+    assert await coll.find_page({}, sort=[("id", 1)], skip=9, limit=5) == (9, [])
+    assert await coll.find_page({}, sort=[("id", 1)], skip=2**70, limit=5) == (9, [])
+    with pytest.raises(ValueError):
+        await coll.find_page({"$bogus": 1}, sort=[("id", 1)], skip=0, limit=5)
+
+
+@pytest_twisted.ensureDeferred
 async def test_pages_read_from_the_far_end_match_the_forward_order(store):
-    # paginate reads back-half pages in reverse from the end: with ties in the sort (group) the
+    # find_page reads back-half pages in reverse from the end: with ties in the sort (group) the
     # reverse order must still be exactly the forward one backwards (id breaks ties in both).
     from types import SimpleNamespace
 

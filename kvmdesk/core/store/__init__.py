@@ -75,6 +75,37 @@ def check_field(path: str) -> str:
     return path
 
 
+@attrs.frozen
+class PagePlan:
+    """How to read one page of ``count`` documents: ``limit`` from ``skip`` in ``sort`` order, then
+    turned round when ``backwards``."""
+
+    sort: Sort
+    skip: int
+    limit: int
+    backwards: bool
+
+
+def page_plan(sort: Sort, skip: int, limit: int, count: int) -> PagePlan | None:
+    """The cheaper way to read positions ``skip .. skip+limit`` of ``count`` sorted documents, or
+    ``None`` when there is nothing there.
+
+    Both backends step over every skipped document (SQLite ~15 ns each, MongoDB likewise), so a page
+    in the back half is read in reverse order from the end: half the skipping of an average page.
+    ``id`` completes the sort so that the reverse order is exactly the forward one backwards.
+    """
+    if skip < 0 or limit < 1 or skip >= count:
+        return None
+    rows = min(limit, count - skip)
+    from_end = count - skip - rows
+    if from_end >= skip:
+        return PagePlan(list(sort), skip, rows, False)
+    order = list(sort)
+    if not any(path == "id" for path, _ in order):
+        order.append(("id", 1))
+    return PagePlan([(path, -direction) for path, direction in order], from_end, rows, True)
+
+
 def check_collection(name: str) -> str:
     """Return ``name`` if it is a valid collection name, else raise ``ValueError``."""
     if not isinstance(name, str) or not _COLLECTION.match(name):
@@ -110,6 +141,10 @@ class Collection(Protocol):
 
     async def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None) -> Document | None:
         """Return the first matching document, or ``None``."""
+
+    async def find_page(self, filter: Filter | None, *, sort: Sort, skip: int, limit: int) -> tuple[int, list[Document]]:
+        """Return ``(count, documents)``: how many documents match, and up to ``limit`` of them from
+        position ``skip`` in ``sort`` order (read from the nearer end: see :func:`page_plan`)."""
 
     async def count(self, filter: Filter | None = None) -> int:
         """Return how many documents match."""
@@ -187,6 +222,7 @@ __all__ = [
     "DuplicateKeyError",
     "Filter",
     "Index",
+    "PagePlan",
     "Sort",
     "Store",
     "StoreError",
@@ -195,4 +231,5 @@ __all__ = [
     "check_collection",
     "check_field",
     "open_store",
+    "page_plan",
 ]

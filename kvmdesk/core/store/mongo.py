@@ -53,6 +53,7 @@ from . import (
     Update,
     check_collection,
     check_field,
+    page_plan,
 )
 from .projection import project
 from .sqlite_sql import compile_filter, compile_sort
@@ -487,6 +488,14 @@ class MongoCollection:
     async def find_one(self, filter: Filter | None = None, *, sort: Sort | None = None) -> Document | None:
         found = await self.find(filter, sort=sort, limit=1)
         return found[0] if found else None
+
+    async def find_page(self, filter: Filter | None, *, sort: Sort, skip: int, limit: int) -> tuple[int, list[Document]]:
+        count = await self.count(filter)
+        plan = page_plan(sort, skip, limit, count)
+        if plan is None:
+            return count, []
+        docs = await self.find(filter, sort=plan.sort, skip=plan.skip, limit=plan.limit)
+        return count, docs[::-1] if plan.backwards else docs
 
     async def count(self, filter: Filter | None = None) -> int:
         query = _check_filter(filter)
