@@ -12,7 +12,8 @@ import pytest_twisted
 from twisted.internet import defer
 
 from kvmdesk.core.store import DuplicateKeyError, Index
-from kvmdesk.core.store.sqlite import ROW_COUNTS, SQLiteStore
+from kvmdesk.core.store.sqlite import SQLiteStore
+from kvmdesk.core.store.sqlite_stats import COUNTS
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def _rows(path: str, table: str) -> int:
 
 def _kept(path: str, table: str):
     with sqlite3.connect(path) as conn:
-        row = conn.execute(f'SELECT n FROM "{ROW_COUNTS}" WHERE name = ?', (table,)).fetchone()
+        row = conn.execute(f'SELECT n FROM "{COUNTS}" WHERE name = ?', (table,)).fetchone()
     return row and row[0]
 
 
@@ -87,3 +88,74 @@ async def test_a_table_written_before_counts_existed_is_counted_and_then_kept(tm
     assert _kept(store.path, "things") == 6
     await things.delete_one({"n": 0})
     assert await things.count() == 5 == _kept(store.path, "things") == _rows(store.path, "things")
+
+
+# -- id anchors: unfiltered, id-ordered pages step from remembered ids --------------------------
+
+
+async def _all_pages(coll, direction: int, size: int) -> list[int]:
+    ids, skip = [], 0
+    while True:
+        total, page = await coll.find_page({}, sort=[("id", direction)], skip=skip, limit=size)
+        ids += [d["id"] for d in page]
+        skip += size
+        if skip >= total:
+            return ids
+
+
+@pytest_twisted.ensureDeferred
+async def test_anchored_pages_match_plain_offsets_through_inserts_and_deletes(open_store, monkeypatch):
+    from kvmdesk.core.store import sqlite_stats
+
+    monkeypatch.setattr(sqlite_stats, "EVERY", 7)  # many anchors from few documents
+    store = open_store()
+    things = store.collection("things")
+    await things.insert_many([{"n": i} for i in range(100)])
+
+    async def check() -> None:
+        everything = [d["id"] for d in await things.find({}, sort=[("id", 1)])]
+        for size in (1, 3, 10, 7, 500):
+            assert await _all_pages(things, 1, size) == everything, size
+            assert await _all_pages(things, -1, size) == everything[::-1], size
+        # A page read on its own (no earlier page built the anchors up to it) agrees too.
+        assert [d["id"] for d in (await things.find_page({}, sort=[("id", -1)], skip=37, limit=5))[1]] \
+            == everything[::-1][37:42]
+
+    await check()
+    assert len(things._anchors.ids) == 15  # positions 0, 7, ..., 98: the anchors were used
+    await things.insert_many([{"n": i} for i in range(100, 130)])  # appended: anchors stay valid
+    await check()
+    assert len(things._anchors.ids) == 19
+    await things.delete_many({"n": {"$in": [0, 3, 50, 51, 52, 129]}})  # positions move: anchors restart
+    await check()
+    assert things._anchors.deletes == 6
+    await things.delete_many({})
+    assert await things.find_page({}, sort=[("id", 1)], skip=0, limit=10) == (0, [])
+    await things.insert_one({"n": "alone"})
+    assert [d["n"] for d in (await things.find_page({}, sort=[("id", -1)], skip=0, limit=10))[1]] == ["alone"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_anchors_are_not_used_for_other_sorts_or_filters(open_store):
+    store = open_store()
+    things = store.collection("things")
+    await things.insert_many([{"n": i % 4} for i in range(40)])
+    count, page = await things.find_page({"n": 1}, sort=[("id", 1)], skip=2, limit=3)
+    assert (count, [d["n"] for d in page]) == (10, [1, 1, 1])
+    count, page = await things.find_page({}, sort=[("n", 1), ("id", 1)], skip=35, limit=10)
+    assert (count, [d["n"] for d in page]) == (40, [3] * 5)
+    assert things._anchors.ids == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_that_finds_the_anchors_busy_reads_with_an_offset(open_store):
+    store = open_store()
+    things = store.collection("things")
+    await things.insert_many([{"n": i} for i in range(30)])
+    things._anchors._lock.acquire()  # as if a reader thread were extending them
+    try:
+        count, page = await things.find_page({}, sort=[("id", 1)], skip=20, limit=3)
+    finally:
+        things._anchors._lock.release()
+    assert (count, [d["n"] for d in page]) == (30, [20, 21, 22])
+    assert things._anchors.ids == []
