@@ -59,6 +59,8 @@ class ApiRequest:
     stream: Any = None
     #: ``scheme://host/path?`` of this request, once :meth:`url_with` needed it (a page links twice).
     _base_url: Optional[str] = attrs.field(default=None, init=False, repr=False)
+    #: ``{name: "name=value"}`` of this request's query, quoted once for all the links of a page.
+    _quoted_args: Optional[dict[str, str]] = attrs.field(default=None, init=False, repr=False)
 
     @property
     def client_ip(self) -> str:
@@ -75,9 +77,12 @@ class ApiRequest:
                 host = f"{addr.host}:{addr.port}"
             scheme = "https" if self.http.isSecure() else "http"
             base = self._base_url = f"{scheme}://{host}{self.http.path.decode('utf-8', 'replace')}?"
-        query = dict(self.args)
-        query.update({k: str(v) for k, v in params.items()})
-        return base + "&".join(f"{_quoted(k)}={_quoted(v)}" for k, v in query.items())
+        pairs = self._quoted_args
+        if pairs is None:
+            pairs = self._quoted_args = {k: f"{_quoted(k)}={_quoted(v)}" for k, v in self.args.items()}
+        if params:
+            pairs = {**pairs, **{k: f"{_quoted(k)}={_quoted(str(v))}" for k, v in params.items()}}
+        return base + "&".join(pairs.values())
 
 
 @attrs.frozen

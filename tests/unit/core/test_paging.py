@@ -97,6 +97,19 @@ async def test_links_use_the_host_header(seeded):
     assert body["data"]["next"] == "http://10.0.0.5:50004/api/v1.0/resource_mgr/resource_pools?page=2&page_size=10"
 
 
+@pytest_twisted.ensureDeferred
+async def test_links_quote_the_search_text_and_keep_its_place(seeded):
+    api = seeded
+    await seed_pools(api.core, [f"课室 a&b {i}" for i in range(3)])
+    params = {"searchtype": "contain", "name": "课室 a&b", "page_size": "1", "page": "2"}
+    _, body = await api.call("GET", POOLS, params=params)
+    page = body["data"]
+    assert page["count"] == 3
+    quoted = "searchtype=contain&name=%E8%AF%BE%E5%AE%A4+a%26b&page_size=1"
+    assert page["next"] == f"{BASE_URL}?{quoted}&page=3"
+    assert page["previous"] == f"{BASE_URL}?{quoted}&page=1"
+
+
 @pytest.mark.parametrize(
     "params, field",
     [
