@@ -5,7 +5,8 @@ What it does, all on loopback, every server in its own process:
 1. seeds 10,000 resource pools straight into a fresh SQLite store through the store API;
 2. starts the real controller on it (``twistd -n kvmdesk``, as an operator would) and, in another
    process, a bare Klein endpoint that returns a constant JSON body of the same size (one page of ten
-   pools): the ceiling of the stack (Twisted + twisted.web + Klein, with the same access log);
+   pools): the ceiling of the stack (Twisted + twisted.web + Klein, with an access log file written
+   the way the controller writes its own, ``[controller] access_log``);
 3. logs in, then loads each server in turn with ``GET /api/v1.0/resource_mgr/resource_pools?page=N
    &page_size=10`` (N random over the 1,000 pages, with the bearer token) at 50 concurrent keep-alive
    connections, for a bounded time (``--duration``) and, for the Python generator, a bounded number of
@@ -24,7 +25,7 @@ server compete for the same cores, and other people's work shifts the numbers be
 
 Usage::
 
-    .venv/bin/python bench/api_bench.py [--pools 10000] [--concurrency 50] [--duration 10] [--rounds 3]
+    .venv/bin/python bench/api_bench.py [--pools 10000] [--concurrency 50] [--duration 10] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -116,8 +117,9 @@ def _sample_page() -> dict[str, Any]:
         "previous": None, "results": results}}
 
 
-def serve_bare(port: int) -> None:
-    """The bare Klein endpoint (runs in its own process): a constant JSON body, twisted.web access log."""
+def serve_bare(port: int, access_log: str) -> None:
+    """The bare Klein endpoint (runs in its own process): a constant JSON body, and an access log file
+    written as the controller writes its own (twisted.web's, straight to a file)."""
     import orjson
     from klein import Klein
     from twisted.internet import reactor
@@ -133,7 +135,7 @@ def serve_bare(port: int) -> None:
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
         return body
 
-    site = Site(app.resource())
+    site = Site(app.resource(), logPath=access_log)
     site.displayTracebacks = False
     listening = reactor.listenTCP(port, site, interface="127.0.0.1")
     address = listening.getHost()
@@ -285,7 +287,7 @@ def main() -> None:
     parser.add_argument("--pools", type=int, default=10000)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating bare/controller measurements")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating bare/controller measurements")
     parser.add_argument("--max-requests", type=int, default=200000, help="cap of the Python generator")
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     args = parser.parse_args()
@@ -309,7 +311,8 @@ def main() -> None:
                                                        "--port", str(_free_port()), "--listen", "127.0.0.1",
                                                        "--data-dir", data_dir], env, workdir)
         servers.append(controller)
-        bare = Server("bare", [sys.executable, __file__, "_bare", str(_free_port())], env, workdir)
+        bare_log = str(Path(workdir) / "bare-access.log")
+        bare = Server("bare", [sys.executable, __file__, "_bare", str(_free_port()), bare_log], env, workdir)
         servers.append(bare)
         controller_url, bare_url = controller.wait_ready(), bare.wait_ready()
         token = _login(controller_url)
@@ -351,6 +354,9 @@ def main() -> None:
         print(f"{'controller paged list':28s} {list_rps:9.0f} {median('controller', 'p50_ms'):8.2f} {list_p99:8.2f}")
         print(f"ratio list/bare: {ratio:.2f} (target >= 0.5: {'met' if ratio >= 0.5 else 'MISSED'}); "
               f"list p99 {list_p99:.1f} ms (target < 50 ms: {'met' if list_p99 < 50 else 'MISSED'})")
+        lines = {name: sum(1 for _ in open(path, "rb")) for name, path in
+                 (("bare", bare_log), ("controller", Path(data_dir) / "access.log"))}
+        print(f"access log lines: bare {lines['bare']}, controller {lines['controller']}")
         failed = sum(r["errors"] for rs in results.values() for r in rs)
         if failed:
             print(f"WARNING: {failed} responses were not 200")
@@ -364,7 +370,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_seed":
         seed(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
-        serve_bare(int(sys.argv[2]))
+        serve_bare(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_loadgen":
         python_loadgen(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]),
                        int(sys.argv[7]))

@@ -57,11 +57,16 @@ class ControllerService(service.MultiService):
     async def _start(self) -> Any:
         from kvmdesk.core.app import build_core, freeze_startup_heap
 
+        rotate_bytes = int(self.config.number("controller.access_log_rotate_mb", 10, minimum=0.01) * 1e6)
+        keep = int(self.config.number("controller.access_log_keep", 9))
         self.core = await build_core(self.config, self.reactor)
         freeze_startup_heap()
         self.core.services.setServiceParent(self)
         # The API's site streams upload bodies to their endpoints instead of buffering them whole.
-        site = make_site(self.core.router)
+        access_log = self.config.get("controller.access_log", "access.log")
+        if access_log and access_log != "-":
+            access_log = str(self.core.data_dir / access_log)
+        site = make_site(self.core.router, access_log=access_log, rotate_bytes=rotate_bytes, keep=keep)
         listen = self.config.get("controller.listen")
         self.port = self.reactor.listenTCP(int(self.config.get("controller.port")), site, interface=listen)
         address = self.port.getHost()
@@ -76,11 +81,14 @@ class ControllerService(service.MultiService):
         else:
             log.failure("kvmdesk controller failed to start", failure)
         self.ready.errback(failure)
-        if self.reactor.running:
-            # twistd offers no way to set the exit status; a service manager must see that start-up
-            # failed, so exit 1 once the reactor has shut down cleanly.
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-            self.reactor.stop()
+        # Settings are checked before the reactor runs: stop it once it does.
+        self.reactor.callWhenRunning(self._exit_failed)
+
+    def _exit_failed(self) -> None:
+        # twistd offers no way to set the exit status; a service manager must see that start-up
+        # failed, so exit 1 once the reactor has shut down cleanly.
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self.reactor.stop()
 
     def stopService(self) -> defer.Deferred:
         return defer.ensureDeferred(self._stop())

@@ -29,6 +29,7 @@ feeds the buffered ``request.content`` through the same sink, so handlers see on
 from __future__ import annotations
 
 import io
+import os
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Protocol, Union
 from urllib.parse import parse_qs
 
@@ -439,11 +440,36 @@ def install_streaming(site: Site, router: "Router") -> Site:
     return site
 
 
-def make_site(router: "Router", *, reactor: Any = None) -> Site:
-    """The twisted.web site of an API router (the controller's or an agent's), with streaming bodies."""
-    kwargs = {"reactor": reactor} if reactor is not None else {}
-    site = Site(router.resource(), **kwargs)
+class ApiSite(Site):
+    """twisted.web's site with an access log file rotated at ``rotate_bytes``, keeping ``keep`` old
+    files (``access.log.1`` the newest); twisted's own default keeps every 1 MB file forever."""
+
+    def __init__(self, resource: Any, *, rotate_bytes: int = 10_000_000, keep: int = 9, **kwargs: Any):
+        super().__init__(resource, **kwargs)
+        self.rotate_bytes = rotate_bytes
+        self.keep = keep
+
+    def _openLogFile(self, path: str) -> Any:
+        from twisted.python.logfile import LogFile
+
+        return LogFile(os.path.basename(path), os.path.dirname(path), rotateLength=self.rotate_bytes,
+                       maxRotatedFiles=self.keep)
+
+
+def make_site(router: "Router", *, reactor: Any = None, access_log: Optional[str] = "-",
+              rotate_bytes: int = 10_000_000, keep: int = 9) -> Site:
+    """The twisted.web site of an API router (the controller's or an agent's), with streaming bodies.
+
+    :param access_log: file the access log is written to (rotated at ``rotate_bytes``, ``keep`` old
+        files kept); ``"-"``: the main log; ``None`` or ``""``: none.
+    """
+    kwargs: dict[str, Any] = {"reactor": reactor} if reactor is not None else {}
+    if access_log and access_log != "-":
+        kwargs["logPath"] = access_log
+    site = ApiSite(router.resource(), rotate_bytes=rotate_bytes, keep=keep, **kwargs)
     site.displayTracebacks = False
+    if not access_log:
+        site.log = lambda request: None
     return install_streaming(site, router)
 
 

@@ -90,6 +90,16 @@ class Config:
             node = node[key]
         return node
 
+    def number(self, dotted: str, default: float, *, minimum: float = 0) -> float:
+        """A numeric setting, at least ``minimum``.
+
+        :raises ConfigError: the value is not a number or is below ``minimum`` (named in the message).
+        """
+        value = self.get(dotted, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise ConfigError(f"{dotted} must be a number of at least {minimum:g}, not {value!r}")
+        return value
+
     def section(self, name: str) -> dict[str, Any]:
         """A section as a dict (empty if absent)."""
         value = self.data.get(name, {})

@@ -90,14 +90,14 @@ async def start(tmp_path):
     """``await start(data_dir, env)`` runs a controller; teardown stops whatever still runs, by pid."""
     started: list[Twistd] = []
 
-    async def run(data_dir: Path, env: Optional[dict[str, str]] = None) -> tuple[Twistd, str]:
+    async def run(data_dir: Path, env: Optional[dict[str, str]] = None, config_text: str = "") -> tuple[Twistd, str]:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("KVMDESK_")}
         environment.update(env if env is not None else {"KVMDESK_ADMIN_PASSWORD": PASSWORD})
         process = Twistd()
         # The product's defaults, except the in-process node agent's port: a free one, so that this test
         # never clashes with another controller on the machine.
         config = tmp_path / f"kvmdesk-{len(started)}.toml"
-        config.write_text(f"[nodes]\nagent_port = {_free_port()}\n")
+        config.write_text(f"[nodes]\nagent_port = {_free_port()}\n{config_text}")
         command = _twistd_command() + ["-n", "--pidfile=", "kvmdesk", "--config", str(config), "--port",
                                        str(_free_port()), "--listen", "127.0.0.1", "--data-dir", str(data_dir)]
         reactor.spawnProcess(process, command[0], command, env=environment, path=str(tmp_path))
@@ -184,6 +184,13 @@ async def test_pools_survive_a_restart(start, tmp_path):
     assert {r["user_ip"] for r in before_restart} == {"127.0.0.1"}
 
     _assert_clean_exit(process, await _terminate(process))
+    # The access log is a file of its own in the data directory, one combined-format line per request.
+    access = (data_dir / "access.log").read_text()
+    assert '"GET /api/v1.0/resource_mgr/resource_pools HTTP/1.1" 401' in access
+    assert '"POST /api/v1.0/auth/login HTTP/1.1" 200' in access
+    assert '"DELETE /api/v1.0/resource_mgr/resource_pools HTTP/1.1" 200' in access
+    assert "resource_mgr/resource_pools HTTP/1.1" not in process.text
+    assert api.token and api.token not in access
 
     process, base = await start(data_dir)
     api = Client(base)
@@ -217,3 +224,12 @@ async def test_first_start_without_a_password_writes_one(start, tmp_path):
     status, body = await api.call("GET", "/no/such/page", auth=False)
     assert (status, body["code"]) == (404, 1006)
     _assert_clean_exit(process, await _terminate(process))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_setting_stops_the_start_with_a_clear_message(start, tmp_path):
+    with pytest.raises(RuntimeError, match="twistd ended before listening") as raised:
+        await start(tmp_path / "data", config_text='[controller]\naccess_log_rotate_mb = "big"\n')
+    text = str(raised.value)
+    assert "kvmdesk controller cannot start: controller.access_log_rotate_mb must be a number" in text, text
+    assert "Traceback" not in text, text
