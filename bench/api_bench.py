@@ -354,9 +354,9 @@ def main() -> None:
         print(f"{'controller paged list':28s} {list_rps:9.0f} {median('controller', 'p50_ms'):8.2f} {list_p99:8.2f}")
         print(f"ratio list/bare: {ratio:.2f} (target >= 0.5: {'met' if ratio >= 0.5 else 'MISSED'}); "
               f"list p99 {list_p99:.1f} ms (target < 50 ms: {'met' if list_p99 < 50 else 'MISSED'})")
-        lines = {name: sum(1 for _ in open(path, "rb")) for name, path in
-                 (("bare", bare_log), ("controller", Path(data_dir) / "access.log"))}
-        print(f"access log lines: bare {lines['bare']}, controller {lines['controller']}")
+        lines = {name: sum(sum(1 for _ in open(part, "rb")) for part in Path(path).parent.glob(Path(path).name + "*"))
+                 for name, path in (("bare", bare_log), ("controller", Path(data_dir) / "access.log"))}
+        print(f"access log lines (rotated files included): bare {lines['bare']}, controller {lines['controller']}")
         failed = sum(r["errors"] for rs in results.values() for r in rs)
         if failed:
             print(f"WARNING: {failed} responses were not 200")
