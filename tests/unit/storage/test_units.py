@@ -69,6 +69,18 @@ async def test_hashing_writer_writes_and_hashes_in_order(tmp_path, threaded):
 
 
 @pytest_twisted.ensureDeferred
+async def test_threaded_writer_without_hashing_only_writes(tmp_path):
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    writer = HashingWriter(fd, reactor=reactor, threaded=True, hashing=False)
+    for i in range(50):
+        writer.write(bytes([i]) * 5000)
+    await writer.flush()
+    os.close(fd)
+    assert path.read_bytes() == b"".join(bytes([i]) * 5000 for i in range(50)) and writer.hexdigest() is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_threaded_writer_pauses_the_network_when_the_disk_falls_behind(tmp_path):
     fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
     events = []
