@@ -281,7 +281,8 @@ def run(options: argparse.Namespace) -> None:
         per_node = mb / distribution_seconds
         load = os.getloadavg()[0]
         print()
-        print(f"file: {options.size_mb} MiB; chunks {'hashed and written on two worker threads' if options.hash_in_thread else 'hashed and written on the reactor thread'}; "
+        where = "on two worker threads" if options.hash_in_thread else "on the reactor thread"
+        print(f"file: {options.size_mb} MiB; chunks hashed and written {where}; "
               f"{os.cpu_count()} CPUs, load average {load:.1f}; MD5 alone on one core: {md5_rate:.0f} MB/s")
         print(f"{'':34}{'seconds':>9}{'MB/s':>10}{'vs cp':>8}")
         print(f"{'cp, 1 copy (before the upload)':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}")
