@@ -5,7 +5,9 @@
 
 What runs (all on this machine, all files on the same disk, in one run):
 
-- ``cp`` of the image file (the reference throughput of this disk and page cache);
+- ``cp`` of the image file, then ``fsync`` of the copy (the reference throughput of this disk: the
+  controller fsyncs an upload, and an agent a received image, before either is answered, so a copy
+  that still sits in the page cache would not be the same work);
 - the controller (``ControllerService`` from ``kvmdesk.tap``, the production site with streamed uploads)
   as a subprocess, its peak RSS read from ``/proc/<pid>/status`` (VmHWM) after start-up and at the end;
 - two agents' image endpoints (``kvmdesk.agent.images.routes`` on the streaming site) as subprocesses
@@ -190,13 +192,20 @@ def sync() -> None:
 
 
 def timed_cp(source: Path, targets: list[Path]) -> float:
-    """Seconds for ``cp`` of ``source`` to each target at once (one cp process per target)."""
+    """Seconds for ``cp`` of ``source`` to each target at once (one cp process per target), each copy
+    then fsynced: on disk, as an upload and a received image are before they are answered."""
     sync()
     started = time.perf_counter()
     copies = [subprocess.Popen(["cp", str(source), str(target)]) for target in targets]
     for copy in copies:
         if copy.wait() != 0:
             raise RuntimeError("cp failed")
+    for target in targets:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     elapsed = time.perf_counter() - started
     for target in targets:
         target.unlink()
@@ -285,9 +294,9 @@ def run(options: argparse.Namespace) -> None:
         print(f"file: {options.size_mb} MiB; chunks hashed and written {where}; "
               f"{os.cpu_count()} CPUs, load average {load:.1f}; MD5 alone on one core: {md5_rate:.0f} MB/s")
         print(f"{'':34}{'seconds':>9}{'MB/s':>10}{'vs cp':>8}")
-        print(f"{'cp, 1 copy (before the upload)':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}")
+        print(f"{'cp + fsync, 1 copy (before)':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}")
         print(f"{'upload (curl -> controller)':34}{upload_seconds:9.2f}{upload_rate:10.1f}{upload_rate / cp_rate:8.0%}")
-        print(f"{'cp, 2 copies at once (after)':34}{cp2_seconds:9.2f}{cp2_rate:10.1f}{'':>8}")
+        print(f"{'cp + fsync, 2 copies (after)':34}{cp2_seconds:9.2f}{cp2_rate:10.1f}{'':>8}")
         print(f"{'distribution, 2 agents at once':34}{distribution_seconds:9.2f}{total_rate:10.1f}{total_rate / cp2_rate:8.0%}"
               f"   ({per_node:.1f} MB/s per node, MD5-verified on each; {total_rate / cp_rate:.0%} of 1 cp)")
         print(f"controller RSS: {rss_start / MiB:.0f} MiB after start-up (VmHWM {hwm_start / MiB:.0f} MiB), "

@@ -100,7 +100,7 @@ class ImageStore:
             configured = config.get(f"agent.storage.{key}") or ""
             roots[role] = Path(configured).absolute() if configured else default
         return cls(roots, reactor=reactor, threaded=bool(config.get("agent.images.hash_in_thread", True)),
-                   fsync=bool(config.get("agent.images.fsync", False)))
+                   fsync=bool(config.get("agent.images.fsync", True)))
 
     # -- locations -------------------------------------------------------------------------------
 

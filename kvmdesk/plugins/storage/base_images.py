@@ -136,7 +136,8 @@ def _upload_sink(context: StreamContext) -> FormUpload:
         await pool_or_404(core, context.path["pool_uuid"])
 
     spec = FormSpec(directory=config.base_image_dir, fields=frozenset({"name", "os_type"}),
-                    max_file=config.max_upload, precheck=pool_exists, threaded=config.hash_in_thread)
+                    max_file=config.max_upload, precheck=pool_exists, threaded=config.hash_in_thread,
+                    fsync=config.fsync)
     return FormUpload(context, spec)
 
 

@@ -72,7 +72,8 @@ def _sniff_iso(head: bytes) -> None:
 def _upload_sink(context: StreamContext) -> FormUpload:
     config = settings(context.core)
     spec = FormSpec(directory=config.iso_dir, fields=frozenset({"iso_type", "os_type", "name", "desc"}),
-                    max_file=config.max_upload, sniff=_sniff_iso, threaded=config.hash_in_thread)
+                    max_file=config.max_upload, sniff=_sniff_iso, threaded=config.hash_in_thread,
+                    fsync=config.fsync)
     return FormUpload(context, spec)
 
 

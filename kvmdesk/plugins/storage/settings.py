@@ -18,6 +18,9 @@ DEFAULTS = {
         # Write and MD5-hash upload chunks on a worker thread, off the reactor (false: inline on the
         # reactor thread; kvmdesk/core/filewriter.py and bench/transfer_bench.py measure both).
         "hash_in_thread": True,
+        # fsync an uploaded file before it is checked, renamed into place and recorded: a power cut
+        # never leaves a recorded image whose last gigabytes were still in the page cache.
+        "fsync": True,
         # Transfers to nodes: streams at once over the whole controller, chunk size read from disk.
         "max_streams": 2,
         "chunk_size": 1 << 20,
@@ -47,6 +50,7 @@ class StorageSettings:
     max_upload: int
     hash_in_thread: bool
     qemu_img: str
+    fsync: bool = True
 
     @classmethod
     def from_core(cls, core: Any) -> "StorageSettings":
@@ -62,6 +66,7 @@ class StorageSettings:
             max_upload=int(config.get("storage.max_upload")),
             hash_in_thread=bool(config.get("storage.hash_in_thread")),
             qemu_img=str(config.get("storage.qemu_img") or "qemu-img"),
+            fsync=bool(config.get("storage.fsync", True)),
         )
 
 

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 import attrs
 import multipart
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -104,6 +105,8 @@ class FormSpec:
     sniff: Optional[Callable[[bytes], None]] = None
     precheck: Optional[Callable[[], Awaitable[None]]] = None
     threaded: bool = False
+    #: fsync the file (off the reactor) before it is handed over.
+    fsync: bool = False
 
 
 class FormUpload:
@@ -170,6 +173,9 @@ class FormUpload:
             if not self.file_seen:
                 raise ApiError(core_errors.INVALID_PARAM, field=self.spec.file_field, reason="a file is required")
             await self.writer.flush()
+            if self.spec.fsync:
+                await deferToThreadPool(self.context.core.reactor, self.context.core.reactor.getThreadPool(),
+                                        os.fsync, self.fd)
             self._close_fd()
             if self.file_size == 0:
                 raise ApiError(errors.EMPTY_FILE)

@@ -85,6 +85,25 @@ async def test_a_complete_transfer_is_verified_then_visible(agent):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_received_image_is_fsynced_before_it_is_visible(agent, monkeypatch):
+    from kvmdesk.agent.images import store
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+    final = agent.base_image(FILE_ID)
+
+    def spy_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), final.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", spy_fsync)
+    status, body = await put(agent, CONTENT)
+    assert status == 200, body
+    assert [visible for _, visible in synced] == [False]  # synced while still hidden
+    assert synced[0][0].startswith(str(final.parent)) and synced[0][0] != str(final)
+
+
+@pytest_twisted.ensureDeferred
 async def test_wrong_content_is_refused_and_leaves_nothing(agent):
     corrupt = bytearray(CONTENT)
     corrupt[1000] ^= 0xFF

@@ -83,6 +83,33 @@ async def test_upload_stores_under_a_server_chosen_name(tmp_path, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upload_is_fsynced_before_it_is_recorded(tmp_path, clock, monkeypatch):
+    import os
+
+    from kvmdesk.plugins.storage import uploads
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(uploads.os, "fsync", spy_fsync)
+    image = small_qcow2(tmp_path / "x.qcow2")
+    async with controller(tmp_path, clock) as api:
+        status, body = await api.upload(upload_path(api), {"name": "synced", "os_type": "Linux"},
+                                        {"file": ("x.qcow2", image.read_bytes())})
+        assert status == 200, body
+        assert len(synced) == 1 and synced[0].startswith(str(image_dir(api))), synced  # the temporary file
+        api.core.config.set("storage.fsync", False)
+        api.core.extensions.pop("storage.settings")
+        status, body = await api.upload(upload_path(api), {"name": "unsynced", "os_type": "Linux"},
+                                        {"file": ("x.qcow2", image.read_bytes())})
+        assert status == 200 and len(synced) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_name_and_os_type_may_come_in_the_query_string(tmp_path, clock):
     image = small_qcow2(tmp_path / "x.qcow2")
     async with controller(tmp_path, clock) as api:
