@@ -137,14 +137,19 @@ class HashingWriter:
         for d in waiting:
             d.callback(None)
 
-    async def flush(self) -> None:
-        """Wait until every chunk is on disk; raises the first write error."""
+    async def flush(self, *, fsync: bool = False) -> None:
+        """Wait until every chunk is written; raises the first write error.
+
+        :param fsync: then wait until the file is on disk too (``os.fsync`` on a pool thread).
+        """
         if self._busy or self._queue:
             d: defer.Deferred = defer.Deferred()
             self._idle.append(d)
             await d
         if self.error is not None:
             raise self.error
+        if fsync:
+            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), os.fsync, self.fd)
 
     @property
     def pending(self) -> bool:

@@ -325,9 +325,7 @@ class ImageReceiver:
         if self.writer is None:
             self.open()  # an empty body: the file was complete already, only the commit is left
         try:
-            await self.writer.flush()
-            if self.fsync:
-                await self._in_thread(os.fsync, self.fd)
+            await self.writer.flush(fsync=self.fsync)
         except OSError as exc:
             self._close()
             raise self._write_error(exc) from None

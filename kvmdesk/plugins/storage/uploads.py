@@ -17,7 +17,6 @@ from typing import Any, Awaitable, Callable, Optional
 
 import attrs
 import multipart
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -172,10 +171,7 @@ class FormUpload:
                 raise ApiError(errors.UPLOAD_INCOMPLETE, reason=str(exc)) from None
             if not self.file_seen:
                 raise ApiError(core_errors.INVALID_PARAM, field=self.spec.file_field, reason="a file is required")
-            await self.writer.flush()
-            if self.spec.fsync:
-                await deferToThreadPool(self.context.core.reactor, self.context.core.reactor.getThreadPool(),
-                                        os.fsync, self.fd)
+            await self.writer.flush(fsync=self.spec.fsync)
             self._close_fd()
             if self.file_size == 0:
                 raise ApiError(errors.EMPTY_FILE)
