@@ -380,7 +380,11 @@ class SQLiteCollection:
 
     def _select(self, conn, filter: Filter | None, sort: Sort | None, skip: int, limit: int) -> list[tuple]:
         params: list = []
-        where, order = _where(filter, params), compile_sort(sort)
+        return self._select_where(conn, _where(filter, params), params, sort, skip, limit)
+
+    def _select_where(self, conn, where: str, params: list, sort: Sort | None, skip: int, limit: int) -> list[tuple]:
+        """:meth:`_select` with the filter already compiled (``params`` is extended)."""
+        order = compile_sort(sort)
         if skip > 0:
             # OFFSET steps over every skipped row: pick the page's ids first (over the id index when
             # the filter allows), then read only those documents: 2-3x faster on deep pages.
@@ -462,17 +466,17 @@ class SQLiteCollection:
             # One read transaction: the count and the page agree, and one lock round instead of two.
             conn.execute("BEGIN")
             try:
-                if where:
-                    total = conn.execute(f'SELECT count(*) FROM "{self.name}"{where}', params).fetchone()[0]
-                else:
-                    counts = read_counts(conn, self.name)
-                    if counts is not None and direction is not None:
-                        return counts[0], self._anchored_page(conn, direction, skip, limit, *counts)
-                    total = counts[0] if counts is not None else self._count_rows(conn)
+                total, deletes = self._total(conn, where, params)
                 plan = page_plan(sort, skip, limit, total)
                 if plan is None:
                     return total, []
-                docs = [_load(row) for row in self._select(conn, filter, plan.sort, plan.skip, plan.limit)]
+                if direction is not None and deletes is not None:
+                    # Whole collection in id order: from a remembered id (see IdAnchors).
+                    first = skip if direction > 0 else total - skip - plan.limit
+                    docs = [_load(row) for row in self._id_range(conn, first, plan.limit, deletes)]
+                    return total, docs if direction > 0 else docs[::-1]
+                rows = self._select_where(conn, where, list(params), plan.sort, plan.skip, plan.limit)
+                docs = [_load(row) for row in rows]
                 return total, docs[::-1] if plan.backwards else docs
             finally:
                 if conn.in_transaction:
@@ -480,37 +484,29 @@ class SQLiteCollection:
 
         return await self.store.read(read, (0, []))
 
-    def _anchored_page(self, conn, direction: int, skip: int, limit: int, total: int, deletes: int) -> list[Document]:
-        """A page of the whole collection in id order, stepping from a remembered id (see IdAnchors)."""
-        if skip >= total or limit < 1:
-            return []
-        rows = min(limit, total - skip)
-        first = skip if direction > 0 else total - skip - rows  # position of its first row in ascending order
+    def _id_range(self, conn, first: int, rows: int, deletes: int) -> list[tuple]:
+        """The rows at ascending id positions ``first .. first+rows-1``, stepping from a remembered id."""
         start = self._anchors.start(conn, deletes, first)
         if start is None:
-            found = self._select(conn, None, [("id", 1)], first, rows)
-        else:
-            # Fewer than EVERY rows to step over: straight through the table beats the id-index
-            # detour of _select (a third cheaper for a page of ten).
-            found = conn.execute(f'SELECT id, doc FROM "{self.name}" WHERE id >= ? ORDER BY id LIMIT ? OFFSET ?',
-                                 (start[0], rows, start[1])).fetchall()
-        docs = [_load(row) for row in found]
-        return docs if direction > 0 else docs[::-1]
+            return self._select_where(conn, "", [], [("id", 1)], first, rows)
+        # Fewer than EVERY rows to step over: straight through the table beats the id-index detour
+        # of _select (a third cheaper for a page of ten).
+        return conn.execute(f'SELECT id, doc FROM "{self.name}" WHERE id >= ? ORDER BY id LIMIT ? OFFSET ?',
+                            (start[0], rows, start[1])).fetchall()
 
     async def count(self, filter: Filter | None = None) -> int:
         params: list = []
         where = _where(filter, params)
-        if where:
-            sql = f'SELECT count(*) FROM "{self.name}"{where}'
-            return await self.store.read(lambda conn: conn.execute(sql, params).fetchone()[0], 0)
-        return await self.store.read(self._count_all, 0)
+        return await self.store.read(lambda conn: self._total(conn, where, params)[0], 0)
 
-    def _count_all(self, conn: sqlite3.Connection) -> int:
-        counts = read_counts(conn, self.name)
-        return counts[0] if counts is not None else self._count_rows(conn)
-
-    def _count_rows(self, conn: sqlite3.Connection) -> int:
-        return conn.execute(f'SELECT count(*) FROM "{self.name}"').fetchone()[0]
+    def _total(self, conn: sqlite3.Connection, where: str, params: list) -> tuple[int, int | None]:
+        """``(documents matching, deletes so far or None)``: the whole collection's count is the kept
+        one (with its delete count); a filtered count, or a table with none kept, is counted."""
+        if not where:
+            kept = read_counts(conn, self.name)
+            if kept is not None:
+                return kept
+        return conn.execute(f'SELECT count(*) FROM "{self.name}"{where}', params).fetchone()[0], None
 
     async def count_by(self, field: str, filter: Filter | None = None) -> dict[Any, int]:
         params: list = []
