@@ -375,11 +375,11 @@ class StreamingRequest(Request):
 
     def _match(self, length: Optional[int]) -> Optional[BodyStream]:
         channel = self.channel
-        if length == 0 and getattr(channel, "_command", None) in (b"GET", b"HEAD"):
+        command = getattr(channel, "_command", None)
+        if length == 0 and command in (b"GET", b"HEAD"):
             # No body and no streamed endpoint: no route to look up (a paged list is such a request).
             return None
         router = getattr(getattr(channel, "site", None), "api_router", None)
-        command = getattr(channel, "_command", None)
         target = getattr(channel, "_path", None)
         if router is None or command is None or target is None:
             return None
