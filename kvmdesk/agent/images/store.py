@@ -255,7 +255,8 @@ class ImageReceiver:
         # Without the MD5 state of the bytes already here (a resume after a restart), the whole file is
         # hashed once at the end instead.
         self.writer = HashingWriter(self.fd, reactor=store.reactor, hasher=hasher, hashing=hasher is not None,
-                                    threaded=store.threaded, pause=self.context.pause, resume=self.context.resume)
+                                    threaded=store.threaded, pause=self.context.pause, resume=self.context.resume,
+                                    write_behind=store.fsync)
         store.active[final] = self
 
     @property

@@ -234,7 +234,7 @@ class FormUpload:
         self.temp = self.spec.directory / f"{TEMP_PREFIX}{uuidlib.uuid4().hex}{TEMP_SUFFIX}"
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self.writer = HashingWriter(self.fd, reactor=self.context.core.reactor, threaded=self.spec.threaded,
-                                    pause=self.context.pause, resume=self.context.resume)
+                                    pause=self.context.pause, resume=self.context.resume, write_behind=self.spec.fsync)
 
     def _file_data(self, data: bytes) -> None:
         self.file_size += len(data)

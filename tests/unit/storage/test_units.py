@@ -9,7 +9,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.filewriter import HIGH_WATER, HashingWriter
+from kvmdesk.core import filewriter
+from kvmdesk.core.filewriter import HIGH_WATER, WRITE_BEHIND, HashingWriter
 from kvmdesk.plugins.storage.agents import AgentUnreachable
 from kvmdesk.plugins.storage.formats import check_base_image, image_problem
 from kvmdesk.plugins.storage.ostypes import os_type_simple
@@ -93,6 +94,32 @@ async def test_threaded_writer_pauses_the_network_when_the_disk_falls_behind(tmp
     await writer.flush()
     os.close(fd)
     assert events == ["pause", "resume"]
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("write_behind", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_write_behind_starts_writeback_as_the_file_grows(tmp_path, monkeypatch, threaded, write_behind):
+    real = filewriter._sync_file_range_call
+    assert real is not None, "glibc's sync_file_range should be found on Linux"
+    calls = []
+
+    def spy(fd, offset, length, flags):
+        calls.append((fd, offset, length, flags))
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(filewriter, "_sync_file_range_call", spy)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    writer = HashingWriter(fd, reactor=reactor, threaded=threaded, write_behind=write_behind)
+    chunk = os.urandom(1 << 20)
+    for _ in range(3 * WRITE_BEHIND // len(chunk)):
+        writer.write(chunk)
+        await writer.flush()  # one chunk per batch, so the count below does not depend on timing
+    assert calls == ([(fd, 0, 0, 2)] * 3 if write_behind else [])
+    assert real(fd, 0, 0, 2) == 0  # the real call accepts these arguments
+    os.close(fd)
+    assert path.stat().st_size == 3 * WRITE_BEHIND
 
 
 @pytest_twisted.ensureDeferred
