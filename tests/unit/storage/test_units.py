@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core import filewriter
@@ -51,15 +52,10 @@ def test_os_type_simple(os_type, simple):
     assert os_type_simple(os_type) == simple
 
 
-@pytest.mark.parametrize("threaded", [False, True])
-@pytest_twisted.ensureDeferred
-async def test_hashing_writer_writes_and_hashes_in_order(tmp_path, threaded):
-    chunks = [os.urandom(1000 + i) for i in range(300)]
-    path = tmp_path / "out"
+async def write_and_check(path, chunks, **options) -> HashingWriter:
+    """Write ``chunks`` through a new HashingWriter into a new file; check the file, its MD5 and the count."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    pauses = []
-    writer = HashingWriter(fd, reactor=reactor, threaded=threaded, pause=lambda: pauses.append("pause"),
-                           resume=lambda: pauses.append("resume"))
+    writer = HashingWriter(fd, reactor=reactor, **options)
     for chunk in chunks:
         writer.write(chunk)
     await writer.flush()
@@ -67,6 +63,25 @@ async def test_hashing_writer_writes_and_hashes_in_order(tmp_path, threaded):
     whole = b"".join(chunks)
     assert path.read_bytes() == whole and writer.hexdigest() == hashlib.md5(whole).hexdigest()
     assert writer.written == len(whole)
+    return writer
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_hashing_writer_writes_and_hashes_in_order(tmp_path, threaded):
+    await write_and_check(tmp_path / "out", [os.urandom(1000 + i) for i in range(300)], threaded=threaded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_threaded_writer_keeps_order_when_its_threads_take_turns(tmp_path, monkeypatch):
+    monkeypatch.setattr(filewriter, "DRAIN_PASS", 10_000)  # a thread gives its pool thread back every ~5 chunks
+    requeued = []
+    real_start = filewriter.OrderedDrain._start
+    monkeypatch.setattr(filewriter.OrderedDrain, "_start", lambda drain: (requeued.append(1), real_start(drain)))
+    chunks = [os.urandom(2000 + i) for i in range(400)]
+    await write_and_check(tmp_path / "out", chunks, threaded=True)
+    # A turn ends after at least 10,000 bytes, at most one chunk more: both drains took many turns.
+    assert len(requeued) >= 2 * (sum(map(len, chunks)) // (10_000 + max(map(len, chunks))))
 
 
 @pytest_twisted.ensureDeferred
@@ -81,19 +96,48 @@ async def test_threaded_writer_without_hashing_only_writes(tmp_path):
     assert path.read_bytes() == b"".join(bytes([i]) * 5000 for i in range(50)) and writer.hexdigest() is None
 
 
-@pytest_twisted.ensureDeferred
-async def test_threaded_writer_pauses_the_network_when_the_disk_falls_behind(tmp_path):
-    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+def stalled_writer(chunk: bytes) -> tuple[int, int, HashingWriter, list[str], int]:
+    """A threaded writer into a pipe nobody reads yet (a disk that has stopped: the writing thread
+    blocks in os.write), given more than HIGH_WATER bytes of ``chunk``; it has paused the network."""
+    read_end, write_end = os.pipe()
     events = []
-    writer = HashingWriter(fd, reactor=reactor, threaded=True, pause=lambda: events.append("pause"),
+    writer = HashingWriter(write_end, reactor=reactor, threaded=True, pause=lambda: events.append("pause"),
                            resume=lambda: events.append("resume"))
-    chunk = b"x" * (1 << 20)
-    for _ in range(HIGH_WATER // len(chunk) + 4):  # faster than any thread can drain: queued on the reactor
+    count = HIGH_WATER // len(chunk) + 4
+    for _ in range(count):
         writer.write(chunk)
     assert events == ["pause"]
-    await writer.flush()
-    os.close(fd)
+    return read_end, write_end, writer, events, count
+
+
+@pytest_twisted.ensureDeferred
+async def test_threaded_writer_pauses_the_network_when_the_disk_falls_behind(tmp_path):
+    chunk = os.urandom(1 << 20)
+    read_end, write_end, writer, events, count = stalled_writer(chunk)
+    received = bytearray()
+    reader = threading.Thread(daemon=True, target=lambda: [received.extend(block) for block in iter(
+        lambda: os.read(read_end, 1 << 20), b"")])
+    reader.start()  # the disk catches up
+    await with_timeout(defer.ensureDeferred(writer.flush()))
     assert events == ["pause", "resume"]
+    os.close(write_end)
+    await with_timeout(threads.deferToThread(reader.join))
+    os.close(read_end)
+    assert bytes(received) == chunk * count
+    assert writer.written == len(chunk) * count and writer.hexdigest() == hashlib.md5(chunk * count).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_threaded_writer_stops_at_the_first_write_error_and_resumes_the_network(tmp_path):
+    chunk = b"x" * (1 << 20)
+    read_end, write_end, writer, events, _ = stalled_writer(chunk)
+    os.close(read_end)  # the blocked os.write now fails with EPIPE (Python ignores SIGPIPE)
+    with pytest.raises(BrokenPipeError):
+        await with_timeout(defer.ensureDeferred(writer.flush()))
+    assert events == ["pause", "resume"] and not writer.pending
+    with pytest.raises(BrokenPipeError):
+        writer.write(chunk)
+    os.close(write_end)
 
 
 @pytest.mark.parametrize("threaded", [False, True])
