@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Upload a 1 GB base image to the controller and distribute it to two local agents; print throughputs.
 
-    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--hash-on-reactor] [--workdir DIR] [--keep]
+    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--rounds 3] [--hash-on-reactor] [--workdir DIR] [--keep]
 
 What runs (all on this machine, all files on the same disk, in one run):
 
@@ -23,8 +23,9 @@ either is below half of cp the bench says the upload target cannot be met in tha
 Targets: upload and distribution at least 50% of cp; controller RSS growth under 100 MB.
 This prints figures; it asserts nothing.
 
-Two cp baselines are taken: one copy before the upload (what the upload writes), and two copies at
-once after the distribution (what the two agents write).  ``cp`` copies inside the kernel
+Two cp baselines are taken: one copy (what the upload writes), alternated with the uploads over
+``--rounds`` rounds and compared by medians (whichever runs second finds the disk still writing back
+the first one's gigabyte), and two copies at once after the distribution (what the two agents write).  ``cp`` copies inside the kernel
 (``copy_file_range``: no user-space copy, no hashing), so it bounds what any program that reads a
 socket and computes an MD5 can reach; the MD5 rate of one core is printed for scale.
 ``KVMDESK_BENCH_PROFILE=DIR`` writes cProfile statistics of the controller and agents to ``DIR``.
@@ -38,6 +39,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,7 +77,8 @@ def serve_agent(host: str, port: int, data_dir: str, hash_in_thread: bool) -> No
 
 
 def serve_controller(config_json: str) -> None:
-    """The production controller service, with a pool and two nodes seeded in its store."""
+    """The production controller service, with a pool and two nodes seeded in its store, and an empty
+    pool (uploads into it start no distribution)."""
     from twisted.internet import defer, reactor
 
     from kvmdesk.core.config import Config
@@ -95,7 +98,9 @@ def serve_controller(config_json: str) -> None:
             await core.store.collection("nodes").insert_one(new_record(
                 core.clock, name=f"bench-node-{i}", hostname=f"bench-node-{i}", ip=host,
                 resource_pool_uuid=pool["uuid"], status="online", type=2))
-        print("READY", service.port.getHost().port, pool["uuid"], flush=True)
+        empty = await core.store.collection("resource_pools").insert_one(
+            new_record(core.clock, name="bench-no-nodes", desc=None, status=0, default=0))
+        print("READY", service.port.getHost().port, pool["uuid"], empty["uuid"], flush=True)
 
     service.ready.addCallback(lambda core: defer.ensureDeferred(seed(core)))
     service.ready.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
@@ -278,8 +283,6 @@ def run(options: argparse.Namespace) -> None:
                 md5.update(block)
         md5_rate = size / 1e6 / (time.perf_counter() - started)
 
-        cp_seconds = timed_cp(image, [workdir / "cp-copy.img"])
-
         hosts = ["127.0.0.2", "127.0.0.3"]
         agent_port = free_port(hosts)
         for i, host in enumerate(hosts):
@@ -292,7 +295,8 @@ def run(options: argparse.Namespace) -> None:
             "nodes": {"agent_port": agent_port},
             "storage": {"hash_in_thread": options.hash_in_thread, "max_streams": 2, "max_upload": 4 * size},
         }
-        controller, (port, pool) = start(["--serve-controller", json.dumps({"config": config, "agents": hosts})])
+        controller, (port, pool, empty_pool) = start(
+            ["--serve-controller", json.dumps({"config": config, "agents": hosts})])
         processes.append(controller)
         base = f"http://127.0.0.1:{port}/api/v1.0"
         token = api(base, "POST", "/auth/login", body={"username": "admin", "password": ADMIN_PASSWORD})["data"]["token"]
@@ -303,14 +307,30 @@ def run(options: argparse.Namespace) -> None:
         client_seconds, _ = curl_upload(f"http://127.0.0.1:{sink_port}/", image, token)
         sink.join()
 
-        sync()
+        def upload(into: str) -> tuple[float, str]:
+            sync()
+            seconds, answer = curl_upload(f"{base}/resource_mgr/resource_pools/{into}/base_images", image, token)
+            answer = json.loads(answer)
+            if answer.get("code") != 0:
+                raise RuntimeError(f"upload failed: {answer}")
+            assert answer["data"]["md5_sum"] == md5.hexdigest(), "the controller computed another MD5"
+            return seconds, answer["data"]["uuid"]
+
+        # cp and the upload alternate, round by round, so that neither always runs while the disk is
+        # still busy with the other's writes; the medians are compared.  These uploads go into a pool
+        # without nodes; the last upload, into the pool with the two agents, starts the distribution.
+        cp_rounds, upload_rounds = [], []
+        for _ in range(options.rounds - 1):
+            cp_rounds.append(timed_cp(image, [workdir / "cp-copy.img"]))
+            seconds, uuid = upload(empty_pool)
+            upload_rounds.append(seconds)
+            api(base, "DELETE", f"/resource_mgr/resource_pools/{empty_pool}/base_images", token, {"uuids": [uuid]})
+        cp_rounds.append(timed_cp(image, [workdir / "cp-copy.img"]))
         started = time.perf_counter()
-        upload_seconds, answer = curl_upload(f"{base}/resource_mgr/resource_pools/{pool}/base_images", image, token)
-        answer = json.loads(answer)
-        if answer.get("code") != 0:
-            raise RuntimeError(f"upload failed: {answer}")
-        uuid = answer["data"]["uuid"]
-        assert answer["data"]["md5_sum"] == md5.hexdigest(), "the controller computed another MD5"
+        seconds, uuid = upload(pool)
+        upload_rounds.append(seconds)
+        upload_seconds = seconds
+        cp_seconds = statistics.median(cp_rounds)
 
         # Distribution starts as the upload answers; poll its state (a benchmark may poll, tests never do).
         while True:
@@ -332,7 +352,7 @@ def run(options: argparse.Namespace) -> None:
         mb = size / 1e6
         cp_rate = mb / cp_seconds
         cp2_rate = 2 * mb / cp2_seconds
-        upload_rate = mb / upload_seconds
+        upload_rate = mb / statistics.median(upload_rounds)
         client_rate = mb / client_seconds
         total_rate = 2 * mb / distribution_seconds
         per_node = mb / distribution_seconds
@@ -342,11 +362,14 @@ def run(options: argparse.Namespace) -> None:
         print(f"file: {options.size_mb} MiB; chunks hashed and written {where}; "
               f"{os.cpu_count()} CPUs, load average {load:.1f}; MD5 alone on one core: {md5_rate:.0f} MB/s")
         print(f"{'':34}{'seconds':>9}{'MB/s':>10}{'vs cp':>8}")
-        print(f"{'cp + fsync, 1 copy (before)':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}")
+        print(f"{'cp + fsync, 1 copy':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}   (median of "
+              f"{len(cp_rounds)}: {', '.join(f'{mb / r:.0f}' for r in cp_rounds)} MB/s)")
         print(f"{'curl -> a socket that discards':34}{client_seconds:9.2f}{client_rate:10.1f}{client_rate / cp_rate:8.0%}"
               "   (the client alone: no server work)")
-        print(f"{'upload (curl -> controller)':34}{upload_seconds:9.2f}{upload_rate:10.1f}{upload_rate / cp_rate:8.0%}"
-              f"   ({upload_rate / min(md5_rate, client_rate):.0%} of the lower of MD5 alone and the client alone)")
+        print(f"{'upload (curl -> controller)':34}{statistics.median(upload_rounds):9.2f}{upload_rate:10.1f}"
+              f"{upload_rate / cp_rate:8.0%}   (median of {len(upload_rounds)}, each after a cp: "
+              f"{', '.join(f'{mb / r:.0f}' for r in upload_rounds)} MB/s; "
+              f"{upload_rate / min(md5_rate, client_rate):.0%} of the lower of MD5 alone and the client alone)")
         print(f"{'cp + fsync, 2 copies (after)':34}{cp2_seconds:9.2f}{cp2_rate:10.1f}{'':>8}")
         print(f"{'distribution, 2 agents at once':34}{distribution_seconds:9.2f}{total_rate:10.1f}{total_rate / cp2_rate:8.0%}"
               f"   ({per_node:.1f} MB/s per node, MD5-verified on each; {total_rate / cp_rate:.0%} of 1 cp)")
@@ -383,6 +406,8 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--hash-on-reactor", action="store_true",
                         help="write and hash chunks on the reactor thread (the product default is a worker thread)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="cp and upload rounds, alternated; their medians are compared (the last upload is distributed)")
     parser.add_argument("--workdir", help="where the image, the copies and the data directories go")
     parser.add_argument("--tmp", default=None, help="parent of the temporary work directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
