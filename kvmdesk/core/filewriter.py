@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from kvmdesk.core.directio import DirectWriter, write_all
+
 HIGH_WATER = 16 << 20
 LOW_WATER = 4 << 20
 #: bytes a drain's thread handles before it gives its pool thread back for a turn (fairness).
@@ -60,13 +62,6 @@ def start_writeback(fd: int) -> None:
     """Start (without waiting for) writing ``fd``'s dirty pages to disk; only a hint, so it never fails."""
     if _sync_file_range_call is not None:
         _sync_file_range_call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 class OrderedDrain:
@@ -152,6 +147,8 @@ class HashingWriter:
     :param threaded: write and hash on worker threads (see the module docstring).
     :param pause: stop the producer of the chunks (network back-pressure); ``resume`` restarts it.
     :param write_behind: start writing to disk as the file grows (see the module docstring).
+    :param direct: ``fd`` is a new file opened with ``O_DIRECT`` (:func:`kvmdesk.core.directio.open_for_stream`):
+        chunks go through a :class:`~kvmdesk.core.directio.DirectWriter`; :meth:`flush` writes its tail.
     """
 
     def __init__(
@@ -165,6 +162,7 @@ class HashingWriter:
         pause: Optional[Callable[[], None]] = None,
         resume: Optional[Callable[[], None]] = None,
         write_behind: bool = False,
+        direct: bool = False,
     ):
         self.fd = fd
         self.reactor = reactor
@@ -172,7 +170,8 @@ class HashingWriter:
         self.threaded = threaded
         self._pause = pause or (lambda: None)
         self._resume = resume or (lambda: None)
-        self.write_behind = write_behind
+        self._direct = DirectWriter(fd) if direct else None
+        self.write_behind = write_behind and not direct
         self._unsynced = 0
         self._inline_written = 0
         self.error: Optional[BaseException] = None
@@ -197,11 +196,10 @@ class HashingWriter:
         if self.error is not None:
             raise self.error
         if not self.threaded:
-            _write_all(self.fd, data)
+            self._write_chunk(data)
             if self.hasher is not None:
                 self.hasher.update(data)
             self._inline_written += len(data)
-            self._wrote(len(data))
             return
         self._queued += len(data)
         for drain in self._drains:
@@ -216,7 +214,10 @@ class HashingWriter:
         return self._queued - min(drain.completed for drain in self._drains)
 
     def _write_chunk(self, data: bytes) -> None:
-        _write_all(self.fd, data)
+        if self._direct is not None:
+            self._direct.write(data)
+            return
+        write_all(self.fd, data)
         self._wrote(len(data))
 
     def _wrote(self, size: int) -> None:
@@ -250,7 +251,8 @@ class HashingWriter:
                 d.callback(None)
 
     async def flush(self, *, fsync: bool = False) -> None:
-        """Wait until every chunk is written; raises the first write error.
+        """Wait until every chunk is written (direct mode: its tail too, then ordinary writes); raises the
+        first write error.
 
         :param fsync: then wait until the file is on disk too (``os.fsync`` on a pool thread).
         """
@@ -260,6 +262,8 @@ class HashingWriter:
             await d
         if self.error is not None:
             raise self.error
+        if self._direct is not None and self._direct.direct:
+            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._direct.finish)
         if fsync:
             await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), os.fsync, self.fd)
 

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from kvmdesk.agent.images import protocol
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.directio import open_for_stream
 from kvmdesk.core.filewriter import HashingWriter
 
 log = Logger(namespace="kvmdesk.agent.images")
@@ -78,11 +79,13 @@ class ImageStore:
     :param threaded: write and hash received chunks on a worker thread.
     """
 
-    def __init__(self, roots: dict[int, Path], *, reactor: Any, threaded: bool = False, fsync: bool = False):
+    def __init__(self, roots: dict[int, Path], *, reactor: Any, threaded: bool = False, fsync: bool = False,
+                 direct_io: bool = False):
         self.roots = roots
         self.reactor = reactor
         self.threaded = threaded
         self.fsync = fsync
+        self.direct_io = direct_io
         self.partials: dict[Path, Partial] = {}
         #: Receivers in progress by final path: a new transfer of the same file supersedes the old one.
         self.active: dict[Path, "ImageReceiver"] = {}
@@ -100,7 +103,8 @@ class ImageStore:
             configured = config.get(f"agent.storage.{key}") or ""
             roots[role] = Path(configured).absolute() if configured else default
         return cls(roots, reactor=reactor, threaded=bool(config.get("agent.images.hash_in_thread", True)),
-                   fsync=bool(config.get("agent.images.fsync", True)))
+                   fsync=bool(config.get("agent.images.fsync", True)),
+                   direct_io=bool(config.get("agent.images.direct_io", True)))
 
     # -- locations -------------------------------------------------------------------------------
 
@@ -245,7 +249,8 @@ class ImageReceiver:
         store.part_meta_path(final).write_bytes(orjson.dumps({"md5": self.md5, "total": self.total,
                                                                  "version": self.version}))
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.offset else os.O_TRUNC)
-        self.fd = os.open(self.part, flags, 0o640)
+        # Direct I/O from offset 0 only: a resumed file ends anywhere, and O_DIRECT wants aligned offsets.
+        self.fd, direct = open_for_stream(self.part, flags, 0o640, direct=store.direct_io and not self.offset)
         remembered = store.partials.pop(final, None)
         hasher = None
         if self.offset == 0:
@@ -256,7 +261,7 @@ class ImageReceiver:
         # hashed once at the end instead.
         self.writer = HashingWriter(self.fd, reactor=store.reactor, hasher=hasher, hashing=hasher is not None,
                                     threaded=store.threaded, pause=self.context.pause, resume=self.context.resume,
-                                    write_behind=store.fsync)
+                                    write_behind=store.fsync, direct=direct)
         store.active[final] = self
 
     @property

@@ -113,13 +113,22 @@ async def test_wrong_content_is_refused_and_leaves_nothing(agent):
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_interrupted_transfer_resumes_where_it_stopped(agent):
+async def test_an_interrupted_transfer_resumes_where_it_stopped(agent, monkeypatch):
+    from kvmdesk.agent.images import store
+
+    opened = []
+    real_open = store.open_for_stream
+    monkeypatch.setattr(store, "open_for_stream", lambda *args, direct: (opened.append(direct), real_open(
+        *args, direct=direct))[1])
     await cut_after(agent, 500_000)
     seen = await state(agent)
+    # The partial file holds exactly what arrived: the direct writer's tail was written and cut to length.
     assert seen["exists"] is False and seen["partial"] >= 500_000
+    assert store.ImageStore.part_path(agent.base_image(FILE_ID)).stat().st_size == seen["partial"]
     status, body = await put(agent, CONTENT[seen["partial"]:], offset=seen["partial"])
     assert status == 200, body
     assert agent.base_image(FILE_ID).read_bytes() == CONTENT
+    assert opened == [True, False]  # direct I/O for a new file, not for appending at an unaligned offset
 
 
 @pytest_twisted.ensureDeferred
