@@ -23,9 +23,10 @@ either is below half of cp the bench says the upload target cannot be met in tha
 Targets: upload and distribution at least 50% of cp; controller RSS growth under 100 MB.
 This prints figures; it asserts nothing.
 
-Two cp baselines are taken: one copy (what the upload writes), alternated with the uploads over
-``--rounds`` rounds and compared by medians (whichever runs second finds the disk still writing back
-the first one's gigabyte), and two copies at once after the distribution (what the two agents write).  ``cp`` copies inside the kernel
+Two cp baselines are taken: one copy (what the upload writes) and two copies at once (what the two
+agents write).  Each of ``--rounds`` rounds runs cp, the upload, its distribution and the two-copy
+cp, then deletes the image; medians are compared (whichever runs second finds the disk still writing
+back the first one's gigabytes, so neither always goes first).  ``cp`` copies inside the kernel
 (``copy_file_range``: no user-space copy, no hashing), so it bounds what any program that reads a
 socket and computes an MD5 can reach; the MD5 rate of one core is printed for scale.
 ``KVMDESK_BENCH_PROFILE=DIR`` writes cProfile statistics of the controller and agents to ``DIR``.
@@ -77,8 +78,7 @@ def serve_agent(host: str, port: int, data_dir: str, hash_in_thread: bool) -> No
 
 
 def serve_controller(config_json: str) -> None:
-    """The production controller service, with a pool and two nodes seeded in its store, and an empty
-    pool (uploads into it start no distribution)."""
+    """The production controller service, with a pool and two nodes seeded in its store."""
     from twisted.internet import defer, reactor
 
     from kvmdesk.core.config import Config
@@ -98,9 +98,7 @@ def serve_controller(config_json: str) -> None:
             await core.store.collection("nodes").insert_one(new_record(
                 core.clock, name=f"bench-node-{i}", hostname=f"bench-node-{i}", ip=host,
                 resource_pool_uuid=pool["uuid"], status="online", type=2))
-        empty = await core.store.collection("resource_pools").insert_one(
-            new_record(core.clock, name="bench-no-nodes", desc=None, status=0, default=0))
-        print("READY", service.port.getHost().port, pool["uuid"], empty["uuid"], flush=True)
+        print("READY", service.port.getHost().port, pool["uuid"], flush=True)
 
     service.ready.addCallback(lambda core: defer.ensureDeferred(seed(core)))
     service.ready.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
@@ -239,14 +237,21 @@ def curl_upload(url: str, image: Path, token: str) -> tuple[float, str]:
     return time.perf_counter() - started, upload.stdout
 
 
-def sync() -> None:
+def settle(seconds: float) -> None:
+    """Flush this machine's dirty pages, then give the disk time to finish writing back.
+
+    In a VM the host may take an fsynced gigabyte into its own cache at RAM speed and write it to the
+    real disk afterwards; whatever runs next, cp or upload, would pay for that.  Each measurement
+    starts after the same pause instead (``--settle``).
+    """
     os.sync()
+    time.sleep(seconds)
 
 
-def timed_cp(source: Path, targets: list[Path]) -> float:
+def timed_cp(source: Path, targets: list[Path], settle_seconds: float) -> float:
     """Seconds for ``cp`` of ``source`` to each target at once (one cp process per target), each copy
     then fsynced: on disk, as an upload and a received image are before they are answered."""
-    sync()
+    settle(settle_seconds)
     started = time.perf_counter()
     copies = [subprocess.Popen(["cp", str(source), str(target)]) for target in targets]
     for copy in copies:
@@ -295,7 +300,7 @@ def run(options: argparse.Namespace) -> None:
             "nodes": {"agent_port": agent_port},
             "storage": {"hash_in_thread": options.hash_in_thread, "max_streams": 2, "max_upload": 4 * size},
         }
-        controller, (port, pool, empty_pool) = start(
+        controller, (port, pool) = start(
             ["--serve-controller", json.dumps({"config": config, "agents": hosts})])
         processes.append(controller)
         base = f"http://127.0.0.1:{port}/api/v1.0"
@@ -307,72 +312,74 @@ def run(options: argparse.Namespace) -> None:
         client_seconds, _ = curl_upload(f"http://127.0.0.1:{sink_port}/", image, token)
         sink.join()
 
-        def upload(into: str) -> tuple[float, str]:
-            sync()
-            seconds, answer = curl_upload(f"{base}/resource_mgr/resource_pools/{into}/base_images", image, token)
+        def upload() -> tuple[float, str]:
+            settle(options.settle)
+            seconds, answer = curl_upload(f"{base}/resource_mgr/resource_pools/{pool}/base_images", image, token)
             answer = json.loads(answer)
             if answer.get("code") != 0:
                 raise RuntimeError(f"upload failed: {answer}")
             assert answer["data"]["md5_sum"] == md5.hexdigest(), "the controller computed another MD5"
             return seconds, answer["data"]["uuid"]
 
-        # cp and the upload alternate, round by round, so that neither always runs while the disk is
-        # still busy with the other's writes; the medians are compared.  These uploads go into a pool
-        # without nodes; the last upload, into the pool with the two agents, starts the distribution.
-        cp_rounds, upload_rounds = [], []
-        for _ in range(options.rounds - 1):
-            cp_rounds.append(timed_cp(image, [workdir / "cp-copy.img"]))
-            seconds, uuid = upload(empty_pool)
-            upload_rounds.append(seconds)
-            api(base, "DELETE", f"/resource_mgr/resource_pools/{empty_pool}/base_images", token, {"uuids": [uuid]})
-        cp_rounds.append(timed_cp(image, [workdir / "cp-copy.img"]))
-        started = time.perf_counter()
-        seconds, uuid = upload(pool)
-        upload_rounds.append(seconds)
-        upload_seconds = seconds
-        cp_seconds = statistics.median(cp_rounds)
+        def distributed(uuid: str) -> None:
+            """Until both agents report the verified file (a benchmark may poll; tests never do)."""
+            while True:
+                detail = api(base, "GET", f"/resource_mgr/resource_pools/{pool}/base_images/{uuid}", token)["data"]
+                if detail["publish_count"] == 2 or detail["status"] == 2 and all(d["status"] != 1 for d in detail["detail"]):
+                    break
+                time.sleep(0.05)
+            if detail["publish_count"] != 2:
+                raise RuntimeError(f"distribution failed: {detail}")
 
-        # Distribution starts as the upload answers; poll its state (a benchmark may poll, tests never do).
-        while True:
-            detail = api(base, "GET", f"/resource_mgr/resource_pools/{pool}/base_images/{uuid}", token)["data"]
-            if detail["publish_count"] == 2 or detail["status"] == 2 and all(d["status"] != 1 for d in detail["detail"]):
-                break
-            time.sleep(0.05)
-        distribution_seconds = time.perf_counter() - started - upload_seconds
-        if detail["publish_count"] != 2:
-            raise RuntimeError(f"distribution failed: {detail}")
-        for i in range(2):
-            arrived = workdir / f"agent-{i}" / "storage" / "instances" / "_base" / uuid
-            assert arrived.stat().st_size == size, f"agent {i} holds {arrived.stat().st_size} bytes"
+        # Each round: cp of one copy; the upload (the same bytes once); its distribution to both agents,
+        # which starts as the upload answers; cp of two copies at once (what the agents wrote); then the
+        # image is deleted everywhere.  Alternating, neither always runs while the disk is still writing
+        # back the other's gigabytes; the medians are compared.
+        cp_rounds, upload_rounds, distribution_rounds, cp2_rounds = [], [], [], []
+        for _ in range(options.rounds):
+            cp_rounds.append(timed_cp(image, [workdir / "cp-copy.img"], options.settle))
+            seconds, uuid = upload()
+            answered = time.perf_counter()
+            upload_rounds.append(seconds)
+            distributed(uuid)
+            distribution_rounds.append(time.perf_counter() - answered)
+            arrived = [workdir / f"agent-{i}" / "storage" / "instances" / "_base" / uuid for i in range(2)]
+            for i, path in enumerate(arrived):
+                assert path.stat().st_size == size, f"agent {i} holds {path.stat().st_size} bytes"
+            cp2_rounds.append(timed_cp(image, [workdir / "cp-copy-1.img", workdir / "cp-copy-2.img"], options.settle))
+            deleted = api(base, "DELETE", f"/resource_mgr/resource_pools/{pool}/base_images", token, {"uuids": [uuid]})
+            assert deleted["code"] == 0 and not any(path.exists() for path in arrived), deleted
         hwm_end = vm(controller.pid, "VmHWM")
         agents_hwm = [vm(p.pid, "VmHWM") for p in processes[:2]]
-        # The same two copies the agents just made, by cp, now (two cp processes at once).
-        cp2_seconds = timed_cp(image, [workdir / "cp-copy-1.img", workdir / "cp-copy-2.img"])
 
         mb = size / 1e6
+        cp_seconds, cp2_seconds = statistics.median(cp_rounds), statistics.median(cp2_rounds)
+        upload_seconds, distribution_seconds = statistics.median(upload_rounds), statistics.median(distribution_rounds)
         cp_rate = mb / cp_seconds
         cp2_rate = 2 * mb / cp2_seconds
-        upload_rate = mb / statistics.median(upload_rounds)
+        upload_rate = mb / upload_seconds
         client_rate = mb / client_seconds
         total_rate = 2 * mb / distribution_seconds
         per_node = mb / distribution_seconds
+
+        def rounds(seconds: list[float], copies: int = 1) -> str:
+            return f"median of {len(seconds)}: {', '.join(f'{copies * mb / r:.0f}' for r in seconds)} MB/s"
+
         load = os.getloadavg()[0]
         print()
         where = "on two worker threads" if options.hash_in_thread else "on the reactor thread"
         print(f"file: {options.size_mb} MiB; chunks hashed and written {where}; "
               f"{os.cpu_count()} CPUs, load average {load:.1f}; MD5 alone on one core: {md5_rate:.0f} MB/s")
         print(f"{'':34}{'seconds':>9}{'MB/s':>10}{'vs cp':>8}")
-        print(f"{'cp + fsync, 1 copy':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}   (median of "
-              f"{len(cp_rounds)}: {', '.join(f'{mb / r:.0f}' for r in cp_rounds)} MB/s)")
+        print(f"{'cp + fsync, 1 copy':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}   ({rounds(cp_rounds)})")
         print(f"{'curl -> a socket that discards':34}{client_seconds:9.2f}{client_rate:10.1f}{client_rate / cp_rate:8.0%}"
               "   (the client alone: no server work)")
-        print(f"{'upload (curl -> controller)':34}{statistics.median(upload_rounds):9.2f}{upload_rate:10.1f}"
-              f"{upload_rate / cp_rate:8.0%}   (median of {len(upload_rounds)}, each after a cp: "
-              f"{', '.join(f'{mb / r:.0f}' for r in upload_rounds)} MB/s; "
-              f"{upload_rate / min(md5_rate, client_rate):.0%} of the lower of MD5 alone and the client alone)")
-        print(f"{'cp + fsync, 2 copies (after)':34}{cp2_seconds:9.2f}{cp2_rate:10.1f}{'':>8}")
+        print(f"{'upload (curl -> controller)':34}{upload_seconds:9.2f}{upload_rate:10.1f}{upload_rate / cp_rate:8.0%}"
+              f"   ({rounds(upload_rounds)}; {upload_rate / min(md5_rate, client_rate):.0%} of the lower of"
+              f" MD5 alone and the client alone)")
+        print(f"{'cp + fsync, 2 copies at once':34}{cp2_seconds:9.2f}{cp2_rate:10.1f}{'':>8}   ({rounds(cp2_rounds, 2)})")
         print(f"{'distribution, 2 agents at once':34}{distribution_seconds:9.2f}{total_rate:10.1f}{total_rate / cp2_rate:8.0%}"
-              f"   ({per_node:.1f} MB/s per node, MD5-verified on each; {total_rate / cp_rate:.0%} of 1 cp)")
+              f"   ({rounds(distribution_rounds, 2)}; {per_node:.1f} MB/s per node, MD5-verified on each)")
         print(f"controller RSS: {rss_start / MiB:.0f} MiB after start-up (VmHWM {hwm_start / MiB:.0f} MiB), "
               f"peak VmHWM {hwm_end / MiB:.0f} MiB: growth {(hwm_end - hwm_start) / MiB:.1f} MiB")
         print(f"agents' peak RSS: {', '.join(f'{h / MiB:.0f} MiB' for h in agents_hwm)}")
@@ -407,7 +414,9 @@ def main() -> None:
     parser.add_argument("--hash-on-reactor", action="store_true",
                         help="write and hash chunks on the reactor thread (the product default is a worker thread)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="cp and upload rounds, alternated; their medians are compared (the last upload is distributed)")
+                        help="rounds of cp, upload, distribution and cp of two copies; their medians are compared")
+    parser.add_argument("--settle", type=float, default=4.0,
+                        help="seconds to wait, after a sync, before each measurement (the disk writes back)")
     parser.add_argument("--workdir", help="where the image, the copies and the data directories go")
     parser.add_argument("--tmp", default=None, help="parent of the temporary work directory")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
