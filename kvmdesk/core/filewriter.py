@@ -5,8 +5,8 @@ uses the threaded one unless ``[storage] hash_in_thread`` / ``[agent.images] has
 
 - ``threaded=False``: each chunk is written and hashed on the reactor thread as it arrives.
   MD5 runs at about 600-700 MB/s and a page-cache write of a 64 KiB-1 MiB chunk takes tens of
-  microseconds, so a chunk costs well under a millisecond; ``bench/transfer_bench.py --hash-in-thread``
-  measures both strategies side by side.
+  microseconds, so a chunk costs well under a millisecond; ``bench/transfer_bench.py --hash-on-reactor``
+  measures this strategy against the other.
 - ``threaded=True``: chunks are queued, in order, for two :class:`OrderedDrain` s: one writes them
   on a pool thread while the other hashes them on another; hashlib and ``os.write`` release the
   GIL, so hashing, writing and the reactor's socket reads overlap.  A drain's thread keeps taking
@@ -18,7 +18,8 @@ uses the threaded one unless ``[storage] hash_in_thread`` / ``[agent.images] has
 ``write_behind=True`` (for a file that will be fsynced when complete) asks the kernel to start
 writing the file to disk after every :data:`WRITE_BEHIND` bytes (``sync_file_range``), so the disk
 works while the rest still arrives and the final ``fsync`` finds almost nothing left to write: for a
-1 GiB upload here it went from about 0.5 s to a few milliseconds.
+1 GiB upload here it went from about 0.5 s to a few milliseconds.  ``direct=True`` (the agent's
+received images) writes through :mod:`kvmdesk.core.directio` instead, past the page cache.
 """
 from __future__ import annotations
 
