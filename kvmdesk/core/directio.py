@@ -30,6 +30,8 @@ BUFFER = 4 << 20
 def open_for_stream(path: os.PathLike | str, flags: int, mode: int, *, direct: bool) -> tuple[int, bool]:
     """``os.open`` for writing a stream; with ``O_DIRECT`` when ``direct`` and the filesystem allows it.
 
+    Not for ``O_EXCL``: a filesystem that refuses ``O_DIRECT`` may refuse it after creating the file.
+
     :returns: the descriptor, and whether it is in direct mode.
     """
     if direct:
