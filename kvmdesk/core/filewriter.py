@@ -24,7 +24,6 @@ received images) writes through :mod:`kvmdesk.core.directio` instead, past the p
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import os
 import threading
@@ -47,8 +46,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 def _sync_file_range() -> Optional[Callable[..., int]]:
     # Not in the os module; glibc has it on Linux (where else it is missing, write-behind is skipped).
+    # CDLL(None) is the running process, libc included: no ldconfig subprocess as find_library runs.
     try:
-        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -172,7 +172,7 @@ class HashingWriter:
         self._pause = pause or (lambda: None)
         self._resume = resume or (lambda: None)
         self._direct = DirectWriter(fd) if direct else None
-        self.write_behind = write_behind and not direct
+        self.write_behind = write_behind  # (a direct writer bypasses the page cache: nothing to write back)
         self._unsynced = 0
         self._inline_written = 0
         self.error: Optional[BaseException] = None
@@ -189,7 +189,7 @@ class HashingWriter:
 
     @property
     def written(self) -> int:
-        """Bytes written to the file so far."""
+        """Bytes written so far (in direct mode the last partial buffer reaches the file at :meth:`flush`)."""
         return self._writing.completed if self.threaded else self._inline_written
 
     def write(self, data: bytes) -> None:
