@@ -25,8 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvmdesk.agent.images import protocol
-from kvmdesk.core.errors import ApiError
 from kvmdesk.core.directio import open_for_stream
+from kvmdesk.core.errors import ApiError
 from kvmdesk.core.filewriter import HashingWriter
 
 log = Logger(namespace="kvmdesk.agent.images")
@@ -77,6 +77,8 @@ class ImageStore:
 
     :param roots: storage role (1-4) -> directory.
     :param threaded: write and hash received chunks on a worker thread.
+    :param fsync: fsync a received image before it is verified and made visible.
+    :param direct_io: write new image files with O_DIRECT (:mod:`kvmdesk.core.directio`).
     """
 
     def __init__(self, roots: dict[int, Path], *, reactor: Any, threaded: bool = False, fsync: bool = False,
