@@ -43,6 +43,7 @@ from twisted.web.server import Request, Site
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.store import StoreUnavailable
+from kvmdesk.core.threadpools import in_reactor_pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvmdesk.api.router import Endpoint, Router
@@ -479,7 +480,6 @@ async def feed_buffered(request: Any, sink: BodySink, reactor: Any = None) -> An
     The reads run in a thread: the buffer is a temporary file once the body is over 100 KB.
     """
     from twisted.internet import reactor as default_reactor
-    from twisted.internet.threads import deferToThreadPool
 
     reactor = reactor or default_reactor
     content = getattr(request, "content", None)
@@ -487,7 +487,7 @@ async def feed_buffered(request: Any, sink: BodySink, reactor: Any = None) -> An
         if content is not None:
             content.seek(0)
             while True:
-                chunk = await deferToThreadPool(reactor, reactor.getThreadPool(), content.read, FEED_CHUNK)
+                chunk = await in_reactor_pool(reactor, content.read, FEED_CHUNK)
                 if not chunk:
                     break
                 sink.write(chunk)

@@ -1,11 +1,19 @@
-"""Thread pools owned by services: stopping one without blocking the reactor."""
+"""Thread pools: blocking calls on the reactor's pool, and stopping a service's own pool without blocking
+the reactor."""
 from __future__ import annotations
 
 import threading
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+
+def in_reactor_pool(reactor: Any, fn: Any, *args: Any, **kwargs: Any) -> defer.Deferred:
+    """Run ``fn(*args, **kwargs)`` on ``reactor``'s thread pool (file I/O, hashing); fires on the reactor
+    thread."""
+    return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
 
 
 def stop_pool(reactor: Any, pool: ThreadPool, name: str) -> defer.Deferred:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from twisted.internet.threads import deferToThreadPool
 
 from kvmdesk.agent.images import protocol
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.threadpools import in_reactor_pool
 
 TAGS = ("images",)
 
@@ -50,7 +50,7 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
         agent.drains.append(images.drain)
 
     def in_thread(fn: Any, *args: Any) -> Any:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+        return in_reactor_pool(reactor, fn, *args)
 
     def receive(context: StreamContext) -> Any:
         args = context.args

@@ -20,7 +20,6 @@ from typing import Any, Optional
 import attrs
 import orjson
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,6 +27,7 @@ from kvmdesk.agent.images import protocol
 from kvmdesk.core.directio import open_for_stream
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.filewriter import HashingWriter
+from kvmdesk.core.threadpools import in_reactor_pool
 
 log = Logger(namespace="kvmdesk.agent.images")
 
@@ -371,4 +371,4 @@ class ImageReceiver:
 
     def _in_thread(self, fn: Any, *args: Any) -> defer.Deferred:
         reactor = self.store.reactor
-        return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args)
+        return in_reactor_pool(reactor, fn, *args)

@@ -22,12 +22,12 @@ from urllib.parse import quote, urlencode
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from kvmdesk.api.router import API_PREFIX, Action, ApiRequest, Router
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import format_time
+from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.users import codes, sheet_jobs
 from kvmdesk.plugins.users.accounts import GROUPS, find_by
 from kvmdesk.plugins.users.batch import batch_answer, describe_users, resolve_users
@@ -57,7 +57,7 @@ def content_disposition(name: str) -> bytes:
 
 def run_blocking(core: Any, fn: Any, *args: Any) -> defer.Deferred:
     """Run ``fn`` in the reactor's thread pool (short blocking file work)."""
-    return deferToThreadPool(core.reactor, core.reactor.getThreadPool(), fn, *args)
+    return in_reactor_pool(core.reactor, fn, *args)
 
 
 class Exports:
