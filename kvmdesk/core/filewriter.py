@@ -18,8 +18,9 @@ uses the threaded one unless ``[storage] hash_in_thread`` / ``[agent.images] has
 ``write_behind=True`` (for a file that will be fsynced when complete) asks the kernel to start
 writing the file to disk after every :data:`WRITE_BEHIND` bytes (``sync_file_range``), so the disk
 works while the rest still arrives and the final ``fsync`` finds almost nothing left to write: for a
-1 GiB upload here it went from about 0.5 s to a few milliseconds.  ``direct=True`` (the agent's
-received images) writes through :mod:`kvmdesk.core.directio` instead, past the page cache.
+1 GiB upload here it went from about 0.5 s to a few milliseconds.  ``direct=True`` (an agent's
+received images; the controller's uploads with ``[storage] direct_io``) writes through
+:mod:`kvmdesk.core.directio` instead, past the page cache.
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 
 from kvmdesk.core.directio import DirectWriter, write_all
+from kvmdesk.core.threadpools import in_reactor_pool
 
 HIGH_WATER = 16 << 20
 LOW_WATER = 4 << 20
@@ -103,7 +104,7 @@ class OrderedDrain:
 
     def _start(self) -> None:
         self._tasks += 1
-        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._run)
+        d = in_reactor_pool(self.reactor, self._run)
         d.addCallbacks(self._ran, self._failed)
 
     def _run(self) -> bool:
@@ -148,7 +149,8 @@ class HashingWriter:
     :param threaded: write and hash on worker threads (see the module docstring).
     :param pause: stop the producer of the chunks (network back-pressure); ``resume`` restarts it.
     :param write_behind: start writing to disk as the file grows (see the module docstring).
-    :param direct: ``fd`` is a new file opened with ``O_DIRECT`` (:func:`kvmdesk.core.directio.open_for_stream`):
+    :param direct: ``fd`` is a new file in ``O_DIRECT`` mode (:func:`~kvmdesk.core.directio.open_for_stream`,
+        :func:`~kvmdesk.core.directio.enable_direct`):
         chunks go through a :class:`~kvmdesk.core.directio.DirectWriter`; :meth:`flush` writes its tail.
     """
 
@@ -264,9 +266,9 @@ class HashingWriter:
         if self.error is not None:
             raise self.error
         if self._direct is not None and self._direct.direct:
-            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._direct.finish)
+            await in_reactor_pool(self.reactor, self._direct.finish)
         if fsync:
-            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), os.fsync, self.fd)
+            await in_reactor_pool(self.reactor, os.fsync, self.fd)
 
     @property
     def pending(self) -> bool:

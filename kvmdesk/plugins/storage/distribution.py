@@ -137,6 +137,7 @@ class Distributor(Service):
         stall_timeout: float = 300.0,
         chunk_size: int = 1 << 20,
         producer_factory: Callable[..., Any] = FileRangeProducer,
+        direct_io: bool = False,
     ):
         self.core = core
         self._link = link
@@ -149,6 +150,7 @@ class Distributor(Service):
         self.stall_timeout = stall_timeout
         self.chunk_size = chunk_size
         self.producer_factory = producer_factory
+        self.direct_io = direct_io
         self.transfers = core.store.collection(TRANSFERS)
         self.observers: list[Observer] = []
         self._semaphore = defer.DeferredSemaphore(self.max_streams)
@@ -399,7 +401,8 @@ class Distributor(Service):
             raise FileNotFoundError(f"the controller's copy {source} is missing")
         progress = _Progress(self, record["uuid"], offset, size)
         producer = self.producer_factory(source, offset, size - offset, on_progress=progress.sent,
-                                         chunk_size=self.chunk_size)
+                                         chunk_size=self.chunk_size, reactor=self.core.reactor,
+                                         direct=self.direct_io)
         params = {"role": record["role"], "offset": offset, "total": size, "md5": record["md5"]}
         if record.get("version") is not None:
             params["version"] = record["version"]

@@ -1,4 +1,5 @@
-"""Direct I/O writing (kvmdesk.core.directio) on a real filesystem, through the HashingWriter that uses it."""
+"""Direct I/O (kvmdesk.core.directio) on a real filesystem: writing, through the HashingWriter that uses it,
+and reading ranges."""
 from __future__ import annotations
 
 import errno
@@ -11,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from kvmdesk.core import directio
-from kvmdesk.core.directio import ALIGN, DirectWriter, open_for_stream
+from kvmdesk.core.directio import ALIGN, DirectWriter, RangeReader, enable_direct, open_for_stream
 from kvmdesk.core.filewriter import HashingWriter
 
 NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -87,3 +88,86 @@ def test_open_for_stream_falls_back_when_open_refuses_direct_io(tmp_path, monkey
     fd, direct = open_for_stream(tmp_path / "plain", NEW_FILE, 0o600, direct=False)
     assert not direct
     os.close(fd)
+
+
+def test_enable_direct_switches_a_new_file_and_reports_a_refusal(tmp_path, monkeypatch):
+    fd = os.open(tmp_path / "upload", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert not is_direct(fd)
+        assert enable_direct(fd) is True and is_direct(fd)
+    finally:
+        os.close(fd)
+
+    real_fcntl = directio.fcntl.fcntl
+
+    def refusing(fd, command, *args):
+        if command == fcntl.F_SETFL and args and args[0] & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, command, *args)
+
+    monkeypatch.setattr(directio.fcntl, "fcntl", refusing)
+    fd = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert enable_direct(fd) is False and not is_direct(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_range_reader_returns_any_range_exactly(tmp_path, direct):
+    content = os.urandom(5 * ALIGN + 123)
+    path = tmp_path / "image"
+    path.write_bytes(content)
+    reader = RangeReader(path, direct=direct)
+    try:
+        assert reader.direct is direct and is_direct(reader.fd) is direct
+        ranges = [(0, ALIGN), (1, 10), (ALIGN - 1, 2), (ALIGN + 7, 3 * ALIGN), (0, len(content)),
+                  (len(content) - 5, 5), (len(content) - 5, ALIGN)]  # the last one runs past the end
+        for offset, size in ranges:
+            assert reader.read(offset, size) == content[offset:offset + size], (offset, size)
+        assert reader.read(len(content), ALIGN) == b""
+        assert reader.read(len(content) + 3 * ALIGN, 10) == b""
+        assert reader.direct is direct  # every direct read was accepted
+    finally:
+        reader.close()
+
+
+def test_range_reader_reads_through_the_page_cache_when_a_direct_read_is_refused(tmp_path, monkeypatch):
+    content = os.urandom(3 * ALIGN + 5)
+    path = tmp_path / "image"
+    path.write_bytes(content)
+    real_preadv = directio.os.preadv
+
+    def refusing_preadv(fd, buffers, offset):
+        if is_direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(directio.os, "preadv", refusing_preadv)
+    reader = RangeReader(path, direct=True)
+    try:
+        assert reader.direct
+        assert reader.read(ALIGN + 1, 2 * ALIGN) == content[ALIGN + 1:3 * ALIGN + 1]
+        assert not reader.direct and not is_direct(reader.fd)
+        assert reader.read(0, len(content)) == content
+    finally:
+        reader.close()
+
+
+def test_range_reader_opens_through_the_page_cache_where_open_refuses_direct_io(tmp_path, monkeypatch):
+    path = tmp_path / "image"
+    path.write_bytes(b"abc" * 5000)
+    real_open = directio.os.open
+
+    def refusing_open(path, flags, mode=0o777):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(directio.os, "open", refusing_open)
+    reader = RangeReader(path, direct=True)
+    try:
+        assert not reader.direct and not is_direct(reader.fd)
+        assert reader.read(4094, 6) == (b"abc" * 5000)[4094:4100]
+    finally:
+        reader.close()

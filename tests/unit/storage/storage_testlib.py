@@ -216,15 +216,15 @@ class Gate:
         hold_at = int((offset + length) * self.fraction) - offset if self.armed else None
 
         class Held(FileRangeProducer):
-            def _chunks(self, consumer: Any) -> Any:
-                holding = hold_at is not None and hold_at > 0
-                for step in super()._chunks(consumer):
-                    yield step
-                    if holding and self.sent >= hold_at and not gate._released:
-                        holding = False
-                        wait: defer.Deferred = defer.Deferred()
-                        gate.held.append(wait)
-                        yield wait
+            holding = hold_at is not None and hold_at > 0
+
+            def _after_chunk(self) -> Any:
+                if self.holding and self.sent >= hold_at and not gate._released:
+                    self.holding = False
+                    wait: defer.Deferred = defer.Deferred()
+                    gate.held.append(wait)
+                    return wait
+                return super()._after_chunk()
 
         return Held(path, offset, length, **kwargs)
 

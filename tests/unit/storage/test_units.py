@@ -8,6 +8,7 @@ import threading
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import deferLater
 
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core import filewriter
@@ -15,6 +16,8 @@ from kvmdesk.core.filewriter import HIGH_WATER, WRITE_BEHIND, HashingWriter
 from kvmdesk.plugins.storage.agents import AgentUnreachable
 from kvmdesk.plugins.storage.formats import check_base_image, image_problem
 from kvmdesk.plugins.storage.ostypes import os_type_simple
+from kvmdesk.core.directio import RangeReader
+from kvmdesk.plugins.storage import producers
 from kvmdesk.plugins.storage.producers import FileRangeProducer, SourceChanged
 from storage_testlib import add_node, controller, iso_bytes, small_qcow2, with_timeout
 
@@ -184,22 +187,143 @@ class Collect:
         self.data += data
 
 
+@pytest.mark.parametrize("direct", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_file_range_producer_sends_a_range_and_reports_progress(tmp_path):
+async def test_file_range_producer_sends_a_range_and_reports_progress(tmp_path, direct):
     path = tmp_path / "f"
     content = os.urandom(3_500_000)
     path.write_bytes(content)
     seen = []
     consumer = Collect()
-    producer = FileRangeProducer(path, 1_000_000, 2_000_000, on_progress=seen.append, chunk_size=300_000)
+    # An offset and a chunk size that are no whole number of blocks (direct reads are aligned inside).
+    producer = FileRangeProducer(path, 1_000_000, 2_000_000, on_progress=seen.append, chunk_size=300_000,
+                                 direct=direct)
     assert producer.length == 2_000_000
     await with_timeout(producer.startProducing(consumer))
     assert bytes(consumer.data) == content[1_000_000:3_000_000]
     assert seen[-1] == 2_000_000 and seen == sorted(seen) and len(seen) == 7
 
-    short = FileRangeProducer(path, 3_000_000, 900_000, chunk_size=300_000)
+    short = FileRangeProducer(path, 3_000_000, 900_000, chunk_size=300_000, direct=direct)
     with pytest.raises(SourceChanged):
         await with_timeout(short.startProducing(Collect()))
+
+
+class WatchedReader(RangeReader):
+    """A range reader that records the thread of each read and when it is closed; ``gate`` (if set)
+    holds a read on its thread until the test sets it."""
+
+    instances: list["WatchedReader"] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads: list[int] = []
+        self.reads_done = 0
+        self.closed_after: int | None = None
+        self.gate: threading.Event | None = None
+        self.read_started = threading.Event()
+        self.progress = threading.Condition()
+        WatchedReader.instances.append(self)
+
+    def reads(self, count: int) -> defer.Deferred:
+        """Fires (on the reactor) once ``count`` reads have finished on their threads."""
+        def wait() -> None:
+            with self.progress:
+                assert self.progress.wait_for(lambda: self.reads_done >= count, 30)
+        return threads.deferToThread(wait)
+
+    def read(self, offset, size):
+        self.threads.append(threading.get_ident())
+        self.read_started.set()
+        if self.gate is not None:
+            self.gate.wait(30)
+        data = super().read(offset, size)
+        with self.progress:
+            self.reads_done += 1
+            self.progress.notify_all()
+        return data
+
+    def close(self):
+        self.closed_after = self.reads_done
+        super().close()
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    WatchedReader.instances = []
+    monkeypatch.setattr(producers, "RangeReader", WatchedReader)
+    return WatchedReader.instances
+
+
+async def turns(n: int = 5) -> None:
+    """Let the reactor run ``n`` times round (thread results are delivered through it)."""
+    for _ in range(n):
+        await deferLater(reactor, 0, lambda: None)
+
+
+class PausingConsumer(Collect):
+    """Pauses its producer after the first chunk, as a transport with a full buffer does."""
+
+    def __init__(self):
+        super().__init__()
+        self.producer = None
+        self.first: defer.Deferred = defer.Deferred()
+
+    def write(self, data):
+        super().write(data)
+        if not self.first.called:
+            self.producer.pauseProducing()
+            self.first.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_range_producer_reads_off_the_reactor_one_chunk_ahead_and_holds_while_paused(tmp_path, watched):
+    path = tmp_path / "f"
+    content = os.urandom(1_000_000)
+    path.write_bytes(content)
+    producer = FileRangeProducer(path, 0, len(content), chunk_size=100_000)
+    consumer = PausingConsumer()
+    consumer.producer = producer
+    done = producer.startProducing(consumer)
+    await with_timeout(consumer.first)
+    reader = watched[0]
+    await with_timeout(reader.reads(2))
+    await turns()
+    # Paused after the first chunk: the next one was read ahead, nothing further, nothing written.
+    assert len(consumer.data) == 100_000 and reader.reads_done == 2
+    producer.resumeProducing()
+    await with_timeout(done)
+    assert bytes(consumer.data) == content and reader.reads_done == 10
+    assert threading.get_ident() not in reader.threads, "a file read ran on the reactor thread"
+    assert reader.closed_after == 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_producer_closes_its_file_only_after_the_read_in_flight(tmp_path, watched):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(500_000))
+    producer = FileRangeProducer(path, 0, 500_000, chunk_size=100_000)
+    consumer = PausingConsumer()
+    consumer.producer = producer
+    done = producer.startProducing(consumer)
+    await with_timeout(consumer.first)
+    reader = watched[0]
+    await with_timeout(reader.reads(2))
+    await turns()
+    assert reader.reads_done == 2 and len(reader.threads) == 2
+    gate = reader.gate = threading.Event()
+    reader.read_started.clear()
+    producer.resumeProducing()  # writes the second chunk and reads the third ahead, held by the gate
+    await threads.deferToThread(reader.read_started.wait, 30)
+    producer.stopProducing()
+    await turns()
+    assert reader.closed_after is None, "the file was closed while a thread was reading it"
+    gate.set()
+    await with_timeout(reader.reads(3))
+    await turns()
+    assert reader.closed_after == 3 and len(consumer.data) == 200_000
+    outcome = []
+    done.addBoth(outcome.append)
+    assert outcome == []  # an abandoned body neither finishes nor fails: the client no longer waits for it
 
 
 class FakeLink:
