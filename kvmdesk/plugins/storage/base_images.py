@@ -137,7 +137,7 @@ def _upload_sink(context: StreamContext) -> FormUpload:
 
     spec = FormSpec(directory=config.base_image_dir, fields=frozenset({"name", "os_type"}),
                     max_file=config.max_upload, precheck=pool_exists, threaded=config.hash_in_thread,
-                    fsync=config.fsync)
+                    fsync=config.fsync, direct=config.direct_io)
     return FormUpload(context, spec)
 
 

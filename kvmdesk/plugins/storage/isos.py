@@ -73,7 +73,7 @@ def _upload_sink(context: StreamContext) -> FormUpload:
     config = settings(context.core)
     spec = FormSpec(directory=config.iso_dir, fields=frozenset({"iso_type", "os_type", "name", "desc"}),
                     max_file=config.max_upload, sniff=_sniff_iso, threaded=config.hash_in_thread,
-                    fsync=config.fsync)
+                    fsync=config.fsync, direct=config.direct_io)
     return FormUpload(context, spec)
 
 

@@ -53,6 +53,7 @@ def kvmdesk_services(core):
         reconcile_interval=float(config.get("storage.reconcile_interval")),
         stall_timeout=float(config.get("storage.stall_timeout")),
         chunk_size=int(config.get("storage.chunk_size")),
+        direct_io=bool(config.get("storage.direct_io")),
     )
     core.extensions["storage.distributor"] = distributor
     return [distributor]

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
+from kvmdesk.core.directio import enable_direct
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.filewriter import HashingWriter
 from kvmdesk.plugins.storage import errors
@@ -106,6 +107,8 @@ class FormSpec:
     threaded: bool = False
     #: fsync the file (off the reactor) before it is handed over.
     fsync: bool = False
+    #: write the file with ``O_DIRECT`` where the filesystem allows it (:mod:`kvmdesk.core.directio`).
+    direct: bool = False
 
 
 class FormUpload:
@@ -233,8 +236,10 @@ class FormUpload:
     def _open_temp(self) -> None:
         self.temp = self.spec.directory / f"{TEMP_PREFIX}{uuidlib.uuid4().hex}{TEMP_SUFFIX}"
         self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        direct = self.spec.direct and enable_direct(self.fd)
         self.writer = HashingWriter(self.fd, reactor=self.context.core.reactor, threaded=self.spec.threaded,
-                                    pause=self.context.pause, resume=self.context.resume, write_behind=self.spec.fsync)
+                                    pause=self.context.pause, resume=self.context.resume,
+                                    write_behind=self.spec.fsync and not direct, direct=direct)
 
     def _file_data(self, data: bytes) -> None:
         self.file_size += len(data)

@@ -111,9 +111,12 @@ async def test_upload_reaches_both_agents_with_rising_progress_then_delete_remov
         assert status == 404 and body["code"] == 1012
 
 
+@pytest.mark.parametrize("direct_io", [False, True], ids=["page-cache", "direct-io"])
 @pytest_twisted.ensureDeferred
-async def test_agent_killed_mid_transfer_gets_the_rest_after_it_returns(tmp_path, clock, agents, big_image):
-    config = {"nodes": {"agent_port": agents[0].port}}
+async def test_agent_killed_mid_transfer_gets_the_rest_after_it_returns(tmp_path, clock, agents, big_image, direct_io):
+    # With direct I/O the controller writes the upload, and reads it for both transfers and the resumed
+    # one, past the page cache.
+    config = {"nodes": {"agent_port": agents[0].port}, "storage": {"direct_io": direct_io}}
     async with controller(tmp_path, clock, config=config, start=True) as api:
         core, distributor = api.core, api.distributor
         gate = Gate(0.5)

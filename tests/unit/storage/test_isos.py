@@ -1,12 +1,16 @@
 """The ISO library (#59-#63): upload, list with filters, edit, download with Range, delete."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 
 import pytest
 import pytest_twisted
 import treq
 
+from kvmdesk.core.directio import enable_direct
+from kvmdesk.plugins.storage import uploads
 from kvmdesk.testing.api import listening_api
 from storage_testlib import (
     RawHTTP,
@@ -64,6 +68,27 @@ async def test_upload_list_filter_edit(tmp_path, clock):
         assert status == 400
         status, body = await api.call("PUT", f"{ISOS}/nope", {"name": "x"})
         assert status == 404 and body["code"] == 1012
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_direct_io_an_upload_is_written_past_the_page_cache_to_its_exact_length(tmp_path, clock,
+                                                                                        monkeypatch):
+    switched = []
+
+    def spy(fd):
+        direct = enable_direct(fd)
+        switched.append((direct, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        return direct
+
+    monkeypatch.setattr(uploads, "enable_direct", spy)
+    content = iso_bytes(0x9000 + 3 * 4096 + 1234, label=b"ODD")  # not a whole number of blocks
+    async with controller(tmp_path, clock, config={"storage": {"direct_io": True}}) as api:
+        status, body = await upload(api, "odd.iso", content=content)
+        assert status == 200, body
+        assert switched == [(True, True)]
+        iso = body["data"]
+        assert iso["size_bytes"] == len(content) and iso["md5"] == hashlib.md5(content).hexdigest()
+        assert (iso_dir(api) / f"{iso['uuid']}.iso").read_bytes() == content
 
 
 @pytest.mark.parametrize("content, filename, fields, code", [
