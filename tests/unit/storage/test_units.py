@@ -275,21 +275,28 @@ class PausingConsumer(Collect):
             self.first.callback(None)
 
 
-@pytest_twisted.ensureDeferred
-async def test_file_range_producer_reads_off_the_reactor_one_chunk_ahead_and_holds_while_paused(tmp_path, watched):
+async def paused_after_one_chunk(tmp_path, content: bytes) -> tuple[FileRangeProducer, PausingConsumer, defer.Deferred]:
+    """A producer of ``content`` in 100,000-byte chunks, paused by its consumer after the first one, once
+    the read ahead has finished and reached the reactor."""
     path = tmp_path / "f"
-    content = os.urandom(1_000_000)
     path.write_bytes(content)
     producer = FileRangeProducer(path, 0, len(content), chunk_size=100_000)
     consumer = PausingConsumer()
     consumer.producer = producer
     done = producer.startProducing(consumer)
     await with_timeout(consumer.first)
-    reader = watched[0]
-    await with_timeout(reader.reads(2))
+    await with_timeout(WatchedReader.instances[0].reads(2))
     await turns()
+    return producer, consumer, done
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_range_producer_reads_off_the_reactor_one_chunk_ahead_and_holds_while_paused(tmp_path, watched):
+    content = os.urandom(1_000_000)
+    producer, consumer, done = await paused_after_one_chunk(tmp_path, content)
+    reader = watched[0]
     # Paused after the first chunk: the next one was read ahead, nothing further, nothing written.
-    assert len(consumer.data) == 100_000 and reader.reads_done == 2
+    assert len(consumer.data) == 100_000 and reader.reads_done == 2 and len(reader.threads) == 2
     producer.resumeProducing()
     await with_timeout(done)
     assert bytes(consumer.data) == content and reader.reads_done == 10
@@ -299,16 +306,8 @@ async def test_file_range_producer_reads_off_the_reactor_one_chunk_ahead_and_hol
 
 @pytest_twisted.ensureDeferred
 async def test_a_stopped_producer_closes_its_file_only_after_the_read_in_flight(tmp_path, watched):
-    path = tmp_path / "f"
-    path.write_bytes(os.urandom(500_000))
-    producer = FileRangeProducer(path, 0, 500_000, chunk_size=100_000)
-    consumer = PausingConsumer()
-    consumer.producer = producer
-    done = producer.startProducing(consumer)
-    await with_timeout(consumer.first)
+    producer, consumer, done = await paused_after_one_chunk(tmp_path, os.urandom(500_000))
     reader = watched[0]
-    await with_timeout(reader.reads(2))
-    await turns()
     assert reader.reads_done == 2 and len(reader.threads) == 2
     gate = reader.gate = threading.Event()
     reader.read_started.clear()
