@@ -9,16 +9,19 @@ With ``O_DIRECT`` the disk reads the bytes from, or writes them into, one aligne
 here 1 GiB took 0.1 s of CPU each way, writing at about 1 GB/s and reading at 480-680 MB/s.  (oVirt's
 imageio writes uploads the same way.)
 
-- :class:`DirectWriter`: an agent's received images (``[agent.images] direct_io``, on by
-  default), the controller's uploads (``[storage] direct_io``, off by default);
+- :class:`DirectWriter`: an agent's received images (``[agent.images] direct_io``) and the
+  controller's uploads (``[storage] direct_io``), both on by default;
 - :class:`RangeReader`: the controller reading an image to send it to a node, direct with the same
   setting (an upload written past the page cache and read back through it pays the page allocations
   the write avoided: 269-275 MB/s to two agents, against 305 reading direct).
 
-The controller stays on the page cache by default: an upload read back from memory reached two
-agents at 389-426 MB/s, against 269-305 MB/s with both the upload and the reads direct (the disk
-reads at 600-700 MB/s here, shared by the streams), while the upload itself ran at the same speed
-either way (it is bound by its MD5).
+Measured with ``bench/transfer_bench.py`` (1 GiB, two agents, medians of 3 rounds), direct against
+page cache on the controller (medians of each run): the upload ran at 438-510 MB/s direct in all
+eight runs; through the page cache at 470-480 MB/s while the host still backed recently freed
+memory, and at 258-387 MB/s once it had taken it back.  The distribution, with the transfers sharing
+their reads (:class:`~kvmdesk.plugins.storage.producers.SharedReads`; the disk reads at 600-700 MB/s
+here and the agents write to the same disk), reached 340-380 MB/s direct and 405-434 MB/s from the
+cache.
 
 ``O_DIRECT`` wants the buffer address, the length and the file offset aligned to the device's
 block size (:data:`ALIGN` covers 512-byte and 4 KiB devices): chunks are gathered into an aligned
@@ -154,6 +157,9 @@ class RangeReader:
     def __init__(self, path: os.PathLike | str, *, direct: bool):
         self.fd, self.direct = open_for_stream(path, os.O_RDONLY, 0, direct=direct)
         self.buffer: mmap.mmap | None = None
+        found = os.fstat(self.fd)
+        #: which file this is (a file replaced under the same name is another one)
+        self.identity = (found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size)
 
     def read(self, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""

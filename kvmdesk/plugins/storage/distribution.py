@@ -5,7 +5,8 @@ One transfer record (collection ``image_transfers``) per image and node says how
 ``progress`` 0-100 and ``bytes_done``.  The :class:`Distributor` service
 
 - sends each file from the controller's copy with a streamed body (:class:`FileRangeProducer`: never
-  in memory), at most ``max_streams`` at once over the whole controller;
+  in memory), at most ``max_streams`` at once over the whole controller; transfers of the same file
+  share the chunks they read (:class:`SharedReads`), so the file is read about once, not once per node;
 - asks the agent first what it already has, so an interrupted transfer resumes where it stopped and a
   node that already holds the verified file is not sent it again (the agent checks the MD5 of the
   whole file before the file appears under its name);
@@ -33,7 +34,7 @@ from kvmdesk.agent.images import protocol
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError, Index
 from kvmdesk.plugins.storage.agents import AgentError, AgentLink, agent_link
-from kvmdesk.plugins.storage.producers import FileRangeProducer
+from kvmdesk.plugins.storage.producers import FileRangeProducer, SharedReads
 
 log = Logger(namespace="kvmdesk.storage.distribution")
 
@@ -151,6 +152,8 @@ class Distributor(Service):
         self.chunk_size = chunk_size
         self.producer_factory = producer_factory
         self.direct_io = direct_io
+        #: chunks read for one transfer, kept for the others sending the same file at the same time
+        self.shared_reads = SharedReads()
         self.transfers = core.store.collection(TRANSFERS)
         self.observers: list[Observer] = []
         self._semaphore = defer.DeferredSemaphore(self.max_streams)
@@ -402,7 +405,7 @@ class Distributor(Service):
         progress = _Progress(self, record["uuid"], offset, size)
         producer = self.producer_factory(source, offset, size - offset, on_progress=progress.sent,
                                          chunk_size=self.chunk_size, reactor=self.core.reactor,
-                                         direct=self.direct_io)
+                                         direct=self.direct_io, shared=self.shared_reads)
         params = {"role": record["role"], "offset": offset, "total": size, "md5": record["md5"]}
         if record.get("version") is not None:
             params["version"] = record["version"]

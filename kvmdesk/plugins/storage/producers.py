@@ -1,10 +1,13 @@
-"""A request body streamed from a range of a file, reporting how many bytes went out."""
+"""A request body streamed from a range of a file, reporting how many bytes went out; chunks shared
+between the bodies that send the same file at the same time."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -12,6 +15,8 @@ from kvmdesk.core.directio import RangeReader
 from kvmdesk.core.threadpools import in_reactor_pool
 
 CHUNK = 1 << 20
+#: Bytes of recently read chunks :class:`SharedReads` keeps for other transfers of the same file.
+SHARED_WINDOW = 16 << 20
 
 
 class SourceChanged(Exception):
@@ -20,6 +25,75 @@ class SourceChanged(Exception):
 
 class _Stopped(Exception):
     """The consumer stopped the producer (the request was abandoned)."""
+
+
+class _SharedRead:
+    """One read whose result several producers wait for."""
+
+    def __init__(self, reading: defer.Deferred, failed: Callable[[], None]):
+        self.result: Any = None
+        self.settled = False
+        self._waiters: list[defer.Deferred] = []
+        self._failed = failed
+        reading.addBoth(self._settle)
+
+    def _settle(self, result: Any) -> None:
+        self.settled, self.result = True, result
+        if isinstance(result, Failure):
+            self._failed()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            self._deliver(waiter)
+
+    def _deliver(self, waiter: defer.Deferred) -> None:
+        if isinstance(self.result, Failure):
+            waiter.errback(self.result)
+        else:
+            waiter.callback(self.result)
+
+    def wait(self) -> defer.Deferred:
+        waiter: defer.Deferred = defer.Deferred()
+        if self.settled:
+            self._deliver(waiter)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+
+class SharedReads:
+    """The chunks read most recently (up to ``window`` bytes), for the transfers sending the same file.
+
+    A pool's image usually goes to several nodes at once, and the transfers run at about the same
+    pace: the chunk one of them reads, or is reading, is what the others ask for next.  Without this,
+    each transfer reads the whole file itself (with ``direct_io``, from the disk, which the nodes'
+    agents may be writing to as well).  Chunks are known by the file's identity (device, inode,
+    modification time, size), their offset and their size; a failed read is not kept.
+    """
+
+    def __init__(self, window: int = SHARED_WINDOW):
+        self.window = window
+        self.reads = 0  # reads started (the rest were shared)
+        self._chunks: OrderedDict[Hashable, tuple[_SharedRead, int]] = OrderedDict()
+        self._bytes = 0
+
+    def read(self, key: Hashable, size: int, start: Callable[[], defer.Deferred]) -> defer.Deferred:
+        """The chunk known as ``key``: shared if it is kept, else read with ``start()`` (and kept)."""
+        kept = self._chunks.get(key)
+        if kept is None:
+            self.reads += 1
+            kept = (_SharedRead(start(), lambda: self._forget(key)), size)
+            if kept[0].settled and isinstance(kept[0].result, Failure):
+                return kept[0].wait()
+            self._chunks[key] = kept
+            self._bytes += size
+            while self._bytes > self.window and len(self._chunks) > 1:
+                self._bytes -= self._chunks.popitem(last=False)[1][1]
+        return kept[0].wait()
+
+    def _forget(self, key: Hashable) -> None:
+        kept = self._chunks.pop(key, None)
+        if kept is not None:
+            self._bytes -= kept[1]
 
 
 @implementer(IBodyProducer)
@@ -33,10 +107,12 @@ class FileRangeProducer:
 
     :param on_progress: called with the number of bytes written so far after each chunk.
     :param direct: read with ``O_DIRECT`` where the filesystem allows it (see :mod:`kvmdesk.core.directio`).
+    :param shared: chunks shared with other producers of the same file.
     """
 
     def __init__(self, path: Path, offset: int, length: int, *, on_progress: Optional[Callable[[int], None]] = None,
-                 chunk_size: int = CHUNK, reactor: Any = None, direct: bool = False):
+                 chunk_size: int = CHUNK, reactor: Any = None, direct: bool = False,
+                 shared: Optional[SharedReads] = None):
         if reactor is None:
             from twisted.internet import reactor
         self.path = Path(path)
@@ -46,6 +122,7 @@ class FileRangeProducer:
         self.chunk_size = chunk_size
         self.reactor = reactor
         self.direct = direct
+        self.shared = shared
         self.sent = 0
         self._paused = False
         self._stopped = False
@@ -85,8 +162,14 @@ class FileRangeProducer:
             reader.close()
 
     def _read(self, reader: RangeReader, position: int) -> defer.Deferred:
-        size = min(self.chunk_size, self.length - position)
-        return in_reactor_pool(self.reactor, reader.read, self.offset + position, size)
+        offset, size = self.offset + position, min(self.chunk_size, self.length - position)
+
+        def start() -> defer.Deferred:
+            return in_reactor_pool(self.reactor, reader.read, offset, size)
+
+        if self.shared is None:
+            return start()
+        return self.shared.read((reader.identity, offset, size), size, start)
 
     async def _writable(self) -> None:
         while self._paused and not self._stopped:

@@ -18,7 +18,7 @@ from kvmdesk.plugins.storage.formats import check_base_image, image_problem
 from kvmdesk.plugins.storage.ostypes import os_type_simple
 from kvmdesk.core.directio import RangeReader
 from kvmdesk.plugins.storage import producers
-from kvmdesk.plugins.storage.producers import FileRangeProducer, SourceChanged
+from kvmdesk.plugins.storage.producers import FileRangeProducer, SharedReads, SourceChanged
 from storage_testlib import add_node, controller, iso_bytes, small_qcow2, with_timeout
 
 
@@ -323,6 +323,59 @@ async def test_a_stopped_producer_closes_its_file_only_after_the_read_in_flight(
     outcome = []
     done.addBoth(outcome.append)
     assert outcome == []  # an abandoned body neither finishes nor fails: the client no longer waits for it
+
+
+@pytest_twisted.ensureDeferred
+async def test_producers_of_the_same_file_share_their_reads(tmp_path):
+    path = tmp_path / "image"
+    content = os.urandom(1_000_000)
+    path.write_bytes(content)
+    shared = SharedReads()
+    consumers = [Collect(), Collect()]
+    producers_ = [FileRangeProducer(path, 0, len(content), chunk_size=100_000, shared=shared) for _ in consumers]
+    await with_timeout(defer.gatherResults([p.startProducing(c) for p, c in zip(producers_, consumers)]))
+    assert [bytes(c.data) for c in consumers] == [content, content]
+    assert shared.reads == 10  # each chunk read once for both
+
+    # The file is replaced under the same name: its chunks are not the old file's.
+    replacement = tmp_path / "new"
+    replacement.write_bytes(os.urandom(1_000_000))
+    expected = replacement.read_bytes()
+    os.replace(replacement, path)
+    consumer = Collect()
+    await with_timeout(FileRangeProducer(path, 0, len(expected), chunk_size=100_000, shared=shared)
+                       .startProducing(consumer))
+    assert bytes(consumer.data) == expected and shared.reads == 20
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_reads_keep_a_window_of_recent_chunks_and_never_a_failed_read(tmp_path):
+    path = tmp_path / "image"
+    content = os.urandom(1_000_000)
+    path.write_bytes(content)
+    shared = SharedReads(window=300_000)
+    # The second pass reads everything again: only the last three chunks were kept, and its own first
+    # reads push them out before it gets to them.
+    for expected_reads in (10, 20):
+        consumer = Collect()
+        await with_timeout(FileRangeProducer(path, 0, len(content), chunk_size=100_000, shared=shared)
+                           .startProducing(consumer))
+        assert bytes(consumer.data) == content and shared.reads == expected_reads
+
+    # One read, two waiters, and it fails: both hear of it, and the next ask reads again.
+    reading: defer.Deferred = defer.Deferred()
+    first = shared.read("key", 10, lambda: reading)
+    second = shared.read("key", 10, lambda: pytest.fail("a read in flight was started again"))
+    reading.errback(OSError(5, "Input/output error"))
+    for waiter in (first, second):
+        with pytest.raises(OSError):
+            await waiter
+    again = shared.read("key", 10, lambda: defer.succeed(b"x" * 10))
+    assert await again == b"x" * 10 and shared.reads == 22
+    refused = shared.read("other", 10, lambda: defer.fail(OSError(5, "Input/output error")))
+    with pytest.raises(OSError):
+        await refused
+    assert await shared.read("other", 10, lambda: defer.succeed(b"y" * 10)) == b"y" * 10 and shared.reads == 24
 
 
 class FakeLink:
