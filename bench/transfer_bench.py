@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Upload a 1 GB base image to the controller and distribute it to two local agents; print throughputs.
 
-    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--rounds 3] [--hash-on-reactor] [--direct-io]
+    .venv/bin/python bench/transfer_bench.py [--size-mb 1024] [--rounds 3] [--hash-on-reactor] [--buffered-io]
         [--workdir DIR] [--keep]
 
 What runs (all on this machine, all files on the same disk, in one run):
@@ -300,7 +300,7 @@ def run(options: argparse.Namespace) -> None:
             "controller": {"listen": "127.0.0.1", "port": controller_port, "data_dir": str(workdir / "controller")},
             "nodes": {"agent_port": agent_port},
             "storage": {"hash_in_thread": options.hash_in_thread, "max_streams": 2, "max_upload": 4 * size,
-                        "direct_io": options.direct_io},
+                        "direct_io": not options.buffered_io},
         }
         controller, (port, pool) = start(
             ["--serve-controller", json.dumps({"config": config, "agents": hosts})])
@@ -371,7 +371,7 @@ def run(options: argparse.Namespace) -> None:
         print()
         where = "on two worker threads" if options.hash_in_thread else "on the reactor thread"
         print(f"file: {options.size_mb} MiB; chunks hashed and written {where}; controller I/O "
-              f"{'direct' if options.direct_io else 'through the page cache'}; "
+              f"{'through the page cache' if options.buffered_io else 'direct'}; "
               f"{os.cpu_count()} CPUs, load average {load:.1f}; MD5 alone on one core: {md5_rate:.0f} MB/s")
         print(f"{'':34}{'seconds':>9}{'MB/s':>10}{'vs cp':>8}")
         print(f"{'cp + fsync, 1 copy':34}{cp_seconds:9.2f}{cp_rate:10.1f}{'':>8}   ({rounds(cp_rounds)})")
@@ -414,9 +414,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024)
-    parser.add_argument("--direct-io", action="store_true",
-                        help="the controller writes uploads and reads images for the agents with O_DIRECT "
-                             "([storage] direct_io; the product default is the page cache)")
+    parser.add_argument("--buffered-io", action="store_true",
+                        help="the controller writes uploads and reads images for the agents through the page "
+                             "cache ([storage] direct_io = false; the product default is direct I/O)")
     parser.add_argument("--hash-on-reactor", action="store_true",
                         help="write and hash chunks on the reactor thread (the product default is a worker thread)")
     parser.add_argument("--rounds", type=int, default=3,

@@ -21,13 +21,13 @@ DEFAULTS = {
         # fsync an uploaded file before it is checked, renamed into place and recorded: a power cut
         # never leaves a recorded image whose last gigabytes were still in the page cache.
         "fsync": True,
-        # Write uploads, and read images to send them to nodes, with O_DIRECT, past the page cache: for
-        # controllers whose images are much larger than their RAM, where the cache cannot keep an upload
-        # until it is sent and the upload would only push out everything else.  Off by default: an upload
-        # that stays cached is sent to the nodes from memory (here 1 GiB to two agents: 389-426 MB/s
-        # through the cache, 269-305 MB/s reading direct).  Filesystems without direct I/O are read and
-        # written through the page cache whatever this says.
-        "direct_io": False,
+        # Write uploads, and read images to send them to nodes, with O_DIRECT, past the page cache: an
+        # image of many gigabytes would push out everything else the controller keeps cached (the store
+        # among it), and filling fresh cache pages costs more CPU than the copy itself (see
+        # kvmdesk/core/directio.py for the figures).  false: through the page cache, which pays off when
+        # images are small next to RAM (each is then sent to the nodes from memory).  Filesystems
+        # without direct I/O are read and written through the page cache whatever this says.
+        "direct_io": True,
         # Transfers to nodes: streams at once over the whole controller, chunk size read from disk.
         "max_streams": 2,
         "chunk_size": 1 << 20,
@@ -58,7 +58,7 @@ class StorageSettings:
     hash_in_thread: bool
     qemu_img: str
     fsync: bool = True
-    direct_io: bool = False
+    direct_io: bool = True
 
     @classmethod
     def from_core(cls, core: Any) -> "StorageSettings":
@@ -75,7 +75,7 @@ class StorageSettings:
             hash_in_thread=bool(config.get("storage.hash_in_thread")),
             qemu_img=str(config.get("storage.qemu_img") or "qemu-img"),
             fsync=bool(config.get("storage.fsync", True)),
-            direct_io=bool(config.get("storage.direct_io", False)),
+            direct_io=bool(config.get("storage.direct_io", True)),
         )
 
 
