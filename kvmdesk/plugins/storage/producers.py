@@ -103,7 +103,8 @@ class FileRangeProducer:
     The file is read on the reactor's thread pool (a disk read never holds the reactor), the next
     chunk while the last one is being sent, so the disk and the network work at the same time.  The
     HTTP client pauses the producer while its socket buffer is full; a paused producer holds one chunk
-    and reads nothing more.  So at most two chunks are in memory, whatever the file size.
+    and reads nothing more.  So a producer has at most two chunks in memory, whatever the file size
+    (and ``shared`` keeps a bounded window of recent chunks for all producers together).
 
     :param on_progress: called with the number of bytes written so far after each chunk.
     :param direct: read with ``O_DIRECT`` where the filesystem allows it (see :mod:`kvmdesk.core.directio`).
