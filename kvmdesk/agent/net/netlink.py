@@ -25,6 +25,7 @@ from twisted.internet import defer, threads
 
 from kvmdesk.agent.net import errors as agent_errors
 from kvmdesk.agent.net.errors import net_error
+from kvmdesk.core.threadpools import in_reactor_pool
 
 BOND_MODES = {0: "balance-rr", 1: "active-backup", 6: "balance-alb"}
 #: Interfaces that are not NICs of the node: OVS bridges and ports, taps of domains, Linux bridges.
@@ -568,7 +569,7 @@ class Netlink(_Base):
 
         if self._reactor is None:
             return threads.deferToThread(run)
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), run)
+        return in_reactor_pool(self._reactor, run)
 
 
 class _MemorySession:

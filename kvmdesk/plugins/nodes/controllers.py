@@ -11,7 +11,6 @@ import socket
 from typing import Any, Optional
 
 from pydantic import Field
-from twisted.internet import threads
 from twisted.logger import Logger
 
 from kvmdesk.agent import host
@@ -22,6 +21,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
+from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.compute import SEARCH_FIELDS, manager_of
 from kvmdesk.plugins.nodes.manager import NO_AGENT, NOT_CONTROLLER, NodeManager
@@ -68,7 +68,7 @@ async def ensure_controller_node(core: Any) -> dict:
     existing = await manager.nodes.find_one({"controller_host": hostname})
     if existing is not None:
         return existing
-    facts = await threads.deferToThreadPool(core.reactor, core.reactor.getThreadPool(), host.host_facts, {})
+    facts = await in_reactor_pool(core.reactor, host.host_facts, {})
     stamp = now_text(core.clock)
     record = new_record(
         core.clock,

@@ -19,6 +19,7 @@ from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError, Index
+from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.storage import errors
 from kvmdesk.plugins.storage.distribution import (
     BASE_IMAGES,
@@ -235,9 +236,7 @@ async def delete_base_image(core: Any, image: dict) -> None:
     """Forget a base image, remove it from every node, then delete the controller's copy."""
     from pathlib import Path
 
-    from twisted.internet.threads import deferToThreadPool
-
     await core.store.collection(BASE_IMAGES).delete_one({"uuid": image["uuid"]})
     await distributor(core).remove_image("base", image["uuid"])
     path = Path(image["file"])
-    await deferToThreadPool(core.reactor, core.reactor.getThreadPool(), path.unlink, True)
+    await in_reactor_pool(core.reactor, path.unlink, True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from twisted.internet.threads import deferToThreadPool
 
 from kvmdesk.agent.images.store import md5_file
 from kvmdesk.api.models import Model
@@ -20,6 +19,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.paging import page_of
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
+from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.storage.distribution import NODES, TEMPLATE_IMAGES, TRANSFERS, Target
 from kvmdesk.plugins.storage.settings import distributor
 
@@ -77,7 +77,7 @@ async def publish_template_image(
     reactor = core.reactor
     size = source.stat().st_size
     if md5 is None:
-        md5 = (await deferToThreadPool(reactor, reactor.getThreadPool(), md5_file, source)).hexdigest()
+        md5 = (await in_reactor_pool(reactor, md5_file, source)).hexdigest()
     images = core.store.collection(TEMPLATE_IMAGES)
     fields = dict(template_uuid=template_uuid, template_name=template_name, resource_pool_uuid=pool_uuid,
                   image_id=image_id, file_id=image_id, role=int(role), version=int(version), source=str(source),
