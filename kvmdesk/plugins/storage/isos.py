@@ -1,8 +1,8 @@
 """The ISO library (contract #59-#63): upload, list, edit, download (with Range), delete.
 
 ISOs stay on the controller (templates attach them from there).  An upload is refused as soon as its
-first 34 KiB show it is not an ISO 9660 image.  Downloads are streamed by twisted.web's static file
-resource, which answers Range requests (206) so a client can resume.
+first 34 KiB show it is not an ISO 9660 image.  Downloads are streamed off the reactor
+(:class:`~kvmdesk.plugins.storage.downloads.FileDownload`), with Range requests (206) so a client can resume.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from pydantic import Field
-from twisted.internet.threads import deferToThreadPool
-from twisted.web.static import File
 
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
@@ -24,7 +22,9 @@ from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paginate
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
+from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.storage import errors
+from kvmdesk.plugins.storage.downloads import FileDownload, byte_range
 from kvmdesk.plugins.storage.formats import ISO_MIN_SIZE, looks_like_iso
 from kvmdesk.plugins.storage.settings import settings, size_in_gb
 from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload
@@ -35,7 +35,6 @@ TAGS = ("isos",)
 INDEXES = [Index(ISOS, ["uuid"], unique=True), Index(ISOS, ["type"])]
 ISO_TYPES = (1, 2, 3)  # 1 software, 2 tools, 3 operating system
 HIDDEN = ("file",)
-_RANGE = re.compile(r"^bytes=(.+)$")
 
 
 class IsoForm(Model):
@@ -106,35 +105,6 @@ def _list_filter(args: dict[str, str]) -> dict:
     return conditions
 
 
-def _check_range(header: Optional[bytes], size: int) -> None:
-    """Refuse (with the envelope) a byte range that cannot be served; other Range forms go to twisted.web."""
-    if not header:
-        return
-    found = _RANGE.match(header.decode("latin-1").strip())
-    if not found:
-        return  # not a byte range: ignored, the whole file is sent (RFC 9110)
-    satisfiable = False
-    for spec in found.group(1).split(","):
-        start, sep, end = spec.strip().partition("-")
-        if not sep or not (start.isdigit() or end.isdigit()) or (start and not start.isdigit()) or (end and not end.isdigit()):
-            return  # malformed: ignored like twisted.web does
-        if start == "":
-            satisfiable = satisfiable or (int(end) > 0 and size > 0)
-        elif int(start) < size and (end == "" or int(end) >= int(start)):
-            satisfiable = True
-    if not satisfiable:
-        raise ApiError(errors.RANGE_NOT_SATISFIABLE, size=size)
-
-
-class _Download(File):
-    """A static file whose content type is fixed (``.iso`` is not in every MIME table)."""
-
-    isLeaf = True
-
-    def getChild(self, path: bytes, request: Any) -> Any:
-        return self
-
-
 def register_routes(router: Router) -> None:
     base = "/resource_mgr/isos"
 
@@ -194,20 +164,19 @@ def register_routes(router: Router) -> None:
         iso = await iso_or_404(req.core, req.path["iso_uuid"])
         path = Path(iso["file"])
         try:
-            size = path.stat().st_size
+            found = await in_reactor_pool(req.core.reactor, path.stat)
         except FileNotFoundError:
             raise ApiError(errors.FILE_MISSING, path=iso["name"]) from None
-        _check_range(req.http.getHeader(b"range"), size)
+        wanted = byte_range(req.http.getHeader(b"range"), found.st_size)
         filename = iso.get("filename") or f"{iso['name']}.iso"
         ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
         req.http.setHeader(
             b"content-disposition",
             f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}".encode("latin-1"),
         )
-        resource = _Download(str(path), defaultType="application/x-iso9660-image")
-        # Fixed, so a stored file name never decides the type or a content-encoding.
-        resource.type, resource.encoding = "application/x-iso9660-image", None
-        return resource
+        # The type is fixed, so a stored file name never decides the type or a content-encoding.
+        return FileDownload(path, found.st_size, b"application/x-iso9660-image", wanted=wanted,
+                            reactor=req.core.reactor, direct=settings(req.core).direct_io, modified=found.st_mtime)
 
     @router.endpoint("DELETE", base, summary="Delete ISOs (batch); refused while attached to a template", tags=TAGS,
                      body=Uuids, oplog="删除ISO")
@@ -218,7 +187,7 @@ def register_routes(router: Router) -> None:
             iso = await iso_or_404(core, uuid)
             await core.refuse_if_used("iso", uuid, f"{RESOURCE} {iso['name']}")
             await core.store.collection(ISOS).delete_one({"uuid": uuid})
-            await deferToThreadPool(core.reactor, core.reactor.getThreadPool(), Path(iso["file"]).unlink, True)
+            await in_reactor_pool(core.reactor, Path(iso["file"]).unlink, True)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import threading
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
 import treq
 
-from kvmdesk.core.directio import enable_direct
-from kvmdesk.plugins.storage import uploads
+from twisted.internet import defer, reactor
+
+from kvmdesk.core.directio import RangeReader, enable_direct
+from kvmdesk.core.errors import ApiError
+from kvmdesk.plugins.storage import producers, uploads
+from kvmdesk.plugins.storage.downloads import byte_range
 from kvmdesk.testing.api import listening_api
 from storage_testlib import (
     RawHTTP,
@@ -161,6 +167,96 @@ async def test_download_streams_with_headers_and_ranges(tmp_path, clock):
             (iso_dir(api) / f"{iso['uuid']}.iso").unlink()
             response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}", headers=headers)
             assert response.code == 410 and (await response.json())["code"] == 4011
+
+
+@pytest.mark.parametrize("header, size, expected", [
+    (None, 100, None),
+    (b"bytes=0-9", 100, (0, 9)),
+    (b"bytes=90-", 100, (90, 99)),
+    (b"bytes=90-500", 100, (90, 99)),
+    (b"bytes=-10", 100, (90, 99)),
+    (b"bytes=-500", 100, (0, 99)),
+    (b"bytes=0-9,20-29", 100, None),   # several ranges: the whole file
+    (b"bytes=-", 100, None),           # malformed: ignored
+    (b"bytes=a-b", 100, None),
+    (b"items=0-9", 100, None),         # not a byte range
+    (b"bytes=200-", 100, "416"),
+    (b"bytes=50-40", 100, "416"),
+    (b"bytes=-0", 100, "416"),
+    (b"bytes=0-", 0, "416"),
+])
+def test_byte_ranges(header, size, expected):
+    if expected == "416":
+        with pytest.raises(ApiError) as refused:
+            byte_range(header, size)
+        assert refused.value.error.status == 416
+    else:
+        assert byte_range(header, size) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_downloads_read_the_file_off_the_reactor_and_answer_single_ranges(tmp_path, clock, monkeypatch):
+    read_on = []
+
+    class Recording(RangeReader):
+        def read(self, offset, size):
+            read_on.append(threading.get_ident())
+            return super().read(offset, size)
+
+    monkeypatch.setattr(producers, "RangeReader", Recording)
+    async with controller(tmp_path, clock) as api:
+        status, body = await upload(api)
+        url = f"{ISOS}/{body['data']['uuid']}"
+        async with listening_api(api.core) as base_url:
+            headers = {"Authorization": f"Bearer {api.token}"}
+            for asked, code, expected in [
+                ("bytes=0-99", 206, ISO[:100]),
+                ("bytes=-100", 206, ISO[-100:]),
+                (f"bytes=100-{2 * len(ISO)}", 206, ISO[100:]),
+                ("bytes=0-9,20-29", 200, ISO),
+            ]:
+                response = await http_client().get(base_url + url, headers={**headers, "Range": asked})
+                assert (response.code, await treq.content(response)) == (code, expected), asked
+                if code == 206:
+                    first = len(ISO) - len(expected) if asked.startswith("bytes=-") else int(asked[6:].split("-")[0])
+                    assert response.headers.getRawHeaders("content-range") == [
+                        f"bytes {first}-{first + len(expected) - 1}/{len(ISO)}"]
+                assert response.headers.getRawHeaders("last-modified")
+    assert read_on and threading.get_ident() not in read_on, "a download read the file on the reactor thread"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_download_stops_the_reads_and_closes_the_file(tmp_path, clock, monkeypatch):
+    closed: defer.Deferred = defer.Deferred()
+    first_read: defer.Deferred = defer.Deferred()
+    reads = []
+
+    class Watched(RangeReader):
+        def read(self, offset, size):
+            if not reads:
+                reactor.callFromThread(first_read.callback, None)
+            reads.append(offset)
+            return super().read(offset, size)
+
+        def close(self):
+            super().close()
+            closed.callback(None)
+
+    monkeypatch.setattr(producers, "RangeReader", Watched)
+    big = iso_bytes(32 << 20)  # more than the sockets on both sides hold
+    async with controller(tmp_path, clock) as api:
+        status, body = await upload(api, "big.iso", content=big)
+        assert status == 200, body
+        async with listening_api(api.core) as base_url:
+            where = urlsplit(base_url)
+            client = await RawHTTP().connect(where.hostname, where.port)
+            client.protocol.transport.pauseProducing()  # reads nothing: the server's socket fills up
+            client.send(f"GET {where.path}{ISOS}/{body['data']['uuid']} HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Bearer {api.token}\r\n\r\n".encode())
+            await with_timeout(first_read)
+            client.abort()
+            await with_timeout(closed)
+    assert len(reads) < len(big) // (1 << 20), "the whole file was read for a client that had left"
 
 
 @pytest_twisted.ensureDeferred
