@@ -41,7 +41,7 @@ BUFFER = 4 << 20
 
 
 def open_for_stream(path: os.PathLike | str, flags: int, mode: int, *, direct: bool) -> tuple[int, bool]:
-    """``os.open`` for writing a stream; with ``O_DIRECT`` when ``direct`` and the filesystem allows it.
+    """``os.open`` for streaming a file in or out; with ``O_DIRECT`` when ``direct`` and the filesystem allows it.
 
     Not for ``O_EXCL``: a filesystem that refuses ``O_DIRECT`` may refuse it after creating the file.
 
@@ -66,6 +66,11 @@ def enable_direct(fd: int) -> bool:
             raise
         return False
     return True
+
+
+def disable_direct(fd: int) -> None:
+    """Switch a descriptor back to ordinary (page cache) reads and writes."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -140,7 +145,7 @@ class DirectWriter:
         return False
 
     def _leave_direct_mode(self, position: int) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        disable_direct(self.fd)
         os.lseek(self.fd, position, os.SEEK_SET)
         self.buffer.close()
         self.buffer = None
@@ -169,7 +174,8 @@ class RangeReader:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                self._leave_direct_mode()
+                disable_direct(self.fd)
+                self.direct = False
         return os.pread(self.fd, size, offset)
 
     def _read_direct(self, offset: int, size: int) -> bytes:
@@ -185,10 +191,6 @@ class RangeReader:
             return bytes(view[offset - start:max(offset - start, min(got, offset - start + size))])
         finally:
             view.release()
-
-    def _leave_direct_mode(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        self.direct = False
 
     def close(self) -> None:
         os.close(self.fd)

@@ -239,7 +239,7 @@ class FormUpload:
         direct = self.spec.direct and enable_direct(self.fd)
         self.writer = HashingWriter(self.fd, reactor=self.context.core.reactor, threaded=self.spec.threaded,
                                     pause=self.context.pause, resume=self.context.resume,
-                                    write_behind=self.spec.fsync and not direct, direct=direct)
+                                    write_behind=self.spec.fsync, direct=direct)
 
     def _file_data(self, data: bytes) -> None:
         self.file_size += len(data)
