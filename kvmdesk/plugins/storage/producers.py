@@ -30,11 +30,13 @@ class _Stopped(Exception):
 class _SharedRead:
     """One read whose result several producers wait for."""
 
-    def __init__(self, reading: defer.Deferred, failed: Callable[[], None]):
+    def __init__(self, failed: Callable[[], None]):
         self.result: Any = None
         self.settled = False
         self._waiters: list[defer.Deferred] = []
         self._failed = failed
+
+    def follow(self, reading: defer.Deferred) -> None:
         reading.addBoth(self._settle)
 
     def _settle(self, result: Any) -> None:
@@ -81,13 +83,11 @@ class SharedReads:
         kept = self._chunks.get(key)
         if kept is None:
             self.reads += 1
-            kept = (_SharedRead(start(), lambda: self._forget(key)), size)
-            if kept[0].settled and isinstance(kept[0].result, Failure):
-                return kept[0].wait()
-            self._chunks[key] = kept
+            kept = self._chunks[key] = (_SharedRead(lambda: self._forget(key)), size)
             self._bytes += size
             while self._bytes > self.window and len(self._chunks) > 1:
                 self._bytes -= self._chunks.popitem(last=False)[1][1]
+            kept[0].follow(start())  # a read that fails, even at once, forgets its entry
         return kept[0].wait()
 
     def _forget(self, key: Hashable) -> None:
