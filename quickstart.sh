@@ -9,7 +9,8 @@ MODE=${1:-run}
 shift || true
 
 RUN_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt0 qemu-utils iproute2)
-TEST_PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 openvswitch-switch)
+# curl: bench/transfer_bench.py uploads with it, as an administrator's script would.
+TEST_PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 openvswitch-switch curl)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
