@@ -77,6 +77,7 @@ class Alarms:
     refusals: deque = attrs.field(factory=deque)
     notifying: set = attrs.field(factory=set)
     loaded: bool = False
+    _last_notice: Optional[defer.Deferred] = None
 
     async def seed_rules(self) -> None:
         """Create the default rules when there are none."""
@@ -189,14 +190,20 @@ class Alarms:
         self._notify(closed or {**alarm, **changes}, "closed")
 
     def _notify(self, alarm: Mapping[str, Any], event: str) -> None:
+        """Announce through ``kvmdesk_alarm``, detached but in order (a closing never overtakes its opening)."""
         alarm = {k: v for k, v in alarm.items() if k != "_id"}
-        try:
-            pending = gather_hook(self.core.plugins.hook.kvmdesk_alarm(core=self.core, alarm=alarm, event=event))
-        except Exception:
-            log.failure("a kvmdesk_alarm implementation failed")
-            return
+        previous = self._last_notice
+
+        async def announce() -> None:
+            if previous is not None:
+                await previous
+            try:
+                await gather_hook(self.core.plugins.hook.kvmdesk_alarm(core=self.core, alarm=alarm, event=event))
+            except Exception:
+                log.failure("a kvmdesk_alarm implementation failed")
+
+        pending = self._last_notice = defer.ensureDeferred(announce())
         self.notifying.add(pending)
-        pending.addErrback(lambda f: log.failure("a kvmdesk_alarm implementation failed", f))
         pending.addBoth(lambda _: self.notifying.discard(pending))
 
     async def drain(self) -> None:
