@@ -11,7 +11,6 @@ from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.plugins.monitoring.alarms import ALARMS, NODES
@@ -19,6 +18,9 @@ from kvmdesk.plugins.monitoring.monitor import EXTENSION, Monitor
 from kvmdesk.plugins.monitoring.samples import disk_use
 
 NODE_LABELS = ["node", "name", "ip"]
+#: Every metric and label name here is a classic one, so the text is the 0.0.4 format every scraper
+#: reads (newer prometheus_client versions announce 1.0.0 for the same text).
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 class _Snapshot:
@@ -94,5 +96,5 @@ def register_routes(router: Router) -> None:
                      summary="Node metrics in the Prometheus text format (bearer token required)")
     async def metrics(req: ApiRequest) -> bytes:
         body = await exposition(req.core)
-        req.http.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        req.http.setHeader(b"content-type", CONTENT_TYPE)
         return body

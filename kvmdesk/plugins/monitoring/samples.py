@@ -64,14 +64,16 @@ def management_nic(node: Mapping[str, Any]) -> Optional[str]:
 def disk_use(facts: Mapping[str, Any]) -> tuple[Optional[float], int, int]:
     """``(percent, total, used)`` over the node's storage filesystems.
 
-    Storage roles often share one filesystem: entries with the same ``(total, used)`` are counted once.
+    Storage roles often share one filesystem: it is counted once (same ``device``; agents that do not
+    report it: same ``(total, used)``).
     """
-    seen: set[tuple[int, int]] = set()
+    seen: dict[Any, tuple[int, int]] = {}
     for entry in facts.get("storage") or []:
         if entry.get("total"):
-            seen.add((int(entry["total"]), int(entry.get("used") or 0)))
-    total = sum(t for t, _ in seen)
-    used = sum(u for _, u in seen)
+            figures = (int(entry["total"]), int(entry.get("used") or 0))
+            seen[entry.get("device", figures)] = figures
+    total = sum(t for t, _ in seen.values())
+    used = sum(u for _, u in seen.values())
     return (used / total * 100.0 if total else None), total, used
 
 

@@ -22,10 +22,13 @@ def make_clock(start: float = START) -> Clock:
 
 
 @contextlib.asynccontextmanager
-async def monitoring_api(tmp_path: Path, clock: Clock, **monitoring: Any) -> AsyncIterator[ApiClient]:
-    """A logged-in API on a fresh store, no local agent; its services are not started."""
+async def monitoring_api(tmp_path: Path, clock: Clock, plugins: Any = None, **monitoring: Any) -> AsyncIterator[ApiClient]:
+    """A logged-in API on a fresh store, no local agent; its services are not started.
+
+    :param monitoring: settings of the ``[monitoring]`` section.
+    """
     config = {"agent": {"local": False}, "monitoring": monitoring}
-    async with api_client(tmp_path, clock=clock, config=config) as api:
+    async with api_client(tmp_path, clock=clock, config=config, plugins=plugins) as api:
         yield api
 
 
@@ -39,9 +42,9 @@ def facts(ip: str, *, nic: str = "eth0", total: int = 100 * GIB, used: int = 10 
         ],
         # Two roles on one filesystem (counted once) and one on another.
         "storage": [
-            {"role": "template_sys", "path": "/a", "total": total, "used": used},
-            {"role": "instance_sys", "path": "/a/b", "total": total, "used": used},
-            {"role": "template_data", "path": "/c", "total": total, "used": used},
+            {"role": "template_sys", "path": "/a", "total": total, "used": used, "device": 2049},
+            {"role": "instance_sys", "path": "/a/b", "total": total, "used": used, "device": 2049},
+            {"role": "template_data", "path": "/c", "total": total, "used": used, "device": 2050},
         ],
     }
 
