@@ -155,42 +155,75 @@ class Rollups:
 
 def minute_series(points: dict[int, dict[str, Any]], starts: Iterable[int], step: int) -> dict[str, Any]:
     """The history answer's series: one value per step starting at each of ``starts``, ``None`` where
-    no minute of the step has a point (a gap is unknown, not zero).
+    no minute of the step has a point (a gap is unknown, not zero).  A step's value is the mean of
+    its minutes that have one.
 
     :param step: seconds per step (a multiple of 60).
     """
-    cpu: list = []
-    percent: list = []
-    used: list = []
-    disks: dict[str, dict[str, list]] = {}
-    nics: dict[str, dict[str, list]] = {}
     starts = list(starts)
+    count = len(starts)
+    # Field -> [values]; device fields are ("d"|"n", name, 0 read | 1 write).
+    series: dict[Any, list] = {"c": [None] * count, "mp": [None] * count, "mu": [None] * count}
     for index, start in enumerate(starts):
-        minutes = [points[m] for m in range(start, start + step, 60) if m in points]
-        cpu.append(_mean(minutes, "c", 2))
-        percent.append(_mean(minutes, "mp", 2))
-        used.append(_mean(minutes, "mu", None))
-        for prefix, target in (("d", disks), ("n", nics)):
-            names = {name for p in minutes for name in p.get(prefix) or {}}
-            for name in names:
-                series = target.get(name)
-                if series is None:
-                    series = target[name] = {"read_bytes_avg": [None] * len(starts),
-                                             "write_bytes_avg": [None] * len(starts)}
-                rates = [(p.get(prefix) or {}).get(name) for p in minutes]
-                series["read_bytes_avg"][index] = _mean_of([r[0] for r in rates if r], None)
-                series["write_bytes_avg"][index] = _mean_of([r[1] for r in rates if r], None)
-    return {"cpu_util": cpu, "memory_util": {"percent": percent, "used": used},
-            "disk_io_util": dict(sorted(disks.items())), "nic_util": dict(sorted(nics.items()))}
+        if step == 60:  # one minute per step: the points are the values (the common, fast case)
+            found = points.get(start)
+            if found is not None:
+                _put(series, index, count, found, 1)
+            continue
+        sums: dict[Any, Any] = {}
+        for minute in range(start, start + step, 60):
+            found = points.get(minute)
+            if found is not None:
+                _add(sums, found)
+        if sums:
+            _put(series, index, count, {k: (v[0] / v[1]) for k, v in sums.items()}, 0)
+    return {
+        "cpu_util": [None if v is None else round(v, 2) for v in series["c"]],
+        "memory_util": {"percent": [None if v is None else round(v, 2) for v in series["mp"]],
+                        "used": [None if v is None else int(round(v)) for v in series["mu"]]},
+        "disk_io_util": _devices(series, "d"),
+        "nic_util": _devices(series, "n"),
+    }
 
 
-def _mean(points: list[dict[str, Any]], key: str, digits: Optional[int]) -> Optional[float]:
-    return _mean_of([p.get(key) for p in points], digits)
+def _put(series: dict[Any, list], index: int, count: int, values: dict[Any, Any], nested: int) -> None:
+    """Store one step's values; ``nested``: ``values`` is a point (devices nested), else flat keys."""
+    for key, value in values.items():
+        if nested and key in ("d", "n"):
+            for name, rates in value.items():
+                for which in (0, 1):
+                    column = series.get((key, name, which))
+                    if column is None:
+                        column = series[(key, name, which)] = [None] * count
+                    column[index] = rates[which]
+            continue
+        column = series.get(key)
+        if column is None:
+            column = series[key] = [None] * count
+        column[index] = value
 
 
-def _mean_of(values: list[Any], digits: Optional[int]) -> Any:
-    present = [v for v in values if v is not None]
-    if not present:
-        return None
-    mean = sum(present) / len(present)
-    return round(mean, digits) if digits is not None else int(round(mean))
+def _add(sums: dict[Any, Any], found: dict[str, Any]) -> None:
+    for key, value in found.items():
+        if key in ("d", "n"):
+            for name, rates in value.items():
+                for which in (0, 1):
+                    if rates[which] is not None:
+                        entry = sums.setdefault((key, name, which), [0.0, 0])
+                        entry[0] += rates[which]
+                        entry[1] += 1
+        elif value is not None:
+            entry = sums.setdefault(key, [0.0, 0])
+            entry[0] += value
+            entry[1] += 1
+
+
+def _devices(series: dict[Any, list], prefix: str) -> dict[str, dict[str, list]]:
+    names = sorted({key[1] for key in series if isinstance(key, tuple) and key[0] == prefix})
+    empty = [None] * len(series["c"])
+    return {name: {"read_bytes_avg": _ints(series.get((prefix, name, 0), empty)),
+                   "write_bytes_avg": _ints(series.get((prefix, name, 1), empty))} for name in names}
+
+
+def _ints(values: list) -> list:
+    return [None if v is None else int(round(v)) for v in values]
