@@ -12,7 +12,7 @@ from typing import Any, Optional
 from kvmdesk.api.models import Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -21,8 +21,8 @@ from kvmdesk.plugins.network import addressing, dataplane, schema
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network.models import NetworkCreate, NetworkEdit, SubnetCreate, SubnetEdit
 
-NETWORK = "数据网络"
-SUBNET = "子网"
+NETWORK = Resource("数据网络", "data network")
+SUBNET = Resource("子网", "subnet")
 NETWORK_FIELDS = {"uuid": str, "name": str, "desc": str, "switch_uuid": str, "vlan_id": int, "default": int}
 SUBNET_FIELDS = {"uuid": str, "name": str, "cidr": str, "start_ip": str, "end_ip": str, "gateway": str,
                  "netmask": str, "dns1": str, "dns2": str}
@@ -98,7 +98,7 @@ async def subnet_in_use(core: Any, subnet: dict) -> None:
         sample = await core.store.collection(schema.ALLOCATIONS).find({"subnet_uuid": subnet["uuid"]}, sort=[("id", 1)], limit=3)
         detail = ": " + ", ".join(a["ip"] for a in sample) + (" ..." if count > len(sample) else "")
         raise ApiError(net_errors.SUBNET_IN_USE, name=subnet["name"], count=count, detail=detail)
-    await core.refuse_if_used("subnet", subnet["uuid"], f"{SUBNET} {subnet['name']}")
+    await core.refuse_if_used("subnet", subnet["uuid"], SUBNET.named(subnet['name']))
 
 
 def new_subnet(clock: Any, network_uuid: str, spec: addressing.SubnetSpec, desc: Optional[str] = None) -> dict:
@@ -196,7 +196,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             network = await network_or_404(core, uuid)
-            await core.refuse_if_used("data_network", uuid, f"{NETWORK} {network['name']}")
+            await core.refuse_if_used("data_network", uuid, NETWORK.named(network['name']))
             subnets = await core.store.collection(schema.SUBNETS).find({"network_uuid": uuid}, sort=[("id", 1)])
             for subnet in subnets:
                 await subnet_in_use(core, subnet)

@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from kvmdesk.api.models import Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -25,7 +25,7 @@ from kvmdesk.plugins.network.models import SwitchCreate, SwitchEdit, Uplink
 
 log = Logger(namespace="kvmdesk.network.switches")
 
-RESOURCE = "虚拟交换机"
+RESOURCE = Resource("虚拟交换机", "virtual switch")
 SEARCH_FIELDS = {"uuid": str, "name": str, "type": str, "desc": str, "default": int}
 DEFAULT_NAME = "default"
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 from twisted.logger import Logger
 
 from kvmdesk.core import agentauth, errors
-from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.errors import ApiError, Resource, define
 from kvmdesk.core.plugins import gather_hook
 from kvmdesk.core.records import new_record, now_text, without
 from kvmdesk.core.store import DuplicateKeyError, Index
@@ -43,7 +43,7 @@ INDEXES = [
     Index(SETTINGS, ["key"], unique=True),
 ]
 
-RESOURCE = "节点"
+RESOURCE = Resource("节点", "node")
 #: Never handed to other plugins' hooks (they read the record from the store if they must call the agent).
 SECRET_FIELDS = ("agent_secret",)
 

@@ -8,7 +8,7 @@ from pydantic import Field
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.errors import ApiError, Resource, define
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -16,7 +16,7 @@ from kvmdesk.core.store import DuplicateKeyError, Index
 
 POOLS = "resource_pools"
 NODES = "nodes"
-RESOURCE = "资源池"
+RESOURCE = Resource("资源池", "resource pool")
 SEARCH_FIELDS = {"uuid": str, "name": str, "desc": str, "status": int, "default": int}
 INDEXES = [Index(POOLS, ["name"], unique=True), Index(POOLS, ["uuid"], unique=True), Index(NODES, ["resource_pool_uuid"])]
 
@@ -108,7 +108,7 @@ def register_routes(router: Router) -> None:
             pool = await pool_or_404(req.core, uuid)
             if pool.get("default"):
                 raise ApiError(DEFAULT_POOL_UNDELETABLE)
-            await req.core.refuse_if_used("resource_pool", uuid, f"{RESOURCE} {pool['name']}")
+            await req.core.refuse_if_used("resource_pool", uuid, RESOURCE.named(pool['name']))
             await req.core.store.collection(POOLS).delete_one({"uuid": uuid})
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)

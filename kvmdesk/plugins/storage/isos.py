@@ -17,7 +17,7 @@ from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paginate
 from kvmdesk.core.records import new_record, now_text
@@ -30,7 +30,7 @@ from kvmdesk.plugins.storage.settings import settings, size_in_gb
 from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload
 
 ISOS = "isos"
-RESOURCE = "ISO"
+RESOURCE = Resource("ISO", "ISO")
 TAGS = ("isos",)
 INDEXES = [Index(ISOS, ["uuid"], unique=True), Index(ISOS, ["type"])]
 ISO_TYPES = (1, 2, 3)  # 1 software, 2 tools, 3 operating system
@@ -185,7 +185,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             iso = await iso_or_404(core, uuid)
-            await core.refuse_if_used("iso", uuid, f"{RESOURCE} {iso['name']}")
+            await core.refuse_if_used("iso", uuid, RESOURCE.named(iso['name']))
             await core.store.collection(ISOS).delete_one({"uuid": uuid})
             await in_reactor_pool(core.reactor, Path(iso["file"]).unlink, True)
 

@@ -127,7 +127,7 @@ def register_routes(router: Router) -> None:
             count = await store.collection(USERS).count({"group": group["uuid"]})
             if count:
                 raise ApiError(codes.GROUP_HAS_USERS, name=group["name"], count=count)
-            await req.core.refuse_if_used(GROUP_KIND, group["uuid"], f"{GROUP} {group['name']}")
+            await req.core.refuse_if_used(GROUP_KIND, group["uuid"], GROUP.named(group['name']))
             await store.collection(GROUPS).delete_one({"uuid": group["uuid"]})
             await group_names.release(store, group["name"], group["uuid"])
 
