@@ -14,7 +14,7 @@ from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.nodes import pools
-from kvmdesk.plugins.nodes.manager import RESOURCE, NodeManager
+from kvmdesk.plugins.nodes.manager import KIND, RESOURCE, NodeManager
 from kvmdesk.plugins.nodes.views import check_view, render, stable_uuid
 
 EVENTS_REFUSED = define(2025, 401, "节点事件的签名无效: {reason}", "the node event signature was refused: {reason}")
@@ -202,6 +202,7 @@ def register_routes(router: Router) -> None:
         )
         if updated is None:
             raise ApiError(errors.NOT_FOUND, resource=RESOURCE, key=node["uuid"])
+        await req.core.updated(KIND, updated, {"name": req.body.name})
         watcher = manager.watchers.watcher(node["uuid"])
         if watcher is not None:
             watcher.node["name"] = req.body.name

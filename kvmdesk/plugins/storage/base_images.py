@@ -37,6 +37,8 @@ from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload
 
 POOLS = "resource_pools"
 RESOURCE = Resource("基础镜像", "base image")
+#: The kind other plugins see in kvmdesk_usage and the lifecycle hooks.
+KIND = "base_image"
 POOL = Resource("资源池", "resource pool")
 NODE = Resource("节点", "node")
 SEARCH_FIELDS = {"uuid": str, "name": str, "os_type": str, "os_type_simple": str, "md5_sum": str}
@@ -182,6 +184,7 @@ def register_routes(router: Router) -> None:
             if isinstance(exc, DuplicateKeyError):
                 raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=fields.name) from None
             raise
+        await core.created(KIND, created)
         await distributor(core).add(Target.base_image(created))
         return (await with_sync_state(core, [created]))[0]
 
@@ -204,6 +207,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=req.body.name) from None
         if updated is None:
             raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=image["uuid"])
+        await req.core.updated(KIND, updated, changes)
         return (await with_sync_state(req.core, [updated]))[0]
 
     @router.endpoint("DELETE", base, summary="Delete base images (batch); removed from every node", tags=TAGS,
@@ -214,7 +218,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             image = await image_or_404(core, req.path["pool_uuid"], uuid)
-            await core.refuse_if_used("base_image", uuid, RESOURCE.named(image['name']))
+            await core.refuse_if_used(KIND, uuid, RESOURCE.named(image['name']))
             await delete_base_image(core, image)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
@@ -239,6 +243,7 @@ async def delete_base_image(core: Any, image: dict) -> None:
     from pathlib import Path
 
     await core.store.collection(BASE_IMAGES).delete_one({"uuid": image["uuid"]})
+    await core.deleted(KIND, image)
     await distributor(core).remove_image("base", image["uuid"])
     path = Path(image["file"])
     await in_reactor_pool(core.reactor, path.unlink, True)

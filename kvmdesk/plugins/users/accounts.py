@@ -17,6 +17,8 @@ USERS = "users"
 GROUPS = "user_groups"
 #: The kind of group in the shared name registry (:mod:`kvmdesk.core.group_names`).
 GROUP_KIND = "user_group"
+#: The kind other plugins see in the lifecycle hooks.
+USER_KIND = "user"
 #: The contract's ``group_type`` of a user group (1 is a teaching group).
 GROUP_TYPE = 2
 USER = Resource("用户", "user")
