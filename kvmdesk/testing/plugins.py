@@ -9,14 +9,17 @@ Usage::
     manager = plugin_manager(blocked=["nodes"])               # every installed plugin but nodes
 
 then ``make_core(tmp_path, plugins=manager)`` or ``api_client(tmp_path, plugins=manager)``.
+:class:`LifecycleRecorder` is a plugin that records the lifecycle hooks, to check what a change announced.
 """
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
+import attrs
 import pluggy
 
+from kvmdesk import hookimpl
 from kvmdesk.core.plugins import ENTRY_POINT_GROUP, make_plugin_manager
 
 
@@ -45,3 +48,36 @@ def plugin_manager(
         manager.register(plugin, name=name or getattr(plugin, "__name__", None))
     manager.check_pending()
     return manager
+
+
+@attrs.define
+class LifecycleEvent:
+    """One call of a lifecycle hook, as :class:`LifecycleRecorder` saw it."""
+
+    hook: str  # "created", "updated" or "deleted"
+    kind: str
+    record: dict[str, Any]
+    changes: Optional[dict[str, Any]] = None
+
+
+class LifecycleRecorder:
+    """A plugin that records every ``kvmdesk_created/updated/deleted`` call (register it, act, read ``events``)."""
+
+    def __init__(self) -> None:
+        self.events: list[LifecycleEvent] = []
+
+    def of(self, kind: str, hook: Optional[str] = None) -> list[LifecycleEvent]:
+        """The events of ``kind`` (and of ``hook``, if given), in order."""
+        return [e for e in self.events if e.kind == kind and (hook is None or e.hook == hook)]
+
+    @hookimpl
+    def kvmdesk_created(self, core: Any, kind: str, record: Mapping[str, Any]) -> None:
+        self.events.append(LifecycleEvent("created", kind, dict(record)))
+
+    @hookimpl
+    def kvmdesk_updated(self, core: Any, kind: str, record: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+        self.events.append(LifecycleEvent("updated", kind, dict(record), dict(changes)))
+
+    @hookimpl
+    def kvmdesk_deleted(self, core: Any, kind: str, record: Mapping[str, Any]) -> None:
+        self.events.append(LifecycleEvent("deleted", kind, dict(record)))
