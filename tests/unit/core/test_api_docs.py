@@ -40,3 +40,14 @@ async def test_the_docs_page_is_served_without_a_token_and_loads_nothing_from_el
             assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not load from the internet"
         status, document = await api.call("GET", "/openapi.json", auth=False)
         assert status == 200 and document["paths"]["/api/v1.0/docs"]["get"]["security"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_table_has_every_endpoint_group(tmp_path, clock):
+    async with running_api(tmp_path, clock, login=False) as api:
+        status, document = await api.call("GET", "/openapi.json", auth=False)
+        tags = {op["tags"][0] for methods in document["paths"].values() for op in methods.values()}
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Endpoint groups", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `([\w-]+)` \|", table, re.M))
+    assert rows == tags
