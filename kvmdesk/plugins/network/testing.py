@@ -10,7 +10,7 @@ from kvmdesk.agent.net.routes import NetAgent
 from kvmdesk.agent.net.testing import AgentHarness
 from kvmdesk.core.records import new_record
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.nodes.agentclient import AgentCallError, AgentConnectionError
+from kvmdesk.nodeaccess.client import AgentCallError, AgentConnectionError
 
 #: Every collection the network plugin writes: "nothing stored changed" compares all of them.
 OWN_COLLECTIONS = (schema.SWITCHES, schema.UPLINKS, schema.NETWORKS, schema.SUBNETS, schema.ALLOCATIONS,
