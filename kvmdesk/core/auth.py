@@ -114,6 +114,7 @@ class Authenticator:
         admins = self.store.collection(ADMINS)
         if await admins.count() > 0:
             return
+        source = "[auth] first_admin_password" if password else "KVMDESK_ADMIN_PASSWORD"
         password = password or os.environ.get("KVMDESK_ADMIN_PASSWORD", "")
         generated = not password
         if generated:
@@ -132,7 +133,7 @@ class Authenticator:
                 path=str(path),
             )
         else:
-            log.info("Created administrator 'admin' with the password from KVMDESK_ADMIN_PASSWORD")
+            log.info("Created administrator 'admin' with the password from {source}", source=source)
 
     async def login(self, username: str, password: str, client_ip: str) -> dict[str, Any]:
         """Check the credentials and issue a token.
