@@ -21,6 +21,8 @@ from kvmdesk.plugins.monitoring import errors as codes
 from kvmdesk.plugins.monitoring.alarms import ALARMS, RULES
 
 TAGS = ("monitoring",)
+#: The resource kind of the lifecycle hooks.
+KIND = "alarm_rule"
 RULE_FIELDS = {"uuid": str, "name": str, "metric": str, "enabled": bool, "node_uuid": str}
 ALARM_FIELDS = {"uuid": str, "rule_uuid": str, "metric": str, "node_uuid": str, "node_name": str, "status": str}
 Metric = Literal["cpu", "memory", "disk", "nic", "offline", "login_failed"]
@@ -55,7 +57,9 @@ def register_routes(router: Router) -> None:
     async def create_rule(req: ApiRequest) -> dict:
         rule = new_record(req.core.clock, **req.body.model_dump())
         req.oplog_detail = rule["name"]
-        return await req.core.store.collection(RULES).insert_one(rule)
+        created = await req.core.store.collection(RULES).insert_one(rule)
+        await req.core.created(KIND, created)
+        return created
 
     @router.endpoint("PUT", "/monitor_mgr/alarm_rules/{uuid}", summary="Change an alarm rule", tags=TAGS,
                      body=RuleChanges, oplog="修改告警规则")
@@ -67,6 +71,7 @@ def register_routes(router: Router) -> None:
         if updated is None:
             raise ApiError(codes.RULE_UNKNOWN, uuid=req.path["uuid"])
         req.oplog_detail = updated["name"]
+        await req.core.updated(KIND, updated, changes)
         return updated
 
     @router.endpoint("DELETE", "/monitor_mgr/alarm_rules", summary="Delete alarm rules (batch)", tags=TAGS,
@@ -75,8 +80,10 @@ def register_routes(router: Router) -> None:
         rules = req.core.store.collection(RULES)
 
         async def delete(uuid: str) -> None:
-            if not await rules.delete_one({"uuid": uuid}):
+            rule = await rules.find_one({"uuid": uuid})
+            if rule is None or not await rules.delete_one({"uuid": uuid}):
                 raise ApiError(codes.RULE_UNKNOWN, uuid=uuid)
+            await req.core.deleted(KIND, rule)
 
         return await run_batch(req, req.body.uuids, delete)
 

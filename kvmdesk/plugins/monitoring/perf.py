@@ -13,6 +13,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import format_time
+from kvmdesk.nodeaccess.client import AgentError
 from kvmdesk.plugins.monitoring import errors as codes
 from kvmdesk.plugins.monitoring.alarms import NODES
 from kvmdesk.plugins.monitoring.monitor import EXTENSION, Monitor
@@ -81,7 +82,7 @@ async def processes(req: ApiRequest, node: Mapping[str, Any]) -> list[dict[str, 
     monitor = monitor_of(req)
     try:
         metrics = await agents.call(node, "GET", "/metrics", timeout=monitor.settings.process_timeout)
-    except Exception as exc:  # an unreachable node still gets its figures, without processes
+    except AgentError as exc:  # an unreachable node still gets its figures, without processes
         log.info("no process list from node {ip}: {why}", ip=node.get("ip"), why=exc)
         return []
     monitor.receive({k: v for k, v in node.items() if k != "agent_secret"},
@@ -216,7 +217,7 @@ def register_routes(router: Router) -> None:
         return await history(monitor, params.node_uuid, req.core.clock.seconds(), points, params.step_minutes)
 
     for path in ("/monitor_mgr/node/history/", "/monitor_mgr/node/history_perf/"):
-        router.endpoint("GET", path, tags=TAGS, body=None, query=HistoryParams,
+        router.endpoint("GET", path, tags=TAGS, body=HistoryParams, raw_body=True,
                         summary="History of a node: statis_hours at a step of step_minutes "
                                 "(query string or JSON body)")(node_history)
 

@@ -20,11 +20,15 @@ from __future__ import annotations
 from typing import Any, Iterable, Optional
 
 import attrs
+from twisted.internet import defer
 
 from kvmdesk.core.store import Index, Store
 from kvmdesk.plugins.monitoring.samples import Sample
 
 ROLLUPS = "monitor_rollups"
+#: Hour documents written at once by a flush: a MongoDB server works on several; SQLite's one writer
+#: takes them in turn anyway.
+FLUSH_CONCURRENCY = 16
 INDEXES = [Index(ROLLUPS, ("node", "hour"), unique=True), Index(ROLLUPS, ("hour",))]
 
 
@@ -113,14 +117,24 @@ class Rollups:
         for (node, minute), sums in list(self.pending.items()):
             if limit is None or minute < limit:
                 grouped.setdefault((node, hour_of(minute)), {})[str((minute % 3600) // 60)] = (minute, sums)
-        written = 0
-        for (node, hour), minutes in grouped.items():
+        semaphore = defer.DeferredSemaphore(FLUSH_CONCURRENCY)
+
+        async def write(node: str, hour: int, minutes: dict[str, Any]) -> int:
             update = {f"m.{slot}": sums.point() for slot, (_, sums) in minutes.items()}
             await self.collection.update_one({"node": node, "hour": hour}, {"$set": update}, upsert=True)
             for minute, _ in minutes.values():
                 self.pending.pop((node, minute), None)
-            written += len(minutes)
-        return written
+            return len(minutes)
+
+        results = await defer.DeferredList(
+            [semaphore.run(lambda k=key, m=minutes: defer.ensureDeferred(write(k[0], k[1], m)))
+             for key, minutes in grouped.items()],
+            consumeErrors=True,
+        )
+        for ok, value in results:
+            if not ok:
+                value.raiseException()  # the others are written; the failed ones stay pending
+        return sum(value for _, value in results)
 
     async def points(self, node_uuid: str, first: int, last: int) -> dict[int, dict[str, Any]]:
         """Minute Unix time -> point for ``first <= minute <= last``, stored or still in memory."""

@@ -9,6 +9,7 @@ from twisted.internet import defer, reactor
 from twisted.web import resource, server
 
 from kvmdesk.testing.api import api_client
+from kvmdesk.testing.plugins import LifecycleRecorder, plugin_manager
 from tests.unit.monitoring.monitoring_testlib import add_node, advance, heartbeat, make_clock, monitor
 
 RULES = "/monitor_mgr/alarm_rules"
@@ -146,3 +147,25 @@ async def test_a_disabled_rule_closes_its_alarm_and_open_alarms_survive_a_restar
         alarms = await api.core.store.collection("monitor_alarms").find({})
         assert [a["status"] for a in alarms] == ["closed"] and alarms[0]["duration"] == 75 - 5
         await api.core.services.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rules_are_created_changed_and_deleted_through_the_api_and_announced(tmp_path: Path):
+    recorder = LifecycleRecorder()
+    config = {"agent": {"local": False}}
+    async with api_client(tmp_path, clock=make_clock(), config=config, plugins=plugin_manager(recorder)) as api:
+        rule = {"name": "hot node 1", "metric": "cpu", "threshold": 50.0, "duration": 30, "node_uuid": "n-1"}
+        status, body = await api.call("POST", RULES, rule)
+        assert status == 200, body
+        uuid = body["data"]["uuid"]
+        status, body = await api.call("POST", RULES, {**rule, "metric": "gpu"})
+        assert status == 400 and body["data"][0]["field"] == "metric"
+        status, body = await api.call("POST", RULES, {**rule, "threshold": -1})
+        assert status == 400 and body["data"][0]["field"] == "threshold"
+        status, body = await api.call("PUT", f"{RULES}/{uuid}", {"enabled": False})
+        assert status == 200 and body["data"]["enabled"] is False
+        status, body = await api.call("DELETE", RULES, {"uuids": [uuid, "missing"]})
+        assert status == 200 and (body["data"]["success_num"], body["data"]["failed_num"]) == (1, 1)
+        assert [e.hook for e in recorder.of("alarm_rule")] == ["created", "updated", "deleted"]
+        status, body = await api.call("GET", RULES)
+        assert body["data"]["count"] == 6  # the default rules
