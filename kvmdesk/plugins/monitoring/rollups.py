@@ -9,8 +9,11 @@ in ``monitor_rollups``, ``{"node", "hour", "m": {"0".."59": point}}``, unique on
 - expiry deletes whole hours, ``prune_chunk`` documents per statement (each chunk its own write, so
   other writers and the reactor get their turn between chunks).
 
-The same layout serves both store backends (MongoDB's time-series collections bucket points the
-same way internally, but would need a second write and read path and a store API the core lacks).
+The same layout serves both store backends.  MongoDB's time-series collections are not used: they
+bucket points per series and hour internally just like this, but take one insert per point with a
+BSON date as its time (the store interface speaks JSON, so that needs a new store API and a second
+write and read path), allow no in-place update of a minute before MongoDB 7, and could only be tested
+against a real MongoDB server (briskdb, the CI server, has none).
 
 A point is ``{"c": cpu %, "mp": memory %, "mu": memory used bytes, "d": {disk: [read, write]},
 "n": {nic: [received, sent]}}`` (bytes per second); a field nothing measured is absent.
