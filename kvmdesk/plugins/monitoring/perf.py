@@ -1,6 +1,8 @@
 """``/monitor_mgr``: the node list (#136), current performance (#137) and history (#138)."""
 from __future__ import annotations
 
+import datetime
+import time
 from typing import Any, Mapping, Optional
 
 import orjson
@@ -174,8 +176,20 @@ async def history(monitor: Monitor, node_uuid: str, now: float, points: int, ste
     found = await monitor.rollups.points(node_uuid, starts[0], last + step - 60)
     answer = minute_series(found, starts, step)
     answer["node_uuid"] = node_uuid
-    answer["time"] = [format_time(t) for t in starts]
+    answer["time"] = axis_times(starts)
     return answer
+
+
+def axis_times(starts: list[int]) -> list[str]:
+    """``format_time`` of each start, computed from the first one when the whole axis has one UTC offset
+    (no daylight-saving change inside it): 1,440 ``strftime`` calls were a third of a day's answer."""
+    if not starts:
+        return []
+    first, last = time.localtime(starts[0]), time.localtime(starts[-1])
+    if first.tm_gmtoff != last.tm_gmtoff:
+        return [format_time(t) for t in starts]
+    base = datetime.datetime(*first[:6])
+    return [str(base + datetime.timedelta(seconds=t - starts[0])) for t in starts]
 
 
 def register_routes(router: Router) -> None:

@@ -138,3 +138,19 @@ class _Spy:
                 return spy.delete_many if attr == "delete_many" else getattr(real, attr)
 
         return Observed()
+
+
+def test_the_axis_is_formatted_like_every_other_time_across_a_daylight_saving_change(monkeypatch):
+    import time as time_module
+
+    from kvmdesk.plugins.monitoring.perf import axis_times
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time_module.tzset()
+    try:
+        for first, step in ((1_700_000_000, 60), (1_698_541_200, 600)):  # the second spans 2023-10-29 03:00
+            starts = [first + i * step for i in range(40)]
+            assert axis_times(starts) == [format_time(t) for t in starts]
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
