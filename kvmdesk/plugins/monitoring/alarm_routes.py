@@ -13,7 +13,7 @@ from pydantic import Field
 
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -21,6 +21,8 @@ from kvmdesk.plugins.monitoring import errors as codes
 from kvmdesk.plugins.monitoring.alarms import ALARMS, RULES
 
 TAGS = ("monitoring",)
+RULE = Resource("告警规则", "alarm rule")
+ALARM = Resource("告警记录", "alarm record")
 #: The resource kind of the lifecycle hooks.
 KIND = "alarm_rule"
 RULE_FIELDS = {"uuid": str, "name": str, "metric": str, "enabled": bool, "node_uuid": str}
@@ -50,7 +52,7 @@ def register_routes(router: Router) -> None:
                      search_fields=RULE_FIELDS, paged=True)
     async def list_rules(req: ApiRequest) -> Any:
         return await paged_search(req, req.core.store.collection(RULES), RULE_FIELDS, sort=(("id", 1),),
-                                  resource="告警规则")
+                                  resource=RULE)
 
     @router.endpoint("POST", "/monitor_mgr/alarm_rules", summary="Create an alarm rule", tags=TAGS, body=RuleBody,
                      oplog="新增告警规则")
@@ -90,4 +92,4 @@ def register_routes(router: Router) -> None:
     @router.endpoint("GET", "/monitor_mgr/alarms", summary="Alarm records, newest first, paged", tags=TAGS,
                      search_fields=ALARM_FIELDS, paged=True)
     async def list_alarms(req: ApiRequest) -> Any:
-        return await paged_search(req, req.core.store.collection(ALARMS), ALARM_FIELDS, resource="告警记录")
+        return await paged_search(req, req.core.store.collection(ALARMS), ALARM_FIELDS, resource=ALARM)

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from kvmdesk.api.models import Model, validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import format_time
 from kvmdesk.nodeaccess.client import AgentError
@@ -25,6 +25,7 @@ from kvmdesk.plugins.monitoring.samples import mean_rates, nic_addresses, weight
 log = Logger(namespace="kvmdesk.monitoring")
 
 TAGS = ("monitoring",)
+NODE = Resource("节点", "node")
 NODE_FIELDS = {"uuid": str, "name": str, "hostname": str, "ip": str, "type": int}
 #: The node list shows the watcher's state as text.
 STATUS_TEXT = {"online": "active", "warning": "warning", "offline": "error"}
@@ -200,7 +201,7 @@ def register_routes(router: Router) -> None:
             return [node_view(n) for n in nodes]
 
         return await paged_search(req, req.core.store.collection(NODES), NODE_FIELDS, sort=(("id", 1),),
-                                  decorate=decorate, resource="节点")
+                                  decorate=decorate, resource=NODE)
 
     @router.endpoint("POST", "/monitor_mgr/node/current_perf/", tags=TAGS, body=CurrentPerfBody, oplog="",
                      summary="Current performance of one or all nodes over statis_period seconds, with processes")
