@@ -205,6 +205,11 @@ class NodeNetworks:
 
     # -- views ----------------------------------------------------------------------------------------------
 
+    async def nic_ids(self, node_uuids: list[str]) -> dict[str, int]:
+        """NIC uuid -> record ``id`` for every NIC of ``node_uuids`` (the node list's ``network_interfaces[].id``)."""
+        records = await self.nics.find({"node_uuid": {"$in": list(node_uuids)}}, projection=["uuid", "id"])
+        return {r["uuid"]: r["id"] for r in records}
+
     def ip_view(self, record: Mapping[str, Any]) -> dict:
         return {k: record.get(k) for k in IP_FIELDS}
 

@@ -15,7 +15,7 @@ from kvmdesk.core.paging import page_of, paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.manager import RESOURCE, NodeManager
-from kvmdesk.plugins.nodes.views import check_view, render, stable_uuid
+from kvmdesk.plugins.nodes.views import check_view, stable_uuid
 
 EVENTS_REFUSED = define(2025, 401, "节点事件的签名无效: {reason}", "the node event signature was refused: {reason}")
 UNKNOWN_INTERFACE = define(2026, 400, "节点 {ip} 没有网卡 {interface}", "node {ip} has no network interface {interface}")
@@ -127,8 +127,7 @@ def register_routes(router: Router) -> None:
     tags = ("nodes",)
 
     async def decorate(req: ApiRequest, nodes: list[dict]) -> list[dict]:
-        manager = manager_of(req)
-        return [render(node, manager.live(node["uuid"])) for node in nodes]
+        return await manager_of(req).render(nodes)
 
     @router.endpoint("POST", "/resource_mgr/check_node_virt", summary="Check a prospective node through its agent",
                      body=CheckNode, tags=tags, oplog="检测节点")
@@ -182,13 +181,13 @@ def register_routes(router: Router) -> None:
             return extra
 
         created = await manager.add_node(body.ip, body.password, pool["uuid"], prepare=prepare)
-        return render(created, manager.live(created["uuid"]))
+        return (await manager.render([created]))[0]
 
     @router.endpoint("GET", "/resource_mgr/nodes/{node_uuid}", summary="Node detail", tags=tags)
     async def node_detail(req: ApiRequest) -> dict:
         manager = manager_of(req)
         node = await manager.node_or_404(req.path["node_uuid"])
-        return render(node, manager.live(node["uuid"]))
+        return (await manager.render([node]))[0]
 
     @router.endpoint("PUT", "/resource_mgr/nodes/{node_uuid}", summary="Rename a node", body=Rename, tags=tags,
                      oplog="修改节点名称")
@@ -204,7 +203,7 @@ def register_routes(router: Router) -> None:
         watcher = manager.watchers.watcher(node["uuid"])
         if watcher is not None:
             watcher.node["name"] = req.body.name
-        return render(updated, manager.live(node["uuid"]))
+        return (await manager.render([updated]))[0]
 
     def power_endpoint(action: str, agent_path: str, label: str) -> None:
         @router.endpoint("POST", "/resource_mgr/nodes/{node_uuid}/" + action, summary=f"{action.capitalize()} nodes",

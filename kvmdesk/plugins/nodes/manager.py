@@ -21,6 +21,7 @@ from kvmdesk.plugins.nodes.agentclient import AgentClient, AgentError
 from kvmdesk.plugins.nodes.views import (
     COMPUTE_TYPES,
     NODES,
+    render,
     ONLINE,
     STATUS_CODES,
     TYPE_COMPUTE,
@@ -129,6 +130,16 @@ class NodeManager:
 
     def live(self, uuid: str) -> Optional[dict]:
         return self.latest.get(uuid)
+
+    async def render(self, nodes: list[dict], *, controller_view: bool = False) -> list[dict]:
+        """The contract's view of ``nodes`` (see :func:`~kvmdesk.plugins.nodes.views.render`).
+
+        A NIC's ``id`` is the id of its record in the network plugin (``core.extensions["network"]``,
+        the same NIC that ``/nodes/{uuid}/nics`` lists), looked up once for the whole page.
+        """
+        network = self.core.extensions.get("network")
+        nic_ids = await network.nic_ids([n["uuid"] for n in nodes]) if network is not None and nodes else {}
+        return [render(n, self.live(n["uuid"]), controller_view=controller_view, nic_ids=nic_ids) for n in nodes]
 
     # -- agent calls that answer with API errors --
 
