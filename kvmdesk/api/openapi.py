@@ -28,14 +28,20 @@ def _schema(model: Any, components: dict) -> dict:
 
 
 def _operation(spec: "Endpoint", components: dict) -> dict:
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
+    success = {} if spec.file_only else dict(envelope)
+    # A file answer (a download): 200 whole, 206 a byte range; the ``Accept`` header picks where both exist.
+    success.update({media: {"schema": {"type": "string", "format": "binary"}} for media in spec.produces})
+    responses: dict[str, Any] = {"200": {"description": "success", "content": success}}
+    if spec.produces:
+        responses["206"] = {"description": "one byte range of the file (Range request)",
+                            "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in spec.produces}}
+    responses["default"] = {"description": "error envelope", "content": envelope}
     op: dict[str, Any] = {
         "summary": spec.summary,
         "tags": list(spec.tags) or ["default"],
         "operationId": f"{spec.method.lower()}_{spec.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
-        "responses": {
-            "200": {"description": "success", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
-            "default": {"description": "error envelope", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}},
-        },
+        "responses": responses,
     }
     params = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in _PARAM.findall(spec.path)]
     if spec.paged or spec.search_fields:

@@ -35,6 +35,9 @@ TAGS = ("isos",)
 INDEXES = [Index(ISOS, ["uuid"], unique=True), Index(ISOS, ["type"])]
 ISO_TYPES = (1, 2, 3)  # 1 software, 2 tools, 3 operating system
 HIDDEN = ("file",)
+ISO_MEDIA = "application/x-iso9660-image"
+#: What a client asks for in ``Accept`` to be given the file at the detail path (the contract's download).
+FILE_MEDIA = (ISO_MEDIA, "application/octet-stream")
 
 
 class IsoForm(Model):
@@ -61,6 +64,29 @@ async def iso_or_404(core: Any, uuid: str) -> dict:
     if iso is None:
         raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=uuid)
     return iso
+
+
+def wants_file(accept: Optional[bytes]) -> bool:
+    """Whether an ``Accept`` header asks for the ISO file rather than its JSON detail.
+
+    The file when it names one of :data:`FILE_MEDIA` and JSON is neither named nor ranked higher;
+    no header, ``*/*`` or JSON first: the detail.
+    """
+    ranked: dict[str, float] = {}
+    for part in (accept or b"").decode("latin-1").lower().split(","):
+        media, _, params = part.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media:
+            ranked[media.strip()] = max(quality, ranked.get(media.strip(), 0.0))
+    best_file = max((ranked.get(m, 0.0) for m in FILE_MEDIA), default=0.0)
+    return best_file > 0 and best_file > ranked.get("application/json", 0.0)
 
 
 def _sniff_iso(head: bytes) -> None:
@@ -158,9 +184,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=iso["uuid"])
         return public(updated)
 
-    @router.endpoint("GET", base + "/{iso_uuid}", summary="Download an ISO (streamed; Range requests resume)",
-                     tags=TAGS)
-    async def download_iso(req: ApiRequest) -> Any:
+    async def download(req: ApiRequest) -> Any:
         iso = await iso_or_404(req.core, req.path["iso_uuid"])
         path = Path(iso["file"])
         try:
@@ -175,8 +199,19 @@ def register_routes(router: Router) -> None:
             f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}".encode("latin-1"),
         )
         # The type is fixed, so a stored file name never decides the type or a content-encoding.
-        return FileDownload(path, found.st_size, b"application/x-iso9660-image", wanted=wanted,
+        return FileDownload(path, found.st_size, ISO_MEDIA.encode(), wanted=wanted,
                             reactor=req.core.reactor, direct=settings(req.core).direct_io, modified=found.st_mtime)
+
+    @router.endpoint("GET", base + "/{iso_uuid}", tags=TAGS, produces=FILE_MEDIA,
+                     summary="An ISO's detail (JSON); the file itself when Accept asks for "
+                             f"{' or '.join(FILE_MEDIA)} and not for JSON (same as .../download)")
+    async def iso_detail(req: ApiRequest) -> Any:
+        if wants_file(req.http.getHeader(b"accept")):
+            return await download(req)
+        return public(await iso_or_404(req.core, req.path["iso_uuid"]))
+
+    router.endpoint("GET", base + "/{iso_uuid}/download", tags=TAGS, produces=FILE_MEDIA, file_only=True,
+                    summary="Download an ISO (streamed; Range requests resume)")(download)
 
     @router.endpoint("DELETE", base, summary="Delete ISOs (batch); refused while attached to a template", tags=TAGS,
                      body=Uuids, oplog="删除ISO")
