@@ -27,6 +27,17 @@ def _schema(model: Any, components: dict) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def _filter_schema(kind: Any) -> dict:
+    """A filter field's schema: its type, and the values it takes for a :class:`~kvmdesk.core.paging.Choice`."""
+    values = getattr(kind, "values", None)
+    if values is not None:
+        return {"type": _TYPES.get(kind.kind, "string"), "enum": list(values)}
+    schema: dict[str, Any] = {"type": _TYPES.get(kind, "string")}
+    if kind is int:
+        schema.update(minimum=-(2**63), maximum=2**63 - 1)  # what the stores hold (paging refuses the rest)
+    return schema
+
+
 def _operation(spec: "Endpoint", components: dict) -> dict:
     envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}}
     success = {} if spec.file_only else dict(envelope)
@@ -51,7 +62,7 @@ def _operation(spec: "Endpoint", components: dict) -> dict:
         ]
     if spec.search_fields:
         params.append({"name": "searchtype", "in": "query", "schema": {"type": "string", "enum": ["all", "contain", "single"]}})
-        params += [{"name": n, "in": "query", "schema": {"type": _TYPES.get(t, "string")}} for n, t in spec.search_fields.items()]
+        params += [{"name": n, "in": "query", "schema": _filter_schema(t)} for n, t in spec.search_fields.items()]
     if params:
         op["parameters"] = params
     if spec.actions is not None:

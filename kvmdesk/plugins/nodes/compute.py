@@ -11,7 +11,7 @@ from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import agentauth, errors
 from kvmdesk.core.errors import ApiError, define
 from kvmdesk.core.jobs import run_batch
-from kvmdesk.core.paging import page_of, paged_search
+from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.manager import RESOURCE, NodeManager
@@ -21,6 +21,7 @@ EVENTS_REFUSED = define(2025, 401, "节点事件的签名无效: {reason}", "the
 UNKNOWN_INTERFACE = define(2026, 400, "节点 {ip} 没有网卡 {interface}", "node {ip} has no network interface {interface}")
 
 SEARCH_FIELDS = {"uuid": str, "name": str, "hostname": str, "ip": str, "status": int, "type": int, "state": str}
+SERVICE_FIELDS = {"uuid": str, "name": str, "status": int, "state": str, "sub_state": str}
 
 #: Service ``status`` in the contract's service list: 0 running, 1 stopped, 2 failed, 3 unknown.
 SERVICE_STATUS = {"active": 0, "reloading": 0, "activating": 0, "inactive": 1, "deactivating": 1, "failed": 2}
@@ -235,12 +236,15 @@ def register_routes(router: Router) -> None:
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 
     @router.endpoint("GET", "/resource_mgr/nodes/{node_uuid}/services", summary="A node's services, paged",
-                     tags=tags, paged=True)
+                     tags=tags, search_fields=SERVICE_FIELDS, paged=True)
     async def list_services(req: ApiRequest) -> dict:
         manager = manager_of(req)
         node = await manager.node_or_404(req.path["node_uuid"])
-        services = await manager.call(node, "GET", "/services")
-        return page_of(req, service_rows(node["uuid"], services))
+
+        async def services() -> list[dict]:
+            return service_rows(node["uuid"], await manager.call(node, "GET", "/services"))
+
+        return await paged_search(req, services, SERVICE_FIELDS, resource="服务")
 
     @router.endpoint("POST", "/resource_mgr/nodes/{node_uuid}/services/{service_uuid}/reboot",
                      summary="Restart one of a node's services", tags=tags, oplog="重启节点服务")

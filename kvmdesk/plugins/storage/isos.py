@@ -19,7 +19,7 @@ from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
-from kvmdesk.core.paging import paginate
+from kvmdesk.core.paging import Choice, paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
 from kvmdesk.core.threadpools import in_reactor_pool
@@ -112,34 +112,22 @@ def _parse_type(raw: Optional[str], field: str) -> int:
     return value
 
 
-def _list_filter(args: dict[str, str]) -> dict:
-    """``name`` is a substring (case-insensitive), ``type`` and ``os_type`` are exact; nothing else is a filter."""
-    allowed = {"name", "type", "os_type", "uuid", "page", "page_size", "searchtype"}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ApiError(core_errors.UNKNOWN_FILTER, data={"fields": sorted(allowed - {"page", "page_size"})},
-                       field=unknown[0])
-    conditions: dict[str, Any] = {}
-    if args.get("name"):
-        conditions["name"] = {"$regex": re.escape(args["name"]), "$options": "i"}
-    if args.get("type"):
-        conditions["type"] = _parse_type(args["type"], "type")
-    if args.get("os_type"):
-        conditions["os_type"] = args["os_type"]
-    if args.get("uuid"):
-        conditions["uuid"] = args["uuid"]
-    return conditions
+#: Filters of the list; ``name`` is matched by substring whatever the searchtype (the contract's
+#: "ISO文件名字模糊查询").
+SEARCH_FIELDS = {"uuid": str, "name": str, "type": Choice(int, ISO_TYPES), "os_type": str, "desc": str, "status": int}
 
 
 def register_routes(router: Router) -> None:
     base = "/resource_mgr/isos"
 
-    @router.endpoint("GET", base, summary="List ISOs, paged; name (substring) and type filters", tags=TAGS, paged=True)
+    @router.endpoint("GET", base, summary="List ISOs, paged; name (substring) and type filters", tags=TAGS,
+                     search_fields=SEARCH_FIELDS, paged=True)
     async def list_isos(req: ApiRequest) -> Any:
-        conditions = _list_filter(req.args)
-        page = await paginate(req, req.core.store.collection(ISOS), conditions, sort=[("id", -1)])
-        page["results"] = [public(i) for i in page["results"]]
-        return page
+        async def shown(isos: list[dict]) -> list[dict]:
+            return [public(i) for i in isos]
+
+        return await paged_search(req, req.core.store.collection(ISOS), SEARCH_FIELDS, sort=[("id", -1)],
+                                  decorate=shown, resource=RESOURCE, substring=("name",))
 
     @router.endpoint("POST", base, summary="Upload an ISO (multipart form: file, iso_type, os_type)", tags=TAGS,
                      body=IsoForm, stream=_upload_sink, oplog="上传ISO")
