@@ -181,6 +181,36 @@ class NodeNetworks:
             if holder is not None:
                 await self.ips.update_one({"uuid": holder["uuid"]}, {"$set": {role: 1}})
 
+    async def check_new_uplinks(self, node: Mapping[str, Any], uplinks: list[dict], field: str = "network") -> None:
+        """Check the uplinks a node is being added with (``{"switch_uuid", "interface"}``, the NIC by name)
+        before anything is stored: each switch exists, each NIC is one the node's agent reports and can
+        carry an uplink (not a bond's slave), no switch or NIC twice.  Called by the nodes plugin.
+
+        :param node: ``ip`` and ``agent_secret`` of the node being added (its agent is asked for its NICs).
+        :raises ApiError: 400 naming the field and the switch or NIC.
+        """
+        if not uplinks:
+            return
+        switches = self.core.store.collection(schema.SWITCHES)
+        for i, uplink in enumerate(uplinks):
+            if await switches.find_one({"uuid": uplink.get("switch_uuid")}) is None:
+                raise ApiError(net_errors.UPLINK_SWITCH_UNKNOWN, field=f"{field}.{i}.switch_uuid",
+                               switch=uplink.get("switch_uuid"))
+        reported = {nic["name"]: nic for nic in await agents.call(self.core, node, "GET", "/net/nics")}
+        switches_seen: set[str] = set()
+        nics_seen: set[str] = set()
+        for i, uplink in enumerate(uplinks):
+            name = uplink.get("interface")
+            nic = reported.get(name) if name else None
+            if nic is None or nic.get("master"):
+                raise ApiError(net_errors.UPLINK_NIC_UNKNOWN, field=f"{field}.{i}.interface", node=agents.node_label(node),
+                               nic=name or "-")
+            if uplink["switch_uuid"] in switches_seen or name in nics_seen:
+                raise ApiError(errors.INVALID_PARAM, field=f"{field}.{i}",
+                               reason="a node has one uplink per switch, and a NIC is the uplink of one switch")
+            switches_seen.add(uplink["switch_uuid"])
+            nics_seen.add(name)
+
     async def refresh(self, node: Mapping[str, Any]) -> None:
         """Sync when the agent can be asked; otherwise the stored view is served (logged).
 

@@ -215,6 +215,7 @@ class NodeManager:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip)
         answer, facts = await self.probe(ip, password)
         extra = prepare(facts) if prepare else {}
+        await self._check_uplinks(ip, answer, (extra or {}).get("uplinks"))
         record = new_record(
             self.core.clock,
             name=facts.get("hostname") or ip,
@@ -234,6 +235,14 @@ class NodeManager:
         if self.watchers.running:
             self.watchers.watch(created)
         return created
+
+    async def _check_uplinks(self, ip: str, answer: Mapping[str, Any], uplinks: Optional[list[dict]]) -> None:
+        """Uplinks on a switch or NIC that does not exist are refused before the node is stored (the network
+        plugin, ``core.extensions["network"]``, knows switches and asks the agent for its NICs)."""
+        network = self.core.extensions.get("network")
+        if uplinks and network is not None:
+            await network.check_new_uplinks({"ip": ip, "agent_secret": answer["secret"], "agent_id": answer["agent_id"]},
+                                            uplinks)
 
     async def attach_agent(self, node: Mapping[str, Any], ip: str, password: str, changes: Mapping[str, Any]) -> dict:
         """Enrol the agent at ``ip`` for an existing record (the controller's own node)."""
