@@ -229,9 +229,9 @@ def register_routes(router: Router) -> None:
     async def delete_nodes(req: ApiRequest) -> dict:
         manager = manager_of(req)
 
-        async def delete_one(uuid: str) -> None:
+        async def delete_one(uuid: str) -> Optional[dict]:
             node = await manager.node_or_404(uuid)
-            await manager.remove_node(node)
+            return await manager.remove_node(node)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 

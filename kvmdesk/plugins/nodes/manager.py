@@ -256,9 +256,12 @@ class NodeManager:
                 self.watchers.watch(updated)
         return updated
 
-    async def remove_node(self, node: Mapping[str, Any]) -> None:
+    async def remove_node(self, node: Mapping[str, Any]) -> Optional[dict]:
         """Delete a compute node (a controller node only loses its compute role).
 
+        Before its agent is released, plugins remove what they made on the node (``kvmdesk_node_removing``).
+
+        :returns: ``{"not_removed": [...]}`` when something stayed on the node (each with a ``reason``).
         :raises ApiError: the node still hosts something (``core.usage("node", uuid)``).
         """
         reason = await self.core.usage("node", node["uuid"])
@@ -272,6 +275,10 @@ class NodeManager:
             )
             return
         await self.watchers.forget(node["uuid"])
+        not_removed = [item for found in await gather_hook(self.core.plugins.hook.kvmdesk_node_removing(
+            core=self.core, node=without(node, SECRET_FIELDS))) for item in found or []]
+        for item in not_removed:
+            log.warn("node {name} ({ip}): left on the node: {item!r}", name=node.get("name"), ip=node.get("ip"), item=item)
         released = False
         if node.get("agent_secret"):
             try:
@@ -290,6 +297,7 @@ class NodeManager:
         await self.nodes.delete_one({"uuid": node["uuid"]})
         log.info("deleted node {name} ({ip})", name=node.get("name"), ip=node.get("ip"))
         await gather_hook(self.core.plugins.hook.kvmdesk_node_removed(core=self.core, node=without(node, SECRET_FIELDS)))
+        return {"not_removed": not_removed} if not_removed else None
 
     # -- status hook --
 
