@@ -16,7 +16,8 @@ def make_router(core: "Core") -> Router:
     router.recorders.append(core.oplog.record)
     core.plugins.hook.kvmdesk_routes(router=router, core=core)
 
-    @router.endpoint("GET", "/openapi.json", summary="OpenAPI 3 document of this API", auth=False, tags=("meta",))
+    @router.endpoint("GET", "/openapi.json", summary="OpenAPI 3 document of this API (the document, not an envelope)",
+                     auth=False, tags=("meta",), produces=("application/json",), file_only=True)
     async def openapi(req: ApiRequest) -> bytes:
         req.http.setHeader(b"content-type", b"application/json; charset=utf-8")
         return router.render_json(req.http, openapi_document(router))

@@ -60,7 +60,7 @@ def _coerce(field: str, raw: str, kind: type) -> Any:
     return raw
 
 
-def _positive_int(args: Mapping[str, str], name: str, default: int) -> int:
+def _positive_int(args: Mapping[str, str], name: str, default: int, limit: Optional[int] = None) -> int:
     raw = args.get(name)
     if raw is None or raw == "":
         return default
@@ -70,6 +70,8 @@ def _positive_int(args: Mapping[str, str], name: str, default: int) -> int:
         raise ApiError(errors.INVALID_PARAM, field=name, reason="expected a positive integer") from None
     if value < 1:
         raise ApiError(errors.INVALID_PARAM, field=name, reason="expected a positive integer")
+    if limit is not None and value > limit:
+        raise ApiError(errors.INVALID_PARAM, field=name, reason=f"at most {limit}")
     return value
 
 
@@ -181,10 +183,8 @@ async def paginate(
     """One page of ``collection`` matching ``filter``, with full-URL ``next``/``previous`` links."""
     config = req.core.config
     page = _positive_int(req.args, "page", 1)
-    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10))
-    limit = config.get("api.max_page_size", 1000)
-    if size > limit:
-        raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
+    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10),
+                         config.get("api.max_page_size", 1000))
     # A page past the last record reads nothing, so a huge page number never reaches SQL (SQLite
     # refuses offsets beyond 64 bits: that was a 500).
     count, results = await collection.find_page(filter, sort=sort, skip=(page - 1) * size, limit=size)
@@ -209,10 +209,8 @@ def page_of(req: "ApiRequest", items: Sequence[Any]) -> dict:
     """Page a list already in memory (e.g. facts an agent returned)."""
     config = req.core.config
     page = _positive_int(req.args, "page", 1)
-    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10))
-    limit = config.get("api.max_page_size", 1000)
-    if size > limit:
-        raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
+    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10),
+                         config.get("api.max_page_size", 1000))
     return page_envelope(req, len(items), page, size, items[(page - 1) * size : page * size])
 
 

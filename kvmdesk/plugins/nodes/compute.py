@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Mapping, Optional
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, WithJsonSchema
 
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
@@ -29,12 +29,13 @@ SERVICE_STATUS = {"active": 0, "reloading": 0, "activating": 0, "inactive": 1, "
 
 def _ip(value: str) -> str:
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        return str(ipaddress.IPv4Address(value.strip()))
     except ValueError:
-        raise ValueError("not an IP address") from None
+        raise ValueError("not an IPv4 address") from None
 
 
-IpAddress = Annotated[str, AfterValidator(_ip)]
+#: Nodes are reached over IPv4 (their networks, the IPAM and the agents' addresses are IPv4).
+IpAddress = Annotated[str, AfterValidator(_ip), WithJsonSchema({"type": "string", "format": "ipv4"})]
 
 
 class CheckNode(Model):
