@@ -59,6 +59,7 @@ def refused_for_its_shape(body: dict, query: dict) -> bool:
 
 def fuzz(document: dict, base_url: str, token: str) -> list[str]:
     """Run schemathesis over ``document`` (blocking: called in a thread); returns the problems found."""
+    import requests
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
 
@@ -66,7 +67,7 @@ def fuzz(document: dict, base_url: str, token: str) -> list[str]:
     origin = base_url.removesuffix("/api/v1.0")
     headers = {"Authorization": f"Bearer {token}"}
     problems: list[str] = []
-    session = __import__("requests").Session()
+    session = requests.Session()
 
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -109,6 +110,7 @@ def fuzz(document: dict, base_url: str, token: str) -> list[str]:
                 problems.append(f"{where}: a valid request refused: {body['code']} {body['msg']} ({sent})")
 
         run()
+    session.close()
     return problems
 
 
