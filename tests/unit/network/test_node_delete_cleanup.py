@@ -3,7 +3,7 @@ what could not be removed (an unreachable agent) is reported in the delete answe
 import pytest_twisted
 
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.network.testing import InProcessAgents, add_agent_node, memory_node_net
+from kvmdesk.testing.network import InProcessAgents, add_agent_node, memory_node_net
 from kvmdesk.testing.api import api_client
 
 NODES = "/resource_mgr/nodes"

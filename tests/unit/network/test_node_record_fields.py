@@ -5,7 +5,7 @@ The NIC ``id`` is the id of the NIC's record in the network plugin: the same NIC
 """
 import pytest_twisted
 
-from kvmdesk.plugins.network.testing import InProcessAgents, add_agent_node
+from kvmdesk.testing.network import InProcessAgents, add_agent_node
 from kvmdesk.testing.api import api_client
 
 #: The keys of the contract's example answers (web-api.zh.md, 计算节点基本信息列表 / 详细信息 / 控制节点列表).

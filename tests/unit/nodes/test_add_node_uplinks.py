@@ -14,7 +14,7 @@ import pytest_twisted
 
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.network.testing import InProcessAgents, memory_node_net, snapshot
+from kvmdesk.testing.network import InProcessAgents, memory_node_net, snapshot
 from kvmdesk.testing.agents import AGENT_PASSWORD, nodes_controller, running_agent
 
 POOLS = "/resource_mgr/resource_pools"
