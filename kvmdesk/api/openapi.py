@@ -45,6 +45,14 @@ def _schema(model: Any, components: dict) -> dict:
     return {"$ref": f"#/components/schemas/{names[model.__name__]}"}
 
 
+def _query_parameters(model: Any) -> list[dict]:
+    """The fields of a ``query=`` model as OpenAPI query parameters (their JSON schemas, limits included)."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    return [{"name": name, "in": "query", "required": name in required, "schema": field}
+            for name, field in schema.get("properties", {}).items()]
+
+
 def _free_name(name: str, schema: dict, components: dict, model: Any) -> str:
     if components.get(name, schema) == schema:
         return name
@@ -110,6 +118,8 @@ def _operation(spec: "Endpoint", components: dict, max_page_size: int = 1000) ->
     if spec.search_fields:
         params.append(dict(SEARCHTYPE))
         params += [{"name": n, "in": "query", "schema": _filter_schema(t)} for n, t in spec.search_fields.items()]
+    if spec.query is not None:
+        params += _query_parameters(spec.query)
     if params:
         op["parameters"] = params
     if spec.actions is not None:

@@ -8,7 +8,7 @@ from typing import Collection as Collection_
 import attrs
 
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import RECORD, ApiError, Resource
 from kvmdesk.core.store import Collection, Filter, Sort
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,7 +116,7 @@ async def paged_search(
     fixed: Optional[Filter] = None,
     sort: Sort = (("id", -1),),
     decorate: Optional[Decorate] = None,
-    resource: str = "记录",
+    resource: Resource = RECORD,
     substring: Collection_[str] = (),
 ) -> Any:
     """Answer a list endpoint: a page (``count/next/previous/results``) or, for ``single``, one record.

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
@@ -34,6 +34,7 @@ from kvmdesk.plugins.nodes.views import (
 from kvmdesk.protocol import hostfacts
 
 log = Logger(namespace="kvmdesk.nodes.controllers")
+CONTROLLER = Resource("控制节点", "controller node")
 
 
 class ControllerEdit(Model):
@@ -113,7 +114,7 @@ def register_routes(router: Router) -> None:
             return await manager.render(nodes, controller_view=True)
 
         return await paged_search(req, manager.nodes, SEARCH_FIELDS, fixed={"type": {"$in": list(CONTROLLER_TYPES)}},
-                                  sort=[("id", 1)], decorate=decorate, resource="控制节点")
+                                  sort=[("id", 1)], decorate=decorate, resource=CONTROLLER)
 
     @router.endpoint("PUT", base + "/{uuid}", summary="Rename a controller node; optionally add the compute role",
                      body=ControllerEdit, tags=tags, oplog="编辑控制节点")
@@ -135,7 +136,7 @@ def register_routes(router: Router) -> None:
             changes["updated_at"] = now_text(req.core.clock)
             node = await manager.nodes.find_one_and_update({"uuid": node["uuid"]}, {"$set": changes})
             if node is None:
-                raise ApiError(errors.NOT_FOUND, resource="控制节点", key=req.path["uuid"])
+                raise ApiError(errors.NOT_FOUND, resource=CONTROLLER, key=req.path["uuid"])
         return (await manager.render([node], controller_view=True))[0]
 
     def power(action: str, agent_path: str, label: str) -> None:
