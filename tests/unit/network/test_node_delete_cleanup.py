@@ -1,5 +1,7 @@
 """Deleting a node (#33) removes the bridges kvmdesk made on it (and their ports) through its agent;
-what could not be removed (an unreachable agent) is reported in the delete answer's per-item data."""
+what could not be removed (an unreachable agent) is reported in the delete answer's per-item data.
+
+The nodes are on loopback addresses: releasing their (test) enrolment reaches nothing beyond this machine."""
 import pytest_twisted
 
 from kvmdesk.plugins.network import schema
@@ -11,8 +13,8 @@ NODES = "/resource_mgr/nodes"
 
 async def node_with_bridge(api, agents):
     devices = {"eth0", "eth1", "eth2", "vnet0"}  # vnet0: a domain's port
-    n1 = await add_agent_node(api.core, agents, "n1", "10.0.0.1", memory_node_net(ip="10.0.0.1", devices=devices))
-    n2 = await add_agent_node(api.core, agents, "n2", "10.0.0.2", memory_node_net(ip="10.0.0.2", devices=devices))
+    n1 = await add_agent_node(api.core, agents, "n1", "127.0.0.41", memory_node_net(ip="127.0.0.41", devices=devices))
+    n2 = await add_agent_node(api.core, agents, "n2", "127.0.0.42", memory_node_net(ip="127.0.0.42", devices=devices))
     status, body = await api.call("POST", "/resource_mgr/vswitchs", {"name": "sw", "type": "vlan", "uplinks": [
         {"node_uuid": n["uuid"], "nic_uuid": n["nics"]["eth1"]["uuid"]} for n in (n1, n2)]})
     assert status == 200, body
@@ -40,11 +42,11 @@ async def test_deleting_a_node_removes_its_bridges_and_reports_what_stayed(tmp_p
         assert status == 200 and body["data"]["success_num"] == 1, body
         assert "results" not in body["data"]  # nothing stayed behind
         assert n1["net"].ovs.bridges == {}  # the bridge and its port are gone from the node
-        assert ("10.0.0.1", "DELETE", f"/net/switches/{switch['uuid']}", None) in agents.calls
+        assert ("127.0.0.41", "DELETE", f"/net/switches/{switch['uuid']}", None) in agents.calls
         assert await api.core.store.collection(schema.UPLINKS).find({"node_uuid": n1["uuid"]}) == []
 
         # an agent that cannot be reached: the node goes, and the answer says which bridge stayed on it
-        agents.offline.add("10.0.0.2")
+        agents.offline.add("127.0.0.42")
         status, body = await api.call("DELETE", NODES, {"uuids": [n2["uuid"]]})
         assert status == 200 and body["data"]["success_num"] == 1, body
         (result,) = body["data"]["results"]
