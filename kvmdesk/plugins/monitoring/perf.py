@@ -6,6 +6,7 @@ import time
 from typing import Any, Mapping, Optional
 
 import orjson
+from pydantic import Field
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -45,6 +46,15 @@ class HistoryParams(Model):
     node_uuid: str
     statis_hours: int
     step_minutes: int = 1
+
+
+class HistoryQuery(Model):
+    """#138's query string as documented; the same fields may come in a JSON body instead (the
+    document shows both), so none is required here: the handler says which one is missing."""
+
+    node_uuid: Optional[str] = Field(default=None, description="required, here or in a JSON body")
+    statis_hours: Optional[int] = Field(default=None, description="required, here or in a JSON body")
+    step_minutes: Optional[int] = Field(default=None, description="minutes per step (1 by default)")
 
 
 def node_view(node: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,6 +155,9 @@ def history_params(req: ApiRequest) -> HistoryParams:
     unknown = sorted(set(req.args) - {"node_uuid", "statis_hours", "step_minutes"})
     if unknown:
         raise ApiError(errors.INVALID_PARAM, field=unknown[0], reason="unknown parameter")
+    for name in ("node_uuid", "statis_hours"):
+        if data.get(name) is None:
+            raise ApiError(errors.INVALID_PARAM, field=name, reason="required, in the query string or a JSON body")
     return validate(HistoryParams, data)
 
 
@@ -232,7 +245,7 @@ def register_routes(router: Router) -> None:
         return await history(monitor, params.node_uuid, req.core.clock.seconds(), points, params.step_minutes)
 
     for path in ("/monitor_mgr/node/history/", "/monitor_mgr/node/history_perf/"):
-        router.endpoint("GET", path, tags=TAGS, body=HistoryParams, raw_body=True,
+        router.endpoint("GET", path, tags=TAGS, query=HistoryQuery,
                         summary="History of a node: statis_hours at a step of step_minutes "
                                 "(query string or JSON body)")(node_history)
 

@@ -92,7 +92,7 @@ async def exposition(core: Any) -> bytes:
 
 
 def register_routes(router: Router) -> None:
-    @router.endpoint("GET", "/monitor_mgr/metrics", tags=("monitoring",),
+    @router.endpoint("GET", "/monitor_mgr/metrics", tags=("monitoring",), produces=("text/plain",), file_only=True,
                      summary="Node metrics in the Prometheus text format (bearer token required)")
     async def metrics(req: ApiRequest) -> bytes:
         body = await exposition(req.core)
