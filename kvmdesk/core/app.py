@@ -10,7 +10,7 @@ import pluggy
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from kvmdesk.core import auth, errors, oplog
+from kvmdesk.core import auth, console, errors, oplog
 from kvmdesk.core.config import Config
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.plugins import blocked_names, gather_hook, make_plugin_manager
@@ -105,7 +105,7 @@ async def build_core(
             oplog=oplog.OperationLog(store, clock),
         )
         plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
-        indexes = [*auth.INDEXES, *oplog.INDEXES]
+        indexes = [*auth.INDEXES, *oplog.INDEXES, *console.INDEXES]
         for declared in plugins.hook.kvmdesk_store_indexes():
             indexes.extend(declared or [])
         await store.ensure_indexes(indexes)
