@@ -27,13 +27,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core import console
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, define
 from kvmdesk.plugins.console.tunnel import TunnelProtocol, open_tunnel
 
 log = Logger(namespace="kvmdesk.console")
 
-#: Close code for a viewer that sent a text message (websockify's base64 mode is not offered).
-UNSUPPORTED_DATA = 1003
+#: A viewer that sent a text message (websockify's old base64 mode is not offered).
+TEXT_MESSAGE = define(1096, 400, "控制台只接受二进制消息", "binary messages only (websockify binary protocol)")
 #: Bytes a viewer may send before the tunnel is open (an RFB viewer sends nothing before the greeting).
 MAX_EARLY = 64 * 1024
 
@@ -118,10 +118,11 @@ class ConsoleProtocol(WebSocketServerProtocol):
             return
         self.closed = True
         reason = error.message("en", params)
-        code = console.close_code(error) if error.code >= 1000 else error.code
+        code = console.close_code(error)
         # A close reason is at most 123 bytes.
         self.sendClose(code, reason.encode("utf-8")[:123].decode("utf-8", "ignore"))
         self._drop_tunnel()
+        self.relay.forget(self)
 
     def attach(self, tunnel: TunnelProtocol) -> None:
         """Splice the open tunnel to this websocket (called by the relay)."""
@@ -158,9 +159,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            self.closed = True
-            self.sendClose(UNSUPPORTED_DATA, "binary messages only (websockify binary protocol)")
-            self._drop_tunnel()
+            self.close_with(TEXT_MESSAGE)
             return
         if self.tunnel is not None:
             self.tunnel.transport.write(payload)
@@ -228,7 +227,7 @@ class ConsoleRelay:
         key = (grant.node_uuid, grant.domain_uuid)
         self.consoles.setdefault(key, set()).add(viewer)
         tunnel = await open_tunnel(self.core.reactor, node, agents.port, grant.domain_uuid,
-                                   now=self.core.clock.seconds(), timeout=self.tunnel_timeout)
+                                   now=agents.wallclock(), timeout=self.tunnel_timeout)
         if viewer.closed or viewer not in self.consoles.get(key, ()):
             tunnel.transport.loseConnection()  # closed (viewer left, domain stopped) while it opened
             return

@@ -133,6 +133,7 @@ def upgrade_request(ip: str, port: int, secret: str, domain_uuid: str, now: floa
     signed = agentauth.sign(secret, "GET", target, None, now=now)
     host = f"[{ip}]" if ":" in ip else ip
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Upgrade: kvmdesk-vnc", "Connection: Upgrade",
+             "Accept-Language: en",  # the reason ends up in an English websocket close reason
              *(f"{name}: {value}" for name, value in signed.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), signed[agentauth.H_SIGNATURE]
 
