@@ -43,6 +43,9 @@ UPGRADE_REQUIRED = define(1095, 426, "此接口需要 Upgrade: kvmdesk-vnc", "th
 LOGIN_TIMEOUT = 10.0
 #: Seconds the controller side has to finish the (no-authentication) handshake.
 GREETING_TIMEOUT = 30.0
+#: Bytes read at once, and written but unsent before the other side is paused, per direction: 64 KiB
+#: (twisted's default) makes each hop wait for the next one every chunk.
+SPLICE_BUFFER = 1024 * 1024
 _LOOPBACK = {"", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"}
 
 
@@ -154,6 +157,8 @@ class _ControllerSide(protocol.Protocol):
                 self.vnc.transport.write(early)
 
     def _splice(self) -> None:
+        for transport in (self.transport, self.vnc.transport):
+            transport.bufferSize = SPLICE_BUFFER
         self.transport.registerProducer(self.vnc.transport, True)
         self.vnc.transport.registerProducer(self.transport, True)
 

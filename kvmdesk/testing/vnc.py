@@ -196,7 +196,71 @@ class _ViewerProtocol(WebSocketClientProtocol):
         self.factory.viewer._closed(code, reason)
 
 
-class Viewer:
+class ByteStream:
+    """Exact-length reads over a stream of chunks (a websocket's messages, a TCP connection's data)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.received = 0
+        self.closed: defer.Deferred = defer.Deferred()
+        self._want: Optional[tuple[int, defer.Deferred]] = None
+        self._drain: Optional[list] = None
+
+    def _received(self, payload: bytes) -> None:
+        self.received += len(payload)
+        if self._drain is not None:
+            self._drain[0] -= len(payload)
+            if self._drain[0] <= 0:
+                d, self._drain = self._drain[1], None
+                d.callback(None)
+            return
+        self.buffer += payload
+        self._check()
+
+    def _check(self) -> None:
+        if self._want is not None and len(self.buffer) >= self._want[0]:
+            n, d = self._want
+            self._want = None
+            out = bytes(self.buffer[:n])
+            del self.buffer[:n]
+            d.callback(out)
+
+    def _ended(self, why: str) -> None:
+        for pending in (self._want, self._drain):
+            if pending is not None:
+                pending[1].errback(ConnectionError(why))
+        self._want = self._drain = None
+
+    def read(self, n: int) -> defer.Deferred:
+        """Fires with exactly ``n`` bytes (fails if the stream closes first)."""
+        d: defer.Deferred = defer.Deferred()
+        if self.closed.called and len(self.buffer) < n:
+            return defer.fail(ConnectionError(f"closed: {self.closed.result!r}"))
+        self._want = (n, d)
+        self._check()
+        return d
+
+    def drain(self, n: int) -> defer.Deferred:
+        """Fires once ``n`` more bytes arrived, without keeping them (bulk transfers)."""
+        assert not self.buffer, "drain() after everything read"
+        d: defer.Deferred = defer.Deferred()
+        self._drain = [n, d]
+        return d
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def server_init(self) -> tuple[int, int, int, str]:
+        """Send ClientInit (shared) and read ServerInit: ``(width, height, bits_per_pixel, name)``."""
+        self.write(b"\x01")
+        width, height = struct.unpack(">HH", await self.read(4))
+        pixel_format = await self.read(16)
+        (name_length,) = struct.unpack(">I", await self.read(4))
+        name = (await self.read(name_length)).decode("utf-8", "replace")
+        return width, height, pixel_format[0], name
+
+
+class Viewer(ByteStream):
     """A websocket VNC viewer for tests and the benchmark.
 
     ``viewer = await Viewer.connect(url)``; ``await viewer.read(12)``; ``viewer.write(b"...")``;
@@ -204,12 +268,9 @@ class Viewer:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.protocol: Optional[_ViewerProtocol] = None
         self.opened: defer.Deferred = defer.Deferred()
-        self.closed: defer.Deferred = defer.Deferred()
-        self.buffer = bytearray()
-        self.received = 0
-        self._want: Optional[tuple[int, defer.Deferred]] = None
 
     @classmethod
     async def connect(cls, url: str, reactor: Any = None, protocols: tuple[str, ...] = ("binary",)) -> "Viewer":
@@ -226,36 +287,12 @@ class Viewer:
         if not self.opened.called:
             self.opened.callback(proto)
 
-    def _received(self, payload: bytes) -> None:
-        self.received += len(payload)
-        self.buffer += payload
-        self._check()
-
-    def _check(self) -> None:
-        if self._want is not None and len(self.buffer) >= self._want[0]:
-            n, d = self._want
-            self._want = None
-            out = bytes(self.buffer[:n])
-            del self.buffer[:n]
-            d.callback(out)
-
     def _closed(self, code: Optional[int], reason: Optional[str]) -> None:
         if not self.opened.called:
             self.opened.callback(None)
-        if self._want is not None:
-            d, self._want = self._want[1], None
-            d.errback(ConnectionError(f"closed ({code}): {reason}"))
+        self._ended(f"closed ({code}): {reason}")
         if not self.closed.called:
             self.closed.callback((code, reason))
-
-    def read(self, n: int) -> defer.Deferred:
-        """Fires with exactly ``n`` bytes (fails if the websocket closes first)."""
-        d: defer.Deferred = defer.Deferred()
-        if self.closed.called and len(self.buffer) < n:
-            return defer.fail(ConnectionError(f"closed: {self.closed.result!r}"))
-        self._want = (n, d)
-        self._check()
-        return d
 
     def write(self, data: bytes) -> None:
         self.protocol.sendMessage(data, isBinary=True)
@@ -275,12 +312,7 @@ class Viewer:
         self.write(bytes([SEC_NONE]))
         (result,) = struct.unpack(">I", await self.read(4))
         assert result == 0
-        self.write(b"\x01")  # ClientInit: shared
-        width, height = struct.unpack(">HH", await self.read(4))
-        pixel_format = await self.read(16)
-        (name_length,) = struct.unpack(">I", await self.read(4))
-        name = (await self.read(name_length)).decode("utf-8", "replace")
-        return width, height, pixel_format[0], name
+        return await self.server_init()
 
     async def framebuffer(self, width: int, height: int, bpp: int) -> bytes:
         """Ask for the whole screen in raw encoding and return its first rectangle's pixels."""
@@ -298,3 +330,73 @@ class Viewer:
         x, y, w, h, encoding = struct.unpack(">HHHHi", await self.read(12))
         assert encoding == 0, encoding
         return await self.read(w * h * bpp // 8)
+
+
+class _DirectProtocol(protocol.Protocol):
+    def __init__(self, stream: "DirectViewer"):
+        self.stream = stream
+
+    def connectionMade(self) -> None:
+        self.stream.transport = self.transport
+
+    def dataReceived(self, data: bytes) -> None:
+        stream = self.stream
+        if not stream.login.done:
+            answer = stream.login.feed(data)
+            if answer:
+                self.transport.write(answer)
+            if stream.login.done and not stream.logged_in.called:
+                stream.logged_in.callback(None)
+            data = bytes(stream.login.reader.buffer) if stream.login.done else b""
+            if not data:
+                return
+        stream._received(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.stream._ended("connection lost")
+        if not self.stream.logged_in.called:
+            self.stream.logged_in.errback(ConnectionError("connection lost during the VNC login"))
+        if not self.stream.closed.called:
+            self.stream.closed.callback(None)
+
+
+class DirectViewer(ByteStream):
+    """A plain TCP VNC client that logs in with the password itself (the benchmark's baseline)."""
+
+    def __init__(self, password: str):
+        super().__init__()
+        from kvmdesk.agent.rfb import VncLogin
+
+        self.login = VncLogin(password)
+        self.logged_in: defer.Deferred = defer.Deferred()
+        self.transport: Any = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int, password: str, reactor: Any = None) -> "DirectViewer":
+        if reactor is None:
+            from twisted.internet import reactor
+        stream = cls(password)
+        await protocol.ClientCreator(reactor, _DirectProtocol, stream).connectTCP(host, port)
+        await stream.logged_in
+        return stream
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+
+def main() -> None:
+    """``python -m kvmdesk.testing.vnc PORT PASSWORD``: serve :class:`FakeVncServer` on 127.0.0.1."""
+    import sys
+
+    from twisted.internet import reactor
+
+    port = reactor.listenTCP(int(sys.argv[1]), FakeVncServer(sys.argv[2]), interface="127.0.0.1")
+    print("READY", port.getHost().port, flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -132,6 +132,8 @@ class ConsoleProtocol(WebSocketServerProtocol):
         transport = self.transport
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()  # twisted.web's HTTP channel, when upgraded on the API port
+        for spliced in (transport, tunnel.transport):
+            spliced.bufferSize = self.relay.buffer_size
         self.watch = StallWatch(tunnel.transport, self.relay.clock, self.relay.stall_timeout, self._stalled)
         transport.registerProducer(self.watch, True)
         tunnel.transport.registerProducer(transport, True)
@@ -197,6 +199,8 @@ class ConsoleRelay:
         self.clock = core.clock
         self.stall_timeout = float(core.config.number("console.stall_timeout", 60.0, minimum=0))
         self.tunnel_timeout = float(core.config.number("console.tunnel_timeout", 15.0, minimum=0.1))
+        #: Bytes read at once and left unsent before the other side is paused, per direction and hop.
+        self.buffer_size = int(core.config.number("console.buffer_kib", 1024, minimum=16) * 1024)
         self.consoles: dict[tuple[str, str], set[ConsoleProtocol]] = {}
         self.stopping = False
         self.factory = WebSocketServerFactory()
