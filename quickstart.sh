@@ -9,8 +9,12 @@ MODE=${1:-run}
 shift || true
 
 RUN_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvirt0 qemu-utils iproute2)
+# novnc: the console page's VNC viewer, served by the controller from /usr/share/novnc.
+RUN_PACKAGES+=(novnc)
 # curl: bench/transfer_bench.py uploads with it, as an administrator's script would.
 TEST_PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 openvswitch-switch curl)
+# chromium + chromium-driver: the console page's real-browser test (headless, driven by selenium).
+TEST_PACKAGES+=(chromium chromium-driver)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then

@@ -123,6 +123,7 @@ def _browser() -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never fetch a driver or a browser
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in BROWSER_FLAGS:
