@@ -25,7 +25,8 @@ The bench process is the viewer: the direct path is a TCP client that logs in wi
   RSS (``/proc/<pid>/status`` VmRSS) before and after, per console (target: < 100 KiB), and the
   agent's for scale.
 
-It prints figures and asserts nothing.
+It prints figures and asserts nothing.  ``KVMDESK_BENCH_PROFILE=DIR`` writes cProfile statistics of
+the agent and the controller to ``DIR``.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def serve_agent(directory: str, port: int, vnc_port: int) -> None:
 
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.maybeDeferred(agent.stopService))
-    reactor.run()
+    profiled(reactor.run, "agent")
 
 
 def serve_controller(directory: str, api_port: int, agent_port: int) -> None:
@@ -88,7 +89,20 @@ def serve_controller(directory: str, api_port: int, agent_port: int) -> None:
     service.ready.addErrback(lambda f: (f.printTraceback(), reactor.stop()))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
+    profiled(reactor.run, "controller")
+
+
+def profiled(run, name: str) -> None:
+    """Run the reactor, under cProfile when KVMDESK_BENCH_PROFILE names a directory for the stats."""
+    directory = os.environ.get("KVMDESK_BENCH_PROFILE")
+    if not directory:
+        run()
+        return
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.runcall(run)
+    profile.dump_stats(os.path.join(directory, f"{name}.prof"))
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
