@@ -47,6 +47,9 @@ VNC_PASSWORD = "bench-pw"
 DOMAIN_UUID = "6b0f3a56-6a3b-4d0e-9d39-4d9a5e3c2b10"
 MiB = 1 << 20
 
+sys.path.insert(0, str(Path(__file__).parent))
+from transfer_bench import profiled  # noqa: E402  (the same cProfile switch for every bench)
+
 
 # -- the processes under test ----------------------------------------------------------------------
 
@@ -72,6 +75,37 @@ def serve_agent(directory: str, port: int, vnc_port: int) -> None:
     profiled(reactor.run, "agent")
 
 
+def serve_bare_hop(port: int, target: int) -> None:
+    """A byte relay with no framework: accept, connect on, two threads of recv_into/sendall (1 MiB)."""
+    import socket
+    import threading
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        buffer = memoryview(bytearray(MiB))
+        try:
+            while True:
+                n = source.recv_into(buffer)
+                if not n:
+                    break
+                sink.sendall(buffer[:n])
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    server = socket.create_server(("127.0.0.1", port))
+    print("READY", flush=True)
+    while True:
+        client, _ = server.accept()
+        upstream = socket.create_connection(("127.0.0.1", target))
+        for pair in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pump, args=pair, daemon=True).start()
+
+
 def serve_controller(directory: str, api_port: int, agent_port: int) -> None:
     from twisted.internet import reactor
 
@@ -90,19 +124,6 @@ def serve_controller(directory: str, api_port: int, agent_port: int) -> None:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     profiled(reactor.run, "controller")
-
-
-def profiled(run, name: str) -> None:
-    """Run the reactor, under cProfile when KVMDESK_BENCH_PROFILE names a directory for the stats."""
-    directory = os.environ.get("KVMDESK_BENCH_PROFILE")
-    if not directory:
-        run()
-        return
-    import cProfile
-
-    profile = cProfile.Profile()
-    profile.runcall(run)
-    profile.dump_stats(os.path.join(directory, f"{name}.prof"))
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -132,7 +153,123 @@ def rss(pid: int) -> int:
 # -- the viewer side ---------------------------------------------------------------------------------
 
 
-async def measure(options: argparse.Namespace, api_port: int, vnc_port: int, pids: dict[str, int]) -> None:
+def raw_viewer_class():
+    """A lean websocket viewer (the bench's, not the tests'): frames parsed by hand, bulk payloads only
+    counted, so the viewer's own websocket parsing in Python is not what is measured (a browser parses
+    frames natively).  The tests use autobahn's client (:class:`kvmdesk.testing.vnc.Viewer`)."""
+    import base64
+    import secrets
+    import struct
+    from urllib.parse import urlsplit
+
+    from twisted.internet import defer, protocol, reactor
+
+    from kvmdesk.testing.vnc import ByteStream
+
+    class RawWs(protocol.Protocol):
+        def __init__(self, stream: "RawViewer", request: bytes):
+            self.stream = stream
+            self.request = request
+            self.head = b""
+            self.upgraded = False
+            self.pending = bytearray()
+            self.left = 0  # payload bytes of the current frame still to come
+            self.opcode = 0
+
+        def connectionMade(self) -> None:
+            self.stream.transport = self.transport
+            self.transport.bufferSize = MiB
+            self.transport.write(self.request)
+
+        def dataReceived(self, data: bytes) -> None:
+            if not self.upgraded:
+                self.head += data
+                end = self.head.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                assert self.head.startswith(b"HTTP/1.1 101"), self.head[:200]
+                self.upgraded = True
+                data, self.head = self.head[end + 4:], b""
+                self.stream.opened.callback(self.stream)
+            view = memoryview(data)
+            while view:
+                if self.left:
+                    take = view[:self.left]
+                    self.left -= len(take)
+                    view = view[len(take):]
+                    if self.opcode == 2 or self.opcode == 0:
+                        self.stream._received(take if self.stream._drain is not None else bytes(take))
+                    continue
+                self.pending += view
+                view = memoryview(b"")
+                if len(self.pending) < 2:
+                    return
+                first, second = self.pending[0], self.pending[1]
+                length, offset = second & 0x7F, 2
+                if length == 126:
+                    if len(self.pending) < 4:
+                        return
+                    length, offset = struct.unpack(">H", self.pending[2:4])[0], 4
+                elif length == 127:
+                    if len(self.pending) < 10:
+                        return
+                    length, offset = struct.unpack(">Q", self.pending[2:10])[0], 10
+                self.opcode = first & 0x0F or self.opcode
+                rest = bytes(self.pending[offset:])
+                self.pending = bytearray()
+                if self.opcode == 8:
+                    self.transport.loseConnection()
+                    return
+                self.left = length
+                view = memoryview(rest)
+
+        def connectionLost(self, reason=None) -> None:
+            self.stream._ended("closed")
+            if not self.stream.closed.called:
+                self.stream.closed.callback(None)
+
+    class RawViewer(ByteStream):
+        def __init__(self) -> None:
+            super().__init__()
+            self.opened: defer.Deferred = defer.Deferred()
+            self.transport = None
+
+        @classmethod
+        async def connect(cls, url: str) -> "RawViewer":
+            parts = urlsplit(url)
+            key = base64.b64encode(secrets.token_bytes(16)).decode()
+            request = (f"GET {parts.path}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                       "Sec-WebSocket-Protocol: binary\r\n\r\n").encode()
+            stream = cls()
+            await protocol.ClientCreator(reactor, RawWs, stream, request).connectTCP(parts.hostname, parts.port)
+            await stream.opened
+            return stream
+
+        def write(self, data: bytes) -> None:
+            mask = secrets.token_bytes(4)
+            n = len(data)
+            header = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
+            masked = (int.from_bytes(data, "big") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
+            self.transport.write(header + mask + masked)
+
+        def close(self) -> None:
+            self.transport.loseConnection()
+
+        async def handshake(self):
+            assert (await self.read(12)).startswith(b"RFB 003.")
+            self.write(b"RFB 003.008\n")
+            count = (await self.read(1))[0]
+            await self.read(count)
+            self.write(b"\x01")
+            await self.read(4)
+            return await self.server_init()
+
+    return RawViewer
+
+
+async def measure(options: argparse.Namespace, api_port: int, vnc_port: int, bare_port: int,
+                  pids: dict[str, int]) -> None:
     import treq
     from twisted.internet import defer
 
@@ -165,8 +302,10 @@ async def measure(options: argparse.Namespace, api_port: int, vnc_port: int, pid
         await viewer.server_init()
         return viewer
 
-    async def relayed() -> Viewer:
-        viewer = await Viewer.connect(await relay_url())
+    raw_viewer = raw_viewer_class()
+
+    async def relayed():
+        viewer = await raw_viewer.connect(await relay_url())
         await viewer.handshake()
         return viewer
 
@@ -189,8 +328,13 @@ async def measure(options: argparse.Namespace, api_port: int, vnc_port: int, pid
             assert echoed == message
         return times
 
-    both = {"direct": direct, "relay": relayed}
-    throughput: dict[str, list[float]] = {"direct": [], "relay": []}
+    async def bare() -> DirectViewer:
+        viewer = await DirectViewer.connect("127.0.0.1", bare_port, VNC_PASSWORD)
+        await viewer.server_init()
+        return viewer
+
+    both = {"direct": direct, "relay": relayed, "bare two-hop relay": bare}
+    throughput: dict[str, list[float]] = {name: [] for name in both}
     latency: dict[str, list[float]] = {}
     cpu = {name: {process: 0.0 for process in pids} for name in both}
     for _ in range(options.rounds):
@@ -202,7 +346,7 @@ async def measure(options: argparse.Namespace, api_port: int, vnc_port: int, pid
                 cpu[name][process] += cpu_seconds(pid) - before[process]
             viewer.close()
             await viewer.closed
-    for name, opener in both.items():
+    for name, opener in list(both.items())[:2]:
         viewer = await opener()
         await pings(viewer)  # warm-up
         latency[name] = sorted(await pings(viewer))
@@ -215,8 +359,12 @@ async def measure(options: argparse.Namespace, api_port: int, vnc_port: int, pid
     direct_mb, relay_mb = statistics.median(throughput["direct"]), statistics.median(throughput["relay"])
     print(f"throughput ({options.size_mb} MiB, median of {options.rounds}): direct {direct_mb:.0f} MiB/s, "
           f"relay {relay_mb:.0f} MiB/s = {relay_mb / direct_mb:.2f}x direct (target >= 0.5x)")
-    print("  rounds: direct " + ", ".join(f"{v:.0f}" for v in throughput["direct"])
-          + "; relay " + ", ".join(f"{v:.0f}" for v in throughput["relay"]))
+    print("  rounds: " + "; ".join(f"{name} " + ", ".join(f"{v:.0f}" for v in values)
+                                   for name, values in throughput.items()))
+    bare_mb = statistics.median(throughput["bare two-hop relay"])
+    print(f"  for scale, the same two hops with no framework (threads doing recv_into/sendall, no websocket, "
+          f"no tunnel): {bare_mb:.0f} MiB/s = {bare_mb / direct_mb:.2f}x direct; the relay reaches "
+          f"{relay_mb / bare_mb:.2f}x of that")
     for name in both:
         print(f"  CPU seconds during the {name} transfers: " + ", ".join(f"{p} {v:.2f}" for p, v in cpu[name].items()))
     added = pct(latency["relay"], 0.5) - pct(latency["direct"], 0.5)
@@ -248,6 +396,7 @@ def run(options: argparse.Namespace) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="kvmdesk-console-bench-"))
     vnc_port, agent_port, api_port = free_port("127.0.0.1"), free_port("127.0.0.2"), free_port("127.0.0.1")
+    bare_ports = free_port("127.0.0.1"), free_port("127.0.0.1")
     processes = []
     try:
         processes.append(start([PYTHON, "-m", "kvmdesk.testing.vnc", str(vnc_port), VNC_PASSWORD],
@@ -256,9 +405,13 @@ def run(options: argparse.Namespace) -> None:
                                 str(vnc_port)], workdir / "agent.log"))
         processes.append(start([PYTHON, __file__, "serve-controller", str(workdir / "controller"), str(api_port),
                                 str(agent_port)], workdir / "controller.log"))
+        processes.append(start([PYTHON, __file__, "serve-bare-hop", str(bare_ports[1]), str(vnc_port)],
+                               workdir / "bare-agent.log"))
+        processes.append(start([PYTHON, __file__, "serve-bare-hop", str(bare_ports[0]), str(bare_ports[1])],
+                               workdir / "bare-controller.log"))
         pids = {"vnc server": processes[0].pid, "agent": processes[1].pid, "controller": processes[2].pid,
-                "viewer (this process)": os.getpid()}
-        task.react(lambda _reactor: defer.ensureDeferred(measure(options, api_port, vnc_port, pids)))
+                "bare hops": processes[3].pid, "bare hop 2": processes[4].pid, "viewer (this process)": os.getpid()}
+        task.react(lambda _reactor: defer.ensureDeferred(measure(options, api_port, vnc_port, bare_ports[0], pids)))
     finally:
         for process in processes:
             process.terminate()
@@ -275,6 +428,9 @@ def run(options: argparse.Namespace) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "serve-agent":
         serve_agent(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "serve-bare-hop":
+        serve_bare_hop(int(sys.argv[2]), int(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "serve-controller":
         serve_controller(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

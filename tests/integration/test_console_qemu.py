@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from kvmdesk.core import console
-from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent
+from kvmdesk.testing.agents import added_node, free_port, nodes_controller, running_agent
 from kvmdesk.testing.vnc import Viewer
 
 pytestmark = pytest.mark.integration
@@ -71,12 +71,7 @@ async def qemu_domain(libvirtd: str, image_dir: Path, tmp_path: Path) -> AsyncIt
     port = free_port("127.0.0.2")
     async with running_agent(tmp_path / "agent", "127.0.0.2", port, agent={"libvirt_uri": libvirtd}), \
             nodes_controller(tmp_path / "controller", port) as api:
-        status, body = await api.call("GET", "/resource_mgr/resource_pools")
-        pool = body["data"]["results"][0]["uuid"]
-        status, body = await api.call("POST", f"/resource_mgr/resource_pools/{pool}/nodes",
-                                      {"ip": "127.0.0.2", "password": AGENT_PASSWORD})
-        assert status == 200, body
-        node = await api.core.store.collection("nodes").find_one({"uuid": body["data"]["uuid"]})
+        node = await added_node(api, "127.0.0.2")
         agents = api.core.extensions["agents"]
         defined = await agents.call(node, "POST", "/domains", {"xml": vnc_domain(name, disk)})
         try:

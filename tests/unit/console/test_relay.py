@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from kvmdesk.agent.rfb import vnc_auth_response
 from kvmdesk.core import console
-from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent
+from kvmdesk.testing.agents import added_node, free_port, nodes_controller, running_agent
 from kvmdesk.testing.vnc import HEIGHT, PING, WIDTH, BULK, FakeVncServer, Viewer, domain_with_vnc
 
 PASSWORD = "vnc-pass"
@@ -58,12 +58,7 @@ async def setup(tmp_path) -> AsyncIterator[Setup]:
         async with running_agent(tmp_path / "agent", "127.0.0.2", port) as agent, \
                 nodes_controller(tmp_path / "controller", port, clock=clock,
                                  config={"console": {"stall_timeout": 30}}) as api:
-            status, body = await api.call("GET", "/resource_mgr/resource_pools")
-            pool = body["data"]["results"][0]["uuid"]
-            status, body = await api.call("POST", f"/resource_mgr/resource_pools/{pool}/nodes",
-                                          {"ip": "127.0.0.2", "password": AGENT_PASSWORD})
-            assert status == 200, body
-            node = await api.core.store.collection("nodes").find_one({"uuid": body["data"]["uuid"]})
+            node = await added_node(api, "127.0.0.2")
             yield Setup(api, agent, node, vnc, listening.getHost().port, clock)
             api.core.extensions["console"].close_all()
             await vnc.all_closed()
