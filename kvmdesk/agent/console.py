@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from kvmdesk.agent import hypervisor as hv
 from kvmdesk.agent.rfb import AuthenticationFailed, NoAuthGreeting, RfbError, VncLogin
 from kvmdesk.core import agentauth
-from kvmdesk.core.console import DOMAIN_OFF
+from kvmdesk.core.console import DOMAIN_OFF, relay_buffers
 from kvmdesk.core.errors import ApiError, define
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,8 +43,8 @@ UPGRADE_REQUIRED = define(1095, 426, "此接口需要 Upgrade: kvmdesk-vnc", "th
 LOGIN_TIMEOUT = 10.0
 #: Seconds the controller side has to finish the (no-authentication) handshake.
 GREETING_TIMEOUT = 30.0
-#: Bytes read at once, and written but unsent before the other side is paused, per direction: 64 KiB
-#: (twisted's default) makes each hop wait for the next one every chunk.
+#: Bytes read at once, and left unsent before the other side is paused, per direction (see
+#: :func:`~kvmdesk.core.console.relay_buffers`).
 SPLICE_BUFFER = 1024 * 1024
 _LOOPBACK = {"", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"}
 
@@ -158,7 +158,7 @@ class _ControllerSide(protocol.Protocol):
 
     def _splice(self) -> None:
         for transport in (self.transport, self.vnc.transport):
-            transport.bufferSize = SPLICE_BUFFER
+            relay_buffers(transport, SPLICE_BUFFER)
         self.transport.registerProducer(self.vnc.transport, True)
         self.vnc.transport.registerProducer(self.transport, True)
 

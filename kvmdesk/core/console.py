@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote, urlsplit
@@ -289,6 +290,20 @@ def console_url(req_or_base_url: Any, token: str, config: Any = None) -> str:
     if port:
         host = _with_port(host, port)
     return f"{'wss' if secure else 'ws'}://{host}{path}/?token={quoted}"
+
+
+def relay_buffers(transport: Any, size: int) -> None:
+    """Tune a TCP transport that passes console bytes through (the controller's relay, the agent's tunnel).
+
+    ``size`` bytes are read at once and may wait unsent before the other side is paused (twisted's
+    64 KiB made every hop wait for the next one after each chunk: half the throughput), and the
+    kernel's send buffer is made 4x that, so a chunk leaves in one or two ``send`` calls, not ten.
+    An idle console costs none of it: buffers fill only while bytes flow.
+    """
+    transport.bufferSize = size
+    sock = getattr(transport, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * size)
 
 
 def page_url(ws_url: str) -> str:

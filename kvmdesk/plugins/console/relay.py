@@ -133,7 +133,7 @@ class ConsoleProtocol(WebSocketServerProtocol):
         if getattr(transport, "producer", None) is not None:
             transport.unregisterProducer()  # twisted.web's HTTP channel, when upgraded on the API port
         for spliced in (transport, tunnel.transport):
-            spliced.bufferSize = self.relay.buffer_size
+            console.relay_buffers(spliced, self.relay.buffer_size)
         self.watch = StallWatch(tunnel.transport, self.relay.clock, self.relay.stall_timeout, self._stalled)
         transport.registerProducer(self.watch, True)
         tunnel.transport.registerProducer(transport, True)
