@@ -178,6 +178,12 @@ def hijack(request: Any, proto: protocol.Protocol) -> Any:
     channel = request.channel
     transport, channel.transport = channel.transport, None
     channel.setTimeout(None)  # the HTTP idle timeout must not end a console
+    # A site that tracks its connections (the agent's, to drop them at stop) will never hear of this
+    # one again: the tunnel's own registry closes it.
+    tracked = getattr(getattr(channel, "site", None), "protocols", None)
+    if tracked is not None:
+        for http_protocol in [p for p in tracked if getattr(p, "_channel", p) is channel]:
+            tracked.discard(http_protocol)
     if getattr(transport, "producer", None) is not None:
         transport.unregisterProducer()  # the HTTP channel registered itself; the tunnel will
     transport.protocol = proto
@@ -205,8 +211,12 @@ class TunnelResource(Resource):
         head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + UPGRADE + b"\r\nConnection: Upgrade\r\n"
                 + agentauth.H_PROOF.encode() + b": " + agentauth.proof(secret, signature, 101).encode() + b"\r\n\r\n")
         side = _ControllerSide(self.vnc, self.tunnels, self.clock)
-        hijack(request, side)
-        side.start(head)
+        try:
+            hijack(request, side)
+            side.start(head)
+        except Exception:
+            self.vnc.transport.abortConnection()  # never leave the VNC login open behind a failure
+            raise
         return NOT_DONE_YET
 
 

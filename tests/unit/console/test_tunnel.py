@@ -111,6 +111,8 @@ async def test_an_rfb_3_3_viewer_gets_no_authentication_from_the_tunnel(tunnel_s
     width, height = struct.unpack(">HH", await stream.read(4))
     assert (width, height) == (64, 48)
     assert len(agent.console_tunnels.open) == 1 and len(vnc.connections) == 1
+    # The HTTP connection it came on is no longer the site's to track (or to leak).
+    assert all(getattr(p, "_channel", p).transport is not None for p in agent.site.protocols)
     tunnel.transport.loseConnection()
     await vnc.all_closed()  # the agent closed the VNC side with the tunnel
 
