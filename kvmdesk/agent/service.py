@@ -24,7 +24,6 @@ from twisted.web.client import HTTPConnectionPool
 
 from treq.client import HTTPClient
 from kvmdesk import __version__
-from kvmdesk.agent import host
 from kvmdesk.agent.api import (
     ENROL_CONFLICT,
     ENROL_DISABLED,
@@ -45,6 +44,7 @@ from kvmdesk.core import agentauth
 from kvmdesk.core.auth import Throttle
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.threadpools import stop_pool
+from kvmdesk.protocol import hostfacts as host
 
 log = Logger(namespace="kvmdesk.agent")
 T = TypeVar("T")
@@ -252,6 +252,9 @@ class Agent(MultiService):
         }
 
     def unenrol(self) -> None:
+        """Forget the enrolment (if any): the enrolment password enrols again."""
+        if self.enrolments.current is None:
+            return  # nothing to remove: no log line that sounds like something went
         self.enrolments.clear()
         log.info("enrolment removed: the enrolment password enrols again")
 
