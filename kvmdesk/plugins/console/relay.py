@@ -3,7 +3,7 @@
 The websockify protocol: binary websocket messages carry the RFB byte stream as it is (subprotocol
 ``binary`` accepted; the old base64 one is not), so noVNC and other web VNC viewers connect as they
 would to websockify.  Each connection checks its token (:func:`kvmdesk.core.console.check`), finds
-the node, opens the agent's console tunnel (:mod:`.tunnel`) and then passes bytes both ways:
+the node, opens the agent's console tunnel (:mod:`kvmdesk.nodeaccess.tunnel`) and then passes bytes both ways:
 
 - back-pressure both ways: the tunnel's TCP transport is the websocket transport's push producer
   and the other way round, so nothing is read faster than the other side takes it, and at most one
@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import console
 from kvmdesk.core.errors import ApiError, define
-from kvmdesk.plugins.console.tunnel import TunnelProtocol, open_tunnel
+from kvmdesk.nodeaccess.tunnel import TunnelProtocol, open_tunnel
 
 log = Logger(namespace="kvmdesk.console")
 

@@ -12,8 +12,8 @@ from kvmdesk.agent import rfb
 from kvmdesk.agent.testdriver import DomainSpec
 from kvmdesk.core import console
 from kvmdesk.core.errors import ApiError
-from kvmdesk.plugins.console.tunnel import open_tunnel
-from kvmdesk.plugins.nodes.agentclient import AgentCallError, AgentClient
+from kvmdesk.nodeaccess.tunnel import open_tunnel
+from kvmdesk.nodeaccess.client import AgentCallError, AgentClient
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, running_agent
 from kvmdesk.testing.vnc import FakeVncServer
 
