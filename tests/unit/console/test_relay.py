@@ -198,3 +198,19 @@ def test_the_vnc_password_becomes_a_des_key_with_its_bits_reversed():
     assert len(answer) == 16 and answer != challenge
     assert vnc_auth_response("password" + "ignored", challenge) == answer  # only 8 characters count
     assert vnc_auth_response("pass", challenge) == vnc_auth_response("pass\0\0\0\0", challenge)
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_the_node_closes_its_consoles(tmp_path):
+    async with setup(tmp_path) as s:
+        uuid = await s.domain("vm-1")
+        token = await s.token(uuid)
+        viewer = await Viewer.connect(s.url(token))
+        await viewer.handshake()
+        status, body = await s.api.call("DELETE", "/resource_mgr/nodes", {"uuids": [s.node["uuid"]]})
+        assert status == 200, body
+        assert await viewer.closed == (4088, "the console was closed: the desktop's node was removed")
+        assert s.relay.open_count() == 0
+        code, reason = await s.refused(s.url(token))
+        assert code == 4084  # its tokens went with it
+        await s.vnc.all_closed()
