@@ -1,11 +1,12 @@
 """Base classes for request models: unknown fields are rejected, JSON types are taken as they are."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from kvmdesk.core.errors import INVALID_PARAM, ApiError
+from kvmdesk.core.logtext import escaped, is_unprintable
 
 
 class Model(BaseModel):
@@ -39,3 +40,32 @@ def validate(model: type[BaseModel], data: Any, prefix: tuple = ()) -> Any:
         problems = [{"field": field_name(prefix + tuple(err["loc"])), "reason": err["msg"]} for err in exc.errors()]
         first = problems[0]
         raise ApiError(INVALID_PARAM, data=problems, field=first["field"], reason=first["reason"]) from None
+
+
+# -- names -------------------------------------------------------------------------------------------
+
+#: The longest name of a resource (pool, switch, network, group, user, node, image...).
+NAME_MAX = 64
+
+
+def _printable(value: str) -> str:
+    bad = next((c for c in value if is_unprintable(c)), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control or format characters (found {escaped(bad)})")
+    return value
+
+
+def name_type(max_length: int = NAME_MAX, min_length: int = 1) -> Any:
+    """The rules of every name: surrounding whitespace stripped, no control or format characters
+    (NUL, ESC, CR, LF, DEL, bidi overrides: Unicode categories Cc and Cf), at most ``max_length``.
+
+    Use :data:`Name`; this factory is for the few names with another length (ISO file names).
+    """
+    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
+                     AfterValidator(_printable)]
+
+
+#: The name field of every request model.
+Name = name_type()
+#: A name that may be left empty (e.g. a person's full name).
+OptionalName = name_type(min_length=0)

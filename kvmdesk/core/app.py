@@ -104,6 +104,8 @@ async def build_core(
             auth=auth.Authenticator(store, clock, config),
             oplog=oplog.OperationLog(store, clock),
         )
+        core.auth.on_refused = lambda username, address, reason: plugins.hook.kvmdesk_login_refused(
+            core=core, username=username, address=address, reason=reason)
         plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
         indexes = [*auth.INDEXES, *oplog.INDEXES]
         for declared in plugins.hook.kvmdesk_store_indexes():

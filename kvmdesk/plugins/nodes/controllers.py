@@ -14,7 +14,7 @@ from pydantic import Field
 from twisted.logger import Logger
 
 from kvmdesk.agent import host
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
@@ -38,7 +38,7 @@ log = Logger(namespace="kvmdesk.nodes.controllers")
 
 
 class ControllerEdit(Model):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    name: Optional[Name] = None
     add_compute_function: bool = False
 
 

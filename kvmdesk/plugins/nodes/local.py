@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from kvmdesk.agent.config import AgentConfig
 from kvmdesk.agent.testdriver import write_test_host
+from kvmdesk.core.logtext import escaped
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.controllers import ensure_controller_node
 from kvmdesk.plugins.nodes.views import TYPE_COMPUTE_MASTER, WITH_COMPUTE
@@ -150,7 +151,7 @@ class LocalAgent(Service):
         enrolment = self.agent.enrolments.current
         if node.get("agent_secret") and enrolment is not None and node.get("ip") == ip \
                 and secrets.compare_digest(node["agent_secret"], enrolment.secret):
-            log.info("local agent at {ip} already enrolled as node {name}", ip=ip, name=node.get("name"))
+            log.info("local agent at {ip} already enrolled as node {name}", ip=ip, name=escaped(node.get("name")))
             return node
         # The process owns this agent: a stale enrolment (data directory reused) is simply reset.
         self.agent.unenrol()
@@ -160,7 +161,7 @@ class LocalAgent(Service):
             changes["resource_pool_uuid"] = default_pool["uuid"] if default_pool else None
         updated = await manager.attach_agent(node, ip, password, changes)
         log.info("local machine enrolled as node {name} ({ip}), type {type}, in the default pool{demo}",
-                 name=updated.get("name"), ip=ip, type=updated.get("type"),
+                 name=escaped(updated.get("name")), ip=ip, type=updated.get("type"),
                  demo=" (DEMO HYPERVISOR)" if self.demo else "")
         return updated
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name, OptionalName, name_type
 
 _USER_NAME = re.compile(r"^[^\s\x00-\x1f\x7f/\\]+$")
 _PHONE = re.compile(r"^[0-9+\-() ]*$")
@@ -39,11 +39,12 @@ def _blank(value: Any) -> Any:
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
 _NAME_RULE = _matching(_USER_NAME, "must not contain spaces, control characters, / or \\")
-UserName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), _NAME_RULE]
+UserName = Annotated[Name, _NAME_RULE]
 Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), _NAME_RULE]
-GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+GroupName = Name
+FileName = name_type(100)
 Password = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX)]
-PersonName = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=64)]
+PersonName = Annotated[OptionalName, BeforeValidator(_blank)]
 Phone = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=32),
                  _matching(_PHONE, "only digits, spaces and + - ( ) are allowed")]
 Email = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=128),
@@ -64,7 +65,7 @@ class GroupRef(Model):
     """One group of a batch: the uuid identifies it; the name is informative only."""
 
     uuid: str
-    name: Optional[str] = None
+    name: Optional[OptionalName] = None
 
 
 class GroupDelete(Model):
@@ -78,7 +79,7 @@ class GroupValue(Model):
 
 class GroupEdit(Model):
     uuid: str
-    name: Optional[str] = None
+    name: Optional[OptionalName] = None
     value: GroupValue
 
 
@@ -89,7 +90,7 @@ class UserRef(Model):
     """One user of a batch: the uuid identifies it; the user name is informative only."""
 
     uuid: str
-    user_name: Optional[str] = None
+    user_name: Optional[OptionalName] = None
 
 
 class UserCreate(Model):
@@ -118,12 +119,12 @@ class UsersParam(Model):
 
 class MoveParam(Model):
     group_uuid: str
-    group_name: Optional[str] = None
+    group_name: Optional[OptionalName] = None
     users: list[UserRef]
 
 
 class ExportParam(Model):
-    filename: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    filename: FileName
     users: list[UserRef]
 
 
@@ -141,7 +142,7 @@ class UserValue(Model):
 
 class UserUpdate(Model):
     uuid: str
-    user_name: Optional[str] = None
+    user_name: Optional[OptionalName] = None
     value: UserValue
 
 
