@@ -111,6 +111,7 @@ async def build_core(
         for declared in plugins.hook.kvmdesk_store_indexes():
             indexes.extend(declared or [])
         await store.ensure_indexes(indexes)
+        await core.oplog.interrupt_running()
         core.router = make_router(core)
         await gather_hook(plugins.hook.kvmdesk_startup(core=core))
         await core.auth.ensure_first_admin(data_dir)

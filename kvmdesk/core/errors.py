@@ -99,3 +99,5 @@ BAD_HTTP_REQUEST = define(1020, 400, "HTTP 请求格式错误 (请求行, 请求
                           "malformed HTTP request (request line, headers, length or encoding)")
 REQUEST_TIMEOUT = define(1021, 408, "请求超时: {seconds} 秒内未收到完整的请求 ({what})", "request timed out: the {what} did not arrive "
                          "within {seconds} seconds")
+OPERATION_INTERRUPTED = define(1022, 500, "操作被中断 (服务停止), 已完成 {done}/{total}",
+                               "the operation was interrupted (the service stopped) after {done}/{total}")

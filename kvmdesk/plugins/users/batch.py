@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.jobs import BatchProgress
 from kvmdesk.plugins.users import codes
 from kvmdesk.plugins.users.accounts import USER, USERS, chunks, find_by
 
@@ -65,14 +66,20 @@ async def resolve_users(req: "ApiRequest", refs: Sequence[Any], projection: Sequ
 async def update_users(req: "ApiRequest", uuids: Sequence[str], changes: dict[str, Any]) -> None:
     """``$set`` the same ``changes`` on every user of ``uuids``, a bounded chunk per write."""
     users = req.core.store.collection(USERS)
+    tracker = BatchProgress(req, len(uuids))
+    await tracker.begin()
     for part in chunks(list(uuids)):
         await users.update_many({"uuid": {"$in": list(part)}}, {"$set": changes})
+        await tracker.advance(len(part))
 
 
 async def delete_users(req: "ApiRequest", uuids: Sequence[str]) -> None:
     users = req.core.store.collection(USERS)
+    tracker = BatchProgress(req, len(uuids))
+    await tracker.begin()
     for part in chunks(list(uuids)):
         await users.delete_many({"uuid": {"$in": list(part)}})
+        await tracker.advance(len(part))
 
 
 def describe_users(users: Sequence[dict[str, Any]], limit: int = 10) -> str:
