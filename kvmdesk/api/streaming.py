@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Protocol, Union
 from urllib.parse import parse_qs
 
@@ -38,6 +39,7 @@ import orjson
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request, Site
 
 from kvmdesk.api.channel import ApiChannel
@@ -492,6 +494,25 @@ class ApiSite(Site):
                        maxRotatedFiles=self.keep)
 
 
+#: Query parameters whose values never reach the access log (signed download links, tokens).
+_SECRET_PARAMS = re.compile(rb"([?&](?:sig|signature|token|access_token|password|passwd)=)[^&#]*", re.IGNORECASE)
+
+
+def redacted_uri(uri: bytes) -> bytes:
+    """``uri`` with the values of secret query parameters replaced by ``-``."""
+    return _SECRET_PARAMS.sub(rb"\1-", uri)
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """twisted.web's combined log format, without secrets in the logged URI."""
+    uri = request.uri
+    request.uri = redacted_uri(uri)
+    try:
+        return combinedLogFormatter(timestamp, request)
+    finally:
+        request.uri = uri
+
+
 #: Timeouts of the API port when the configuration gives none (``[api]`` in defaults.toml).
 DEFAULT_TIMEOUTS = {"header_timeout": 20.0, "body_timeout": 60.0, "idle_timeout": 120.0}
 
@@ -517,6 +538,7 @@ def make_site(router: "Router", *, reactor: Any = None, access_log: Optional[str
     """
     timeouts = site_timeouts(getattr(getattr(router, "core", None), "config", None))
     kwargs: dict[str, Any] = {"reactor": reactor} if reactor is not None else {}
+    kwargs["logFormatter"] = access_log_line
     if access_log and access_log != "-":
         kwargs["logPath"] = access_log
     site = ApiSite(router.resource(), rotate_bytes=rotate_bytes, keep=keep, timeout=timeouts["idle_timeout"],

@@ -13,8 +13,10 @@ from twisted.logger import Logger
 from kvmdesk.core import auth, errors, oplog
 from kvmdesk.core.config import Config
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.filemodes import restrict_tree
 from kvmdesk.core.plugins import blocked_names, gather_hook, make_plugin_manager
 from kvmdesk.core.store import Store, open_store
+from kvmdesk.core.threadpools import in_reactor_pool
 
 log = Logger(namespace="kvmdesk.core")
 
@@ -90,6 +92,8 @@ async def build_core(
         config.add_defaults(defaults or {})
     data_dir = Path(config.get("controller.data_dir")).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # New files are private by the service's umask; this brings what an older version left.
+    await in_reactor_pool(reactor, restrict_tree, data_dir)
     store = open_store(store_uri(config, data_dir), reactor=reactor, timeout=float(config.get("store.timeout", 10)),
                        inline_read_ms=float(config.get("store.inline_read_ms", 1.0)))
     try:

@@ -107,7 +107,16 @@ class LocalAgent(Service):
         self.ready.callback(node)
 
     def _failed(self, failure: Any) -> None:
-        log.failure("the local (all-in-one) agent could not be started and enrolled", failure)
+        from kvmdesk.agent.service import AgentListenError
+
+        if failure.check(AgentListenError):
+            log.critical("{line} (the in-process agent: set [nodes] agent_port or [agent] local = false)",
+                         line=str(failure.value))
+            fatal = self.core.extensions.get("fatal")
+            if fatal is not None:
+                fatal()  # the controller process: an all-in-one node that listens nowhere is no node
+        else:
+            log.failure("the local (all-in-one) agent could not be started and enrolled", failure)
         self.ready.errback(failure)
         self.ready.addErrback(lambda _: None)
 
