@@ -24,7 +24,6 @@ from twisted.web.client import HTTPConnectionPool
 
 from treq.client import HTTPClient
 from kvmdesk import __version__
-from kvmdesk.agent import host
 from kvmdesk.agent.api import (
     ENROL_CONFLICT,
     ENROL_DISABLED,
@@ -47,6 +46,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.filemodes import restrict_tree
 from kvmdesk.core.process import listen_failure_line
 from kvmdesk.core.threadpools import stop_pool
+from kvmdesk.protocol import hostfacts as host
 
 log = Logger(namespace="kvmdesk.agent")
 T = TypeVar("T")
@@ -270,6 +270,9 @@ class Agent(MultiService):
         }
 
     def unenrol(self) -> None:
+        """Forget the enrolment (if any): the enrolment password enrols again."""
+        if self.enrolments.current is None:
+            return  # nothing to remove: no log line that sounds like something went
         self.enrolments.clear()
         log.info("enrolment removed: the enrolment password enrols again")
 

@@ -23,7 +23,7 @@ from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index, Store
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvmdesk.api.router import ApiRequest, Endpoint
+    from kvmdesk.core.routing import EndpointLike, RequestLike
 
 COLLECTION = "operation_logs"
 INDEXES = [Index(COLLECTION, ["-created_at"]), Index(COLLECTION, ["state"])]
@@ -59,7 +59,7 @@ def _identifiers(source: Any) -> Iterable[str]:
     return found
 
 
-def describe(req: "ApiRequest") -> str:
+def describe(req: "RequestLike") -> str:
     """A short, secret-free description of what the request touched."""
     if req.oplog_detail:
         return req.oplog_detail
@@ -79,7 +79,7 @@ class OperationLog:
         self.clock = clock
         self.host = host or socket.gethostname()
 
-    def _fields(self, req: "ApiRequest", spec: "Endpoint") -> dict[str, Any]:
+    def _fields(self, req: "RequestLike", spec: "EndpointLike") -> dict[str, Any]:
         label = (req.action.oplog or req.action.summary) if req.action else (spec.oplog or spec.summary)
         detail = describe(req)
         admin = req.admin or {}

@@ -35,7 +35,7 @@ from kvmdesk.core.logtext import escaped
 from kvmdesk.core.passwords import hash_password
 from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.users import codes, sheet_jobs, sheets
-from kvmdesk.plugins.users.accounts import GROUP, GROUPS, USER, USERS, find_by
+from kvmdesk.plugins.users.accounts import GROUP, GROUPS, USER, USER_KIND, USERS, find_by
 from kvmdesk.plugins.users.models import ImportRow
 from kvmdesk.plugins.users.users import INSERT_CHUNK, user_record
 
@@ -251,6 +251,7 @@ async def import_users(req: ApiRequest, upload: Upload, enable: bool) -> dict[st
                 failures.append((number, row.user_name, ApiError(errors.ALREADY_EXISTS, resource=USER, key=row.user_name)))
             else:
                 created += 1
+                await core.created(USER_KIND, outcome)
         await tracker.advance(len(part))
     finished = time.monotonic()
     log.info(

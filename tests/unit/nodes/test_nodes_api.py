@@ -8,9 +8,11 @@ from typing import Any, AsyncIterator
 import pytest_twisted
 
 from kvmdesk.core import errors
-from kvmdesk.plugins.nodes import agentclient, manager
-from kvmdesk.plugins.nodes.views import stable_uuid
+from kvmdesk.nodeaccess import client as agentclient
+from kvmdesk.plugins.nodes import manager
+from kvmdesk.core.ids import stable_uuid
 from kvmdesk.testing.agents import AGENT_PASSWORD, AgentProcess, nodes_controller
+from kvmdesk.testing.plugins import LifecycleRecorder, plugin_manager
 
 POOLS = "/resource_mgr/resource_pools"
 
@@ -211,6 +213,22 @@ async def test_controller_nodes(agents, api):
     node = await add(api, pool, "127.0.0.2")
     status, body = await api.call("POST", f"/resource_mgr/controller_nodes/{node['uuid']}/shutdown")
     assert status == 404 and body["code"] == manager.NOT_CONTROLLER.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_announce_create_rename_delete_without_their_secret(tmp_path, agent_port, agent):
+    recorder = LifecycleRecorder()
+    async with nodes_controller(tmp_path / "controller", agent_port, plugins=plugin_manager(recorder)) as api:
+        node = await add(api, await default_pool(api), "127.0.0.2")
+        status, body = await api.call("PUT", f"/resource_mgr/nodes/{node['uuid']}", {"name": "renamed"})
+        assert status == 200, body
+        status, body = await api.call("DELETE", "/resource_mgr/nodes", {"uuids": [node["uuid"]]})
+        assert status == 200, body
+        events = recorder.of("node")
+        assert [(e.hook, e.record["uuid"]) for e in events] == [("created", node["uuid"]), ("updated", node["uuid"]),
+                                                                 ("deleted", node["uuid"])]
+        assert events[1].changes == {"name": "renamed"} and events[2].record["name"] == "renamed"
+        assert all("agent_secret" not in e.record for e in events)
 
 
 def enrolment_file(process: AgentProcess) -> Path:

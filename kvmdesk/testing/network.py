@@ -7,10 +7,10 @@ from typing import Any, Iterable, Mapping, Optional
 from kvmdesk.agent.net.netlink import MemoryNetlink
 from kvmdesk.agent.net.ovs import MemoryOvs
 from kvmdesk.agent.net.routes import NetAgent
-from kvmdesk.agent.net.testing import AgentHarness
 from kvmdesk.core.records import new_record
+from kvmdesk.nodeaccess.client import AgentCallError, AgentConnectionError
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.nodes.agentclient import AgentCallError, AgentConnectionError
+from kvmdesk.testing.agent_net import AgentHarness
 
 #: Every collection the network plugin writes: "nothing stored changed" compares all of them.
 OWN_COLLECTIONS = (schema.SWITCHES, schema.UPLINKS, schema.NETWORKS, schema.SUBNETS, schema.ALLOCATIONS,
@@ -30,6 +30,10 @@ async def add_pool(core: Any, name: str) -> dict:
                                                                            default=0))
 
 
+#: The agent secret of the node records made here: enrolled nodes carry one (the in-process agents
+#: do not check it; the network plugin only syncs nodes that are enrolled).
+ENROLLED = "test-agent-secret"
+
 async def add_node(core: Any, name: str, ip: str, *, pool: Optional[dict] = None, nics: Iterable[str] = ("eth0", "eth1"),
                    manage_nic: Optional[str] = "eth0", netmask: str = "255.255.255.0") -> dict:
     """A node record as the nodes plugin stores it, with NIC records and its management address.
@@ -38,7 +42,8 @@ async def add_node(core: Any, name: str, ip: str, *, pool: Optional[dict] = None
     """
     pool = pool or await default_pool(core)
     node = await core.store.collection(schema.NODES).insert_one(
-        new_record(core.clock, name=name, hostname=f"{name}.test", ip=ip, type=5, resource_pool_uuid=pool["uuid"]))
+        new_record(core.clock, name=name, hostname=f"{name}.test", ip=ip, type=5, resource_pool_uuid=pool["uuid"],
+                   agent_secret=ENROLLED))
     records = {}
     for i, nic in enumerate(nics):
         records[nic] = await core.store.collection(schema.NICS).insert_one(new_record(
@@ -74,7 +79,7 @@ def assert_error(status: int, body: Any, expected_status: int, code: int, *words
 
 class InProcessAgents:
     """The controller's agent client for tests: each node's agent is an in-process router
-    (:class:`~kvmdesk.agent.net.testing.AgentHarness`), found by the node's ``ip``; a node can be taken
+    (:class:`~kvmdesk.testing.agent_net.AgentHarness`), found by the node's ``ip``; a node can be taken
     offline.  Raises the same errors as the real client.
 
     Install with ``core.extensions["agents"] = agents``.
@@ -127,7 +132,7 @@ async def add_agent_node(core: Any, agents: InProcessAgents, name: str, ip: str,
     agents.add(ip, net)
     node = await core.store.collection(schema.NODES).insert_one(
         new_record(core.clock, name=name, hostname=f"{name}.test", ip=ip, type=5, resource_pool_uuid=pool["uuid"],
-                   state="online", status=0, **extra))
+                   state="online", status=0, agent_secret=ENROLLED, **extra))
     records = await core.extensions["network"].sync_node(node)
     node["nics"] = {r["nic"]: r for r in records}
     node["net"] = net
