@@ -52,7 +52,7 @@ class Process(ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.pid = None
-        if not self.ready.called:
+        if self.marker is not None and not self.ready.called:
             self.ready.errback(RuntimeError("ended before ready:\n" + self.text))
         self.ended.callback(reason.value.exitCode)
 
