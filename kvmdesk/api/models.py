@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from kvmdesk.core.errors import INVALID_PARAM, ApiError
+from kvmdesk.core.errors import BATCH_EMPTY, INVALID_PARAM, ApiError
 from kvmdesk.core.logtext import escaped, is_unprintable
 
 
@@ -18,10 +18,19 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _BatchItems:
+    """Marks the list of a batch's items: empty, it is refused with the catalogue's ``BATCH_EMPTY``."""
+
+
+def batch_of(item: Any) -> Any:
+    """The type of a batch's items: a list of ``item``, at least one (the document says ``minItems: 1``)."""
+    return Annotated[list[item], Field(min_length=1), _BatchItems()]
+
+
 class Uuids(Model):
     """The contract's delete body: ``{"uuids": [...]}``."""
 
-    uuids: list[str]
+    uuids: batch_of(str)
 
 
 def field_name(loc: tuple[Any, ...]) -> str:
@@ -37,11 +46,34 @@ def validate(model: type[BaseModel], data: Any, prefix: tuple = (), *, strict: O
     :param strict: ``False`` converts text to the field's type (query strings are all text).
     """
     try:
-        return model.model_validate(data, strict=strict)
+        return model.model_validate(_integral(data), strict=strict)
     except ValidationError as exc:
-        problems = [{"field": field_name(prefix + tuple(err["loc"])), "reason": err["msg"]} for err in exc.errors()]
+        found = exc.errors()
+        problems = [{"field": field_name(prefix + tuple(err["loc"])), "reason": err["msg"]} for err in found]
+        if _empty_batch(model, found[0]):
+            # a batch's list of items, empty (``min_length=1`` of the model): the catalogue's own code
+            raise ApiError(BATCH_EMPTY, data=problems) from None
         first = problems[0]
         raise ApiError(INVALID_PARAM, data=problems, field=first["field"], reason=first["reason"]) from None
+
+
+def _integral(data: Any) -> Any:
+    """JSON numbers with no fraction (``5.0``) as integers: JSON Schema counts them as integers, and
+    so does the OpenAPI document (strict models would refuse them for an ``int`` field)."""
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    if isinstance(data, dict):
+        return {k: _integral(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_integral(v) for v in data]
+    return data
+
+
+def _empty_batch(model: type[BaseModel], error: Any) -> bool:
+    loc = error["loc"]
+    if error["type"] != "too_short" or len(loc) != 1 or loc[0] not in getattr(model, "model_fields", {}):
+        return False
+    return any(isinstance(mark, _BatchItems) for mark in model.model_fields[loc[0]].metadata)
 
 
 # -- names -------------------------------------------------------------------------------------------
@@ -57,14 +89,40 @@ def _printable(value: str) -> str:
     return value
 
 
+def _unprintable_class() -> str:
+    """A regular-expression class body of every Cc and Cf character (``\\uXXXX``; astral ones as themselves)."""
+    import sys
+    import unicodedata
+
+    found = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cf")]
+    ranges: list[list[int]] = []
+    for code in found:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+
+    def one(code: int) -> str:
+        return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+    return "".join(one(a) if a == b else f"{one(a)}-{one(b)}" for a, b in ranges)
+
+
+_UNPRINTABLE = _unprintable_class()
+#: What the OpenAPI document shows of the rule (the validator below is what enforces it).
+_NAME_PATTERN = f"^[^{_UNPRINTABLE}]*[^{_UNPRINTABLE}\\s][^{_UNPRINTABLE}]*$"
+_OPTIONAL_NAME_PATTERN = f"^[^{_UNPRINTABLE}]*$"
+
+
 def name_type(max_length: int = NAME_MAX, min_length: int = 1) -> Any:
     """The rules of every name: surrounding whitespace stripped, no control or format characters
     (NUL, ESC, CR, LF, DEL, bidi overrides: Unicode categories Cc and Cf), at most ``max_length``.
 
     Use :data:`Name`; this factory is for the few names with another length (ISO file names).
     """
+    pattern = _NAME_PATTERN if min_length else _OPTIONAL_NAME_PATTERN
     return Annotated[str, StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
-                     AfterValidator(_printable)]
+                     AfterValidator(_printable), Field(json_schema_extra={"pattern": pattern})]
 
 
 #: The name field of every request model.
