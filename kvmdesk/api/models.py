@@ -108,10 +108,12 @@ def _unprintable_class() -> str:
     return "".join(one(a) if a == b else f"{one(a)}-{one(b)}" for a, b in ranges)
 
 
-_UNPRINTABLE = _unprintable_class()
+#: Every control and format character, as the body of a regular-expression class (for patterns of
+#: stricter name rules that the OpenAPI document shows instead of :data:`Name`'s).
+UNPRINTABLE_CLASS = _unprintable_class()
 #: What the OpenAPI document shows of the rule (the validator below is what enforces it).
-_NAME_PATTERN = f"^[^{_UNPRINTABLE}]*[^{_UNPRINTABLE}\\s][^{_UNPRINTABLE}]*$"
-_OPTIONAL_NAME_PATTERN = f"^[^{_UNPRINTABLE}]*$"
+_NAME_PATTERN = f"^[^{UNPRINTABLE_CLASS}]*[^{UNPRINTABLE_CLASS}\\s][^{UNPRINTABLE_CLASS}]*$"
+_OPTIONAL_NAME_PATTERN = f"^[^{UNPRINTABLE_CLASS}]*$"
 
 
 def name_type(max_length: int = NAME_MAX, min_length: int = 1) -> Any:

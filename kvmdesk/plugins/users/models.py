@@ -6,12 +6,12 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
-from kvmdesk.api.models import Model, Name, OptionalName, batch_of, name_type
+from kvmdesk.api.models import UNPRINTABLE_CLASS, Model, Name, OptionalName, batch_of, name_type
 
 #: What Python's ``\s`` matches, spelt out: the OpenAPI document's patterns are read by other regex
 #: dialects (JSON Schema's is ECMA's, whose ``\s`` differs), and must refuse exactly what the code refuses.
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_USER_NAME = re.compile(rf"^[^{_SPACE}\x00-\x1f\x7f/\\]+$")
+_USER_NAME = re.compile(rf"^[^{_SPACE}{UNPRINTABLE_CLASS}/\\]+$")
 _PHONE = re.compile(r"^[0-9+\-() ]*$")
 _EMAIL = re.compile(rf"^$|^[^@{_SPACE}]+@[^@{_SPACE}]+\.[^@{_SPACE}]+$")
 #: Argon2 handles any length; the bound only keeps a request from being a hashing load test.
