@@ -191,3 +191,13 @@ def kvmdesk_domain_event(core: "Core", node: Mapping[str, Any], event: Mapping[s
     :returns: ``None`` or an awaitable; every implementation is awaited before the next event.
         Not firstresult.
     """
+
+
+@hookspec
+def kvmdesk_login_refused(core: "Core", username: str, address: str, reason: str) -> None:
+    """A login was refused: unknown user, wrong password, disabled account or locked out.
+
+    :param username: the name that was tried (never the password).
+    :param address: the client's IP address.
+    :param reason: ``bad_credentials``, ``disabled`` or ``locked``.
+    """
