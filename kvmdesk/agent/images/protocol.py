@@ -27,7 +27,9 @@ import re
 
 from kvmdesk.core.errors import define
 
-KINDS = {"base": "instances/_base", "template": "instances/_template"}
+#: ``instance`` (desktops' disks) and ``iso`` (CD-ROM media placed on the node) are the domain layer's.
+KINDS = {"base": "instances/_base", "template": "instances/_template", "instance": "instances/_instance",
+         "iso": "instances/_iso"}
 ROLES = {1: "template_sys", 2: "template_data", 3: "instance_sys", 4: "instance_data"}
 #: File ids are server-chosen (uuids, optionally with a version suffix); anything else is refused.
 FILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -1,0 +1,1 @@
+"""What the controller and the node agents share: the controller<->agent protocol modules."""
