@@ -1,0 +1,66 @@
+"""Hook implementations of the ``templates`` plugin."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from kvmdesk import hookimpl
+from kvmdesk.plugins.templates import routes, schema, service
+
+__all__ = [
+    "kvmdesk_config_defaults",
+    "kvmdesk_domain_event",
+    "kvmdesk_routes",
+    "kvmdesk_store_indexes",
+    "kvmdesk_usage",
+]
+
+#: ``[templates] nic_kind``: ``ovs`` (the data network's bridge and VLAN) or ``user`` (QEMU user-mode
+#: networking, for hosts without Open vSwitch: demos and the real-QEMU tests).
+DEFAULTS = {"templates": {"nic_kind": "ovs"}}
+
+#: What a resource kind is called in a template record.
+USAGE_FIELDS = {"base_image": "base_image_uuid", "iso": "iso_uuid", "data_network": "network_uuid",
+                "subnet": "subnet_uuid", "resource_pool": "pool_uuid", "node": "host_uuid"}
+
+#: Lifecycle events -> the template's status (other events leave it).
+EVENT_STATUS = {"started": schema.ACTIVE, "resumed": schema.ACTIVE, "stopped": schema.INACTIVE,
+                "crashed": schema.ERROR}
+
+
+@hookimpl
+def kvmdesk_config_defaults():
+    return DEFAULTS
+
+
+@hookimpl
+def kvmdesk_store_indexes():
+    return schema.INDEXES
+
+
+@hookimpl
+def kvmdesk_routes(router, core) -> None:
+    routes.register_routes(router)
+
+
+@hookimpl
+def kvmdesk_usage(core: Any, kind: str, uuid: str):
+    field = USAGE_FIELDS.get(kind)
+    if field is None:
+        return None
+
+    async def templates_using() -> Optional[str]:
+        found = await core.store.collection(schema.TEMPLATES).find({field: uuid}, projection=["name"], limit=3)
+        if not found:
+            return None
+        names = ", ".join(t["name"] for t in found)
+        return f"模板 {names} 正在使用 (used by templates {names})"
+
+    return templates_using()
+
+
+@hookimpl
+def kvmdesk_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str, Any]):
+    status = EVENT_STATUS.get(event.get("event", ""))
+    if status is None:
+        return None
+    return service.set_status(core, event["uuid"], status)

@@ -1,0 +1,93 @@
+"""The template endpoints (#64-#78) under ``/education/template``."""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from kvmdesk.api.router import Action, ApiRequest, Router
+from kvmdesk.core import errors as core_errors
+from kvmdesk.core.errors import ApiError
+from kvmdesk.core.jobs import run_batch
+from kvmdesk.core.paging import page_of, paged_search
+from kvmdesk.plugins.templates import schema, service, views
+from kvmdesk.plugins.templates.models import AttachSource, TemplateBatch, TemplateCreate, TemplateEdit, TemplateRef
+
+BASE = "/education/template"
+TAGS = ("templates",)
+
+
+def batch(action: str) -> Callable[[ApiRequest], Awaitable[dict]]:
+    """A batch power action (#65-#67): per-item results (``run_batch``; jobs replace it once they land)."""
+
+    async def handler(req: ApiRequest) -> dict:
+        req.oplog_detail = ", ".join(t.name or t.uuid for t in req.body.templates)
+        return await run_batch(req, [t.model_dump() for t in req.body.templates],
+                               lambda item: service.power(req.core, item["uuid"], action), concurrency=4)
+
+    return handler
+
+
+def single(operation: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[ApiRequest], Awaitable[Any]]:
+    async def handler(req: ApiRequest) -> Any:
+        req.oplog_detail = getattr(req.body, "name", None) or req.body.uuid
+        return await operation(req.core, req.body)
+
+    return handler
+
+
+async def _create(req: ApiRequest) -> dict:
+    req.oplog_detail = req.body.name
+    admin = req.admin or {}
+    created = await service.create(req.core, req.body, owner=admin.get("username") or "")
+    return (await views.with_details(req.core, [created]))[0]
+
+
+def register_routes(router: Router) -> None:
+    power = {name: Action(batch(name), f"{name} templates (batch, per-item results)", TemplateBatch, f"模板{name}")
+             for name in ("start", "stop", "hard_stop", "reboot", "hard_reboot", "reset")}
+    router.actions(BASE, {
+        "create": Action(_create, "Create a template from a base image", TemplateCreate, "添加模板"),
+        **power,
+        "edit": Action(single(lambda core, body: service.edit(core, body.uuid)), "Online editing: start the template",
+                       TemplateRef, "编辑模板"),
+        "attach_source": Action(single(lambda core, body: service.change_media(core, body.uuid, body.iso_uuid)),
+                                "Insert an ISO in the template's CD-ROM", AttachSource, "加载资源"),
+        "detach_source": Action(single(lambda core, body: service.change_media(core, body.uuid, None)),
+                                "Eject the template's CD-ROM", TemplateRef, "弹出资源"),
+        "send_key": Action(single(lambda core, body: service.power(core, body.uuid, "send_key")),
+                           "Send ctrl+alt+del", TemplateRef, "发送ctrl+alt+del"),
+    }, tags=TAGS, summary="Template actions: create, power, edit, media, send_key")
+
+    @router.endpoint("DELETE", BASE, summary="Delete templates (batch); their domains and disks go from the nodes",
+                     tags=TAGS, body=TemplateBatch, oplog="删除模板")
+    async def delete_templates(req: ApiRequest) -> dict:
+        req.oplog_detail = ", ".join(t.name or t.uuid for t in req.body.templates)
+        return await run_batch(req, [t.model_dump() for t in req.body.templates],
+                               lambda item: service.delete(req.core, item["uuid"]))
+
+    @router.endpoint("PUT", BASE, summary="Change a template's attributes (name, network, IP, vCPU, RAM, disks)",
+                     tags=TAGS, body=TemplateEdit, oplog="修改模板属性")
+    async def change_attributes(req: ApiRequest) -> dict:
+        req.oplog_detail = req.body.name or req.body.uuid
+        updated = await service.change_attributes(req.core, req.body.uuid, req.body.value)
+        return (await views.with_details(req.core, [updated]))[0]
+
+    @router.endpoint("GET", BASE, summary="Query templates, paged (searchtype, classify, pool_uuid, name)", tags=TAGS,
+                     search_fields=views.SEARCH_FIELDS)
+    async def list_templates(req: ApiRequest) -> Any:
+        return await paged_search(req, req.core.store.collection(schema.TEMPLATES), views.SEARCH_FIELDS,
+                                  decorate=lambda records: views.with_details(req.core, records),
+                                  resource=service.RESOURCE)
+
+    @router.endpoint("GET", BASE + "/image", summary="Per-node state of a template's disk images in a pool", tags=TAGS,
+                     paged=True)
+    async def image_state(req: ApiRequest) -> dict:
+        for name in ("pool_uuid", "template_uuid"):
+            if not req.args.get(name):
+                raise ApiError(core_errors.INVALID_PARAM, field=name, reason="required")
+        template = await service.template_or_404(req.core, req.args["template_uuid"])
+        if template["pool_uuid"] != req.args["pool_uuid"]:
+            pool = await req.core.store.collection(schema.POOLS).find_one({"uuid": req.args["pool_uuid"]})
+            if pool is None:
+                raise ApiError(core_errors.NOT_FOUND, resource="资源池", key=req.args["pool_uuid"])
+            return page_of(req, [])
+        return page_of(req, await views.image_states(req.core, template))
