@@ -138,6 +138,8 @@ class DiskCopy(Model):
 
     role: int = Field(ge=1, le=4)
     to: FileRef
+    #: Seal the copy as this version of an image file (MD5 recorded; peers can fetch it).
+    version: Optional[int] = Field(default=None, ge=1)
 
 
 def valid_file_id(value: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import orjson
 from twisted.internet.utils import getProcessOutputAndValue
 
+from kvmdesk.agent.images.store import ImageStore, md5_file
 from kvmdesk.core.errors import ErrorCode, define
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.protocol.domains import FileRef
@@ -118,8 +119,11 @@ class Disks:
         await self._run("resize", "-q", current["path"], str(size))
         return await self.info(ref)
 
-    async def copy(self, ref: FileRef, to: FileRef) -> dict[str, Any]:
-        """Flatten ``ref`` (and its backing chain) into a standalone qcow2 at ``to``."""
+    async def copy(self, ref: FileRef, to: FileRef, version: Optional[int] = None) -> dict[str, Any]:
+        """Flatten ``ref`` (and its backing chain) into a standalone qcow2 at ``to``.
+
+        With ``version`` the copy is sealed as an image file of that version: its MD5 is computed (in a
+        thread) and recorded like a received image's, so peers can fetch and verify it."""
         source = await self.info(ref)
         target = self.resolve(to)
         if target.exists():
@@ -129,22 +133,24 @@ class Disks:
         temporary = target.with_name(f".{target.name}.new")
         try:
             await self._run("convert", "-U", "-O", "qcow2", source["path"], str(temporary))
+            md5 = None
+            if version is not None:
+                md5 = (await in_reactor_pool(self.reactor, md5_file, temporary)).hexdigest()
+                size = temporary.stat().st_size
+                ImageStore.meta_path(target).write_bytes(orjson.dumps({"md5": md5, "size": size, "version": version}))
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
-        return await self.info(to)
+        return {**await self.info(to), "md5": md5, "size": target.stat().st_size}
 
     async def remove(self, ref: FileRef) -> bool:
-        """Remove the file; ``False`` if it was not there."""
+        """Remove the file (and an image file's record of its MD5); ``False`` if it was not there."""
         path = self.resolve(ref)
-        try:
-            await in_reactor_pool(self.reactor, path.unlink)
-        except FileNotFoundError:
-            return False
-        return True
+        return await in_reactor_pool(self.reactor, self.remove_path, path)
 
     def remove_path(self, path: Path) -> bool:
-        """Remove a disk file named by path (blocking): what undefining with its disks does."""
+        """Remove a disk file named by path, with its MD5 record (blocking)."""
+        ImageStore.meta_path(path).unlink(missing_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:

@@ -57,6 +57,10 @@ class TemplateBatch(Model):
     templates: list[TemplateRef] = Field(min_length=1, max_length=1000)
 
 
+class SaveParam(TemplateRef):
+    run_date: Optional[str] = Field(default=None, max_length=32)
+
+
 class AttachSource(TemplateRef):
     iso_uuid: str = Field(min_length=1, max_length=64)
 

@@ -4,15 +4,22 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from kvmdesk import hookimpl
-from kvmdesk.plugins.templates import routes, schema, service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from kvmdesk.plugins.templates import publish, routes, schedule, schema, service
 
 __all__ = [
     "kvmdesk_config_defaults",
     "kvmdesk_domain_event",
+    "kvmdesk_node_status_changed",
+    "kvmdesk_services",
     "kvmdesk_routes",
     "kvmdesk_store_indexes",
     "kvmdesk_usage",
 ]
+
+log = Logger(namespace="kvmdesk.templates")
 
 #: ``[templates] nic_kind``: ``ovs`` (the data network's bridge and VLAN) or ``user`` (QEMU user-mode
 #: networking, for hosts without Open vSwitch: demos and the real-QEMU tests).
@@ -64,3 +71,19 @@ def kvmdesk_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str,
     if status is None:
         return None
     return service.set_status(core, event["uuid"], status)
+
+
+@hookimpl
+def kvmdesk_services(core):
+    saves = schedule.SaveSchedule(core, core.clock)
+    core.extensions[schedule.EXTENSION] = saves
+    return [saves]
+
+
+@hookimpl
+def kvmdesk_node_status_changed(core: Any, node: Mapping[str, Any], old: Optional[str], new: str) -> None:
+    # A node back online (or new) gets the latest version of its pool's templates it lacks.
+    if new != "online" or old == "online":
+        return
+    d = defer.ensureDeferred(publish.catch_up(core, node))
+    d.addErrback(lambda f: log.failure("sending template versions to node {node} failed", f, node=node.get("uuid")))

@@ -8,8 +8,9 @@ from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
-from kvmdesk.plugins.templates import schema, service, views
-from kvmdesk.plugins.templates.models import AttachSource, TemplateBatch, TemplateCreate, TemplateEdit, TemplateRef
+from kvmdesk.plugins.templates import publish, schedule, schema, service, views
+from kvmdesk.plugins.templates.models import (AttachSource, SaveParam, TemplateBatch, TemplateCreate, TemplateEdit,
+                                              TemplateRef)
 
 BASE = "/education/template"
 TAGS = ("templates",)
@@ -41,12 +42,26 @@ async def _create(req: ApiRequest) -> dict:
     return (await views.with_details(req.core, [created]))[0]
 
 
+async def _save(req: ApiRequest) -> dict:
+    """#70: publish now, or at ``run_date`` (replacing a pending scheduled save)."""
+    req.oplog_detail = req.body.name or req.body.uuid
+    core = req.core
+    template = await service.template_or_404(core, req.body.uuid)
+    if req.body.run_date:
+        service.refuse_if_updating(template)
+        return await core.extensions[schedule.EXTENSION].schedule(template["uuid"], req.body.run_date)
+    saved = await publish.save(core, template["uuid"])
+    return {"uuid": saved["uuid"], "name": saved["name"], "version": saved["version"], "publish": saved["publish"]}
+
+
 def register_routes(router: Router) -> None:
     power = {name: Action(batch(name), f"{name} templates (batch, per-item results)", TemplateBatch, f"模板{name}")
              for name in ("start", "stop", "hard_stop", "reboot", "hard_reboot", "reset")}
     router.actions(BASE, {
         "create": Action(_create, "Create a template from a base image", TemplateCreate, "添加模板"),
         **power,
+        "save": Action(_save, "Save: publish a new version to every node of the pool, now or at run_date",
+                       SaveParam, "更新模板"),
         "edit": Action(single(lambda core, body: service.edit(core, body.uuid)), "Online editing: start the template",
                        TemplateRef, "编辑模板"),
         "attach_source": Action(single(lambda core, body: service.change_media(core, body.uuid, body.iso_uuid)),

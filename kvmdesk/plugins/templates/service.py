@@ -231,8 +231,26 @@ async def delete(core: Any, uuid: str) -> None:
         for device in template["devices"]:  # a disk the domain no longer named (or no domain at all)
             await nodes.call(core, node, "DELETE", f"/disks/template/{device['file_id']}",
                              params={"role": device["role"]}, template_name=template["name"])
+    await remove_versions(core, template)
     await core.extensions["ipam"].release_owner(f"template:{uuid}")
     await templates(core).delete_one({"uuid": uuid})
+
+
+async def remove_versions(core: Any, template: Mapping[str, Any]) -> None:
+    """Remove every version file of a template from every node of its pool that answers."""
+    names = [(f["file_id"], f["role"]) for v in template.get("versions") or [] for f in v["files"]]
+    if not names:
+        return
+    for node in await core.store.collection(schema.NODES).find({"resource_pool_uuid": template["pool_uuid"]}):
+        if not node.get("agent_secret"):
+            continue
+        try:
+            for file_id, role in names:
+                await nodes.call(core, node, "DELETE", f"/disks/template/{file_id}", params={"role": role},
+                                 template_name=template["name"])
+        except ApiError as exc:
+            log.warn("could not remove versions of template {t} from node {node}: {why}", t=template["name"],
+                     node=node.get("ip"), why=exc.message("en"))
 
 
 async def change_media(core: Any, uuid: str, iso_uuid: Optional[str]) -> dict:

@@ -12,7 +12,8 @@ GIB = 1 << 30
 SEARCH_FIELDS = {"uuid": str, "name": str, "classify": int, "pool_uuid": str, "status": str, "os_type": str,
                  "os_type_simple": str, "network_uuid": str, "subnet_uuid": str, "host_uuid": str, "owner": str}
 #: Internal fields never answered (the VNC password is the console's, through the agent).
-HIDDEN = ("vnc_password", "nic", "mac", "deleted", "deleted_at", "base_image_uuid")
+HIDDEN = ("vnc_password", "nic", "mac", "deleted", "deleted_at", "base_image_uuid", "versions", "publish",
+          "scheduled_save")
 DEVICE_FIELDS = ("uuid", "type", "device_name", "boot_index", "size")
 #: ``core.extensions[COUNTS]``, when a desktops plugin provides it: ``await f(template_uuids)`` ->
 #: ``{uuid: {"desktop_count", "instance_count"}}`` (desktop groups and desktops on each template).
@@ -86,8 +87,8 @@ async def image_states(core: Any, template: Mapping[str, Any]) -> list[dict]:
     """#77: per node of the template's pool, the state of each template disk there.
 
     The host node's disks are asked of its agent (0 present, 2 missing or unreachable); on the other
-    nodes a disk is what the image transfers say (0 done, 1 under way, 2 failed), 1 until a version of
-    it has been sent there.
+    nodes a disk is what publishing the latest version there gave (0 done, 2 failed), 1 until a
+    version has been sent there.
     """
     pool_nodes = await core.store.collection(schema.NODES).find({"resource_pool_uuid": template["pool_uuid"]},
                                                                  sort=[("id", 1)])
@@ -101,6 +102,8 @@ async def image_states(core: Any, template: Mapping[str, Any]) -> list[dict]:
             if node["uuid"] == template.get("host_uuid"):
                 info = await _disk_info(core, node, device)
                 status, path = (IMAGE_OK, info["path"]) if info else (IMAGE_ERROR, None)
+            elif (template.get("publish") or {}).get(node["uuid"]):
+                status, path = template["publish"][node["uuid"]]["status"], None
             else:
                 transfer = by_key.get((device["uuid"], node["uuid"]))
                 status = transfer["status"] if transfer else IMAGE_SYNCING

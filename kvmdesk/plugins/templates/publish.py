@@ -1,0 +1,132 @@
+"""#70 save: a template's disks become an immutable new version, sent to every node of its pool.
+
+The host node flattens each disk into ``<disk>.v<N>`` (sealed with its MD5).  Every other node of the
+pool fetches those files *from the host node's agent*, on a ticket the controller signed with the
+host's secret (:mod:`kvmdesk.agent.images.peers`): the controller moves no bytes.  The template is
+``updating`` meanwhile; a node that could not be reached gets the version when it comes back
+(:func:`catch_up`).  Versions are kept per template (``versions``), with each node's state
+(``publish``: node uuid -> ``{"version", "status", "error"}``; 0 done, 1 under way, 2 failed).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from kvmdesk.core import agentauth
+from kvmdesk.core.errors import ApiError
+from kvmdesk.core.records import now_text
+from kvmdesk.plugins.templates import errors, nodes, schema
+from kvmdesk.plugins.templates.service import Undo, domain_state, refuse_if_updating, template_or_404, templates
+
+log = Logger(namespace="kvmdesk.templates.publish")
+DONE, SYNCING, FAILED = 0, 1, 2
+#: Seconds a fetch may take (a 2 GiB version over a slow link); the ticket itself is checked at once.
+FETCH_TIMEOUT = 6 * 3600.0
+
+
+def version_file(file_id: str, version: int) -> str:
+    return f"{file_id}.v{version}"
+
+
+def ticket(core: Any, source: Mapping[str, Any], role: int, file_id: str) -> tuple[str, dict[str, str]]:
+    """``(url, signed headers)`` for one fetch of ``template/file_id`` from ``source``'s agent.
+
+    Signed with the source's secret: the source accepts it within its clock skew, once (nonce)."""
+    client = core.extensions["agents"]
+    target = f"/agent/v1/images/template/{file_id}/content?role={role}"
+    headers = agentauth.sign(source["agent_secret"], "GET", target, None, now=getattr(client, "wallclock", time.time)())
+    return client.url(source["ip"], target), headers
+
+
+async def send_to(core: Any, template: Mapping[str, Any], host: Mapping[str, Any], node: Mapping[str, Any],
+                  files: list[dict], version: int) -> dict:
+    """Have ``node`` fetch every file of a version from ``host``; returns the node's publish state."""
+    try:
+        for f in files:
+            url, headers = ticket(core, host, f["role"], f["file_id"])
+            await nodes.call(core, node, "POST", f"/images/template/{f['file_id']}/fetch",
+                             {"role": f["role"], "md5": f["md5"], "total": f["size"], "version": version, "url": url,
+                              "ticket": headers}, template_name=template["name"], timeout=FETCH_TIMEOUT)
+    except ApiError as exc:
+        log.warn("node {node} did not get version {v} of template {t}: {why}", node=node.get("ip"), v=version,
+                 t=template["name"], why=exc.message("en"))
+        return {"version": version, "status": FAILED, "error": exc.message("en")}
+    return {"version": version, "status": DONE, "error": None}
+
+
+async def pool_targets(core: Any, template: Mapping[str, Any]) -> list[dict]:
+    """Every node of the template's pool but its host."""
+    found = await core.store.collection(schema.NODES).find({"resource_pool_uuid": template["pool_uuid"]},
+                                                            sort=[("id", 1)])
+    return [n for n in found if n["uuid"] != template.get("host_uuid")]
+
+
+async def save(core: Any, uuid: str) -> dict:
+    """Publish a new version now; answers the template's publish state per node."""
+    template = await template_or_404(core, uuid)
+    refuse_if_updating(template)
+    host = await nodes.host_of(core, template)
+    if await domain_state(core, template, host) != schema.INACTIVE:
+        raise ApiError(errors.TEMPLATE_STATE, name=template["name"], reason="shut it down before saving")
+    claimed = await templates(core).find_one_and_update({"uuid": uuid, "status": {"$ne": schema.UPDATING}},
+                                                        {"$set": {"status": schema.UPDATING}})
+    if claimed is None:
+        raise ApiError(errors.UPDATING, name=template["name"])
+    version = int(template.get("version") or 0) + 1
+    undo = Undo()
+    try:
+        files = []
+        for device in template["devices"]:
+            name = version_file(device["file_id"], version)
+            made = await nodes.call(core, host, "POST", f"/disks/template/{device['file_id']}/copy",
+                                    {"role": device["role"], "version": version,
+                                     "to": {"kind": "template", "role": device["role"], "file_id": name}},
+                                    template_name=template["name"], field="uuid")
+            undo.push(f"version file {name}", lambda n=name, r=device["role"]: nodes.call(
+                core, host, "DELETE", f"/disks/template/{n}", params={"role": r}))
+            files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name, "md5": made["md5"],
+                          "size": made["size"]})
+        targets = [n for n in await pool_targets(core, template) if n.get("agent_secret")]
+        states = await defer.gatherResults([defer.ensureDeferred(send_to(core, template, host, n, files, version))
+                                            for n in targets], consumeErrors=True)
+    except BaseException:
+        await undo.run()
+        await templates(core).update_one({"uuid": uuid}, {"$set": {"status": template["status"]}})
+        raise
+    publish = {host["uuid"]: {"version": version, "status": DONE, "error": None}}
+    publish.update({n["uuid"]: s for n, s in zip(targets, states)})
+    stamp = now_text(core.clock)
+    entry = {"version": version, "files": files, "created_at": stamp}
+    return await templates(core).find_one_and_update({"uuid": uuid}, {
+        "$set": {"version": version, "publish": publish, "status": schema.INACTIVE, "updated_time": stamp,
+                 "updated_at": stamp, "scheduled_save": None},
+        "$push": {"versions": entry}})
+
+
+async def catch_up(core: Any, node: Mapping[str, Any]) -> int:
+    """Send ``node`` the latest version of every template of its pool it lacks; returns how many it got."""
+    sent = 0
+    for template in await templates(core).find({"pool_uuid": node.get("resource_pool_uuid"),
+                                                "version": {"$gte": 1}}):
+        state = (template.get("publish") or {}).get(node["uuid"]) or {}
+        if node["uuid"] == template.get("host_uuid") or (state.get("version") == template["version"]
+                                                         and state.get("status") == DONE):
+            continue
+        host = await core.store.collection(schema.NODES).find_one({"uuid": template.get("host_uuid")})
+        if host is None:
+            continue
+        files = template["versions"][-1]["files"]
+        result = await send_to(core, template, host, node, files, template["version"])
+        current = await templates(core).find_one({"uuid": template["uuid"]})
+        if current is not None:
+            publish = {**(current.get("publish") or {}), node["uuid"]: result}
+            await templates(core).update_one({"uuid": template["uuid"]}, {"$set": {"publish": publish}})
+        sent += result["status"] == DONE
+    return sent
+
+
+def published_state(template: Mapping[str, Any], node_uuid: str) -> Optional[dict]:
+    return (template.get("publish") or {}).get(node_uuid)

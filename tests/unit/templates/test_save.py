@@ -1,0 +1,113 @@
+"""#70 save: a new immutable version flattened on the host node and fetched by every other node of the
+pool straight from the host's agent (a controller-signed ticket), md5-identical; run_date schedules it
+(validated, replacing the pending one, surviving a restart); a node that missed it catches up."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest_twisted
+
+from kvmdesk.core import errors as core_errors
+from kvmdesk.plugins.templates import errors, publish, schedule
+from templates_testlib import T, assert_error
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def version_files(agent, template, version: int) -> list:
+    root = agent.data_dir / "storage" / "instances" / "_template"
+    return sorted(root / f"{d['uuid']}.v{version}" for d in template["devices"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_save_publishes_a_version_to_every_node_of_the_pool(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    await world.act("start", template)
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert_error(status, body, 409, errors.TEMPLATE_STATE.code, "template1")
+    await world.act("hard_stop", template)
+
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert status == 200, body
+    assert body["data"]["version"] == 1
+    assert {s["status"] for s in body["data"]["publish"].values()} == {0} and len(body["data"]["publish"]) == 2
+    host = world.agent_of(template)
+    (other,) = [a for a in world.agents if a is not host]
+    for ours, theirs in zip(version_files(host, template, 1), version_files(other, template, 1)):
+        assert ours.is_file() and theirs.is_file() and md5(ours) == md5(theirs)
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["status"] == "inactive" and stored["version"] == 1
+    status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool,
+                                                                      "template_uuid": template["uuid"]})
+    assert {s["status"] for r in body["data"]["results"] for s in r["storages"]} == {0}
+
+    # a second save is version 2; deleting the template removes every version from every node
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert status == 200 and body["data"]["version"] == 2, body
+    assert all(p.is_file() for p in version_files(other, template, 2))
+    status, body = await world.api.call("DELETE", T, {"templates": [ref]})
+    assert status == 200, body
+    assert world.template_files() == [[], []]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_missed_a_version_catches_up(world):
+    template = await world.create()
+    host = next(n for n in world.nodes if n["uuid"] == template["host_uuid"])
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    nodes = world.core.store.collection("nodes")
+    await nodes.update_one({"uuid": other["uuid"]}, {"$set": {"ip": "127.0.0.9"}})  # unreachable meanwhile
+    status, body = await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    assert status == 200, body
+    assert body["data"]["publish"][other["uuid"]]["status"] == publish.FAILED
+    assert body["data"]["publish"][host["uuid"]]["status"] == publish.DONE
+    await nodes.update_one({"uuid": other["uuid"]}, {"$set": {"ip": other["ip"]}})
+    back = await nodes.find_one({"uuid": other["uuid"]})
+    assert await publish.catch_up(world.core, back) == 1
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["publish"][other["uuid"]]["status"] == publish.DONE
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    assert all(p.is_file() for p in version_files(agent, template, 1))
+    assert await publish.catch_up(world.core, back) == 0  # nothing left to send
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_date_is_validated_replaced_and_survives_a_restart(world):
+    clock = world.core.clock
+    clock.advance(time.time())
+    await world.api.login()  # the session would have expired on the jump to the present
+    saves = world.core.extensions[schedule.EXTENSION]
+    saves.startService()
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    before = await world.snapshot()
+    for run_date, code, word in [("2020-4-19 15:48:15", errors.RUN_DATE_PAST.code, "run_date"),
+                                 ("tomorrow", core_errors.INVALID_PARAM.code, "run_date"),
+                                 ("2099-2-30 10:00:00", core_errors.INVALID_PARAM.code, "run_date")]:
+        status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
+        assert_error(status, body, 400, code, word)
+        assert await world.snapshot() == before
+    soon = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 3600))
+    later = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 7200))
+    for run_date in (later, soon):  # the second replaces the first
+        status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
+        assert status == 200 and body["data"]["run_date"] == run_date, body
+    assert abs(saves.pending(template["uuid"]) - (clock.seconds() + 3600)) < 2
+
+    # a restarted controller re-arms it from the store
+    await saves.stopService()
+    assert saves.pending(template["uuid"]) is None
+    again = schedule.SaveSchedule(world.core, clock)
+    again.startService()
+    await again.ready
+    assert abs(again.pending(template["uuid"]) - (clock.seconds() + 3600)) < 2
+    clock.advance(3601)
+    await world.api.login()
+    await again.idle()
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["version"] == 1 and stored["scheduled_save"] is None
+    await again.stopService()
