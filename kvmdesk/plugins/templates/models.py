@@ -48,6 +48,18 @@ class TemplateCreate(Model):
     _bind_ip = field_validator("bind_ip")(_ip)
 
 
+class TemplateCopy(Model):
+    template_uuid: str = Field(min_length=1, max_length=64)
+    name: str = Name
+    desc: Optional[str] = Field(default=None, max_length=1024)
+    pool_uuid: str = Field(min_length=1, max_length=64)
+    network_uuid: str = Field(min_length=1, max_length=64)
+    subnet_uuid: str = Field(min_length=1, max_length=64)
+    bind_ip: Optional[str] = None
+
+    _bind_ip = field_validator("bind_ip")(_ip)
+
+
 class TemplateRef(Model):
     name: str = Field(default="", max_length=64)
     uuid: str = Field(min_length=1, max_length=64)

@@ -58,17 +58,20 @@ async def host_of(core: Any, template: Mapping[str, Any]) -> dict:
     return node
 
 
-async def pick_node(core: Any, pool_uuid: str, base_image_uuid: str) -> dict:
-    """A usable node of the pool that holds the base image; the one with the fewest templates."""
+async def pick_node(core: Any, pool_uuid: str, base_image_uuid: Optional[str]) -> dict:
+    """A usable node of the pool (holding the base image, when one is named); the one with the fewest
+    templates."""
     nodes = await core.store.collection(schema.NODES).find({"resource_pool_uuid": pool_uuid}, sort=[("id", 1)])
     if not nodes:
         raise ApiError(errors.NO_NODE, reason="the pool has no node")
     usable = [n for n in nodes if n.get("state") in USABLE_STATES and n.get("agent_secret")]
     if not usable:
         raise ApiError(errors.NO_NODE, reason="no node of the pool is online")
-    holding = {t["node_uuid"] for t in await core.store.collection(schema.TRANSFERS).find(
-        {"kind": "base", "image_uuid": base_image_uuid, "status": 0})}
-    ready = [n for n in usable if n["uuid"] in holding]
+    ready = usable
+    if base_image_uuid is not None:
+        holding = {t["node_uuid"] for t in await core.store.collection(schema.TRANSFERS).find(
+            {"kind": "base", "image_uuid": base_image_uuid, "status": 0})}
+        ready = [n for n in usable if n["uuid"] in holding]
     if not ready:
         raise ApiError(errors.NO_NODE, reason="the base image has not reached any online node yet")
     templates = core.store.collection(schema.TEMPLATES)

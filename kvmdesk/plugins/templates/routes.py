@@ -8,9 +8,9 @@ from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
-from kvmdesk.plugins.templates import publish, schedule, schema, service, views
-from kvmdesk.plugins.templates.models import (AttachSource, SaveParam, TemplateBatch, TemplateCreate, TemplateEdit,
-                                              TemplateRef)
+from kvmdesk.plugins.templates import copy, publish, schedule, schema, service, views
+from kvmdesk.plugins.templates.models import (AttachSource, SaveParam, TemplateBatch, TemplateCopy, TemplateCreate,
+                                              TemplateEdit, TemplateRef)
 
 BASE = "/education/template"
 TAGS = ("templates",)
@@ -42,6 +42,13 @@ async def _create(req: ApiRequest) -> dict:
     return (await views.with_details(req.core, [created]))[0]
 
 
+async def _copy(req: ApiRequest) -> dict:
+    req.oplog_detail = req.body.name
+    admin = req.admin or {}
+    created = await copy.copy(req.core, req.body, owner=admin.get("username") or "")
+    return (await views.with_details(req.core, [created]))[0]
+
+
 async def _save(req: ApiRequest) -> dict:
     """#70: publish now, or at ``run_date`` (replacing a pending scheduled save)."""
     req.oplog_detail = req.body.name or req.body.uuid
@@ -60,6 +67,7 @@ def register_routes(router: Router) -> None:
     router.actions(BASE, {
         "create": Action(_create, "Create a template from a base image", TemplateCreate, "添加模板"),
         **power,
+        "copy": Action(_copy, "Copy a template into a pool/network/subnet", TemplateCopy, "复制模板"),
         "save": Action(_save, "Save: publish a new version to every node of the pool, now or at run_date",
                        SaveParam, "更新模板"),
         "edit": Action(single(lambda core, body: service.edit(core, body.uuid)), "Online editing: start the template",
