@@ -8,7 +8,7 @@ from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
-from kvmdesk.plugins.templates import copy, publish, schedule, schema, service, views
+from kvmdesk.plugins.templates import copy, download, publish, schedule, schema, service, views
 from kvmdesk.plugins.templates.models import (AttachSource, SaveParam, TemplateBatch, TemplateCopy, TemplateCreate,
                                               TemplateEdit, TemplateRef)
 
@@ -67,6 +67,8 @@ def register_routes(router: Router) -> None:
     router.actions(BASE, {
         "create": Action(_create, "Create a template from a base image", TemplateCreate, "添加模板"),
         **power,
+        "download": Action(single(lambda core, body: download.prepare(core, body.uuid)),
+                           "Download the current version: answers the URL to GET the qcow2 from", TemplateRef),
         "copy": Action(_copy, "Copy a template into a pool/network/subnet", TemplateCopy, "复制模板"),
         "save": Action(_save, "Save: publish a new version to every node of the pool, now or at run_date",
                        SaveParam, "更新模板"),
@@ -100,6 +102,11 @@ def register_routes(router: Router) -> None:
         return await paged_search(req, req.core.store.collection(schema.TEMPLATES), views.SEARCH_FIELDS,
                                   decorate=lambda records: views.with_details(req.core, records),
                                   resource=service.RESOURCE)
+
+    @router.endpoint("GET", BASE + "/{uuid}/download", summary="The template's current version as one qcow2 (streamed)",
+                     tags=TAGS)
+    async def download_file(req: ApiRequest) -> Any:
+        return await download.relay(req.core, req.path["uuid"])
 
     @router.endpoint("GET", BASE + "/image", summary="Per-node state of a template's disk images in a pool", tags=TAGS,
                      paged=True)

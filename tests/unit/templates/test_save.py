@@ -111,3 +111,22 @@ async def test_run_date_is_validated_replaced_and_survives_a_restart(world):
     stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
     assert stored["version"] == 1 and stored["scheduled_save"] is None
     await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_streams_the_current_version_from_the_node(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    status, body = await world.api.call("POST", T, {"action": "download", "param": ref})
+    assert_error(status, body, 409, errors.TEMPLATE_STATE.code, "save")
+    await world.api.call("POST", T, {"action": "save", "param": ref})
+    status, body = await world.api.call("POST", T, {"action": "download", "param": ref})
+    assert status == 200, body
+    answer = body["data"]
+    assert answer["name"] == "template1.qcow2" and answer["version"] == 1
+    status, content = await world.api.call("GET", answer["url"].removeprefix("/api/v1.0"))
+    assert status == 200
+    assert len(content) == answer["size"] and hashlib.md5(content).hexdigest() == answer["md5"]
+    (system,) = [p for p in version_files(world.agent_of(template), template, 1) if p.name.startswith(
+        template["devices"][0]["uuid"])]
+    assert md5(system) == answer["md5"]
