@@ -60,6 +60,16 @@ class TemplateCopy(Model):
     _bind_ip = field_validator("bind_ip")(_ip)
 
 
+class ResyncParam(Model):
+    """#76; ``path`` (the node's storage directory) is accepted and not needed: the role says where."""
+
+    ipaddr: str = Field(min_length=1, max_length=64)
+    role: Optional[Union[int, str]] = None
+    image_id: str = Field(min_length=1, max_length=64)
+    path: Optional[str] = Field(default=None, max_length=4096)
+    version: Optional[int] = Field(default=None, ge=1)
+
+
 class TemplateRef(Model):
     name: str = Field(default="", max_length=64)
     uuid: str = Field(min_length=1, max_length=64)

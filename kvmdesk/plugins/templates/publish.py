@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core import agentauth
+from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.templates import errors, nodes, schema
@@ -130,3 +131,36 @@ async def catch_up(core: Any, node: Mapping[str, Any]) -> int:
 
 def published_state(template: Mapping[str, Any], node_uuid: str) -> Optional[dict]:
     return (template.get("publish") or {}).get(node_uuid)
+
+
+async def resync(core: Any, ipaddr: str, image_id: str, version: Optional[int], role: Optional[int]) -> dict:
+    """#76: send one disk's version (the latest by default) to the node at ``ipaddr`` again."""
+    node = await core.store.collection(schema.NODES).find_one({"ip": ipaddr})
+    if node is None:
+        raise ApiError(core_errors.NOT_FOUND, resource="节点", key=ipaddr)
+    # Disks live inside their template's record; a controller holds hundreds of templates, not millions.
+    template = next((t for t in await templates(core).find({})
+                     if any(d["uuid"] == image_id for d in t["devices"])), None)
+    if template is None:
+        raise ApiError(core_errors.NOT_FOUND, resource="模板镜像", key=image_id)
+    refuse_if_updating(template)
+    if node.get("resource_pool_uuid") != template["pool_uuid"]:
+        raise ApiError(core_errors.INVALID_PARAM, field="ipaddr", reason="the node is not in the template's pool")
+    wanted = version or template.get("version")
+    entry = next((v for v in template.get("versions") or [] if v["version"] == wanted), None)
+    if entry is None:
+        raise ApiError(core_errors.INVALID_PARAM, field="version", reason=f"template {template['name']} has no "
+                                                                          f"saved version {wanted}")
+    file = next(f for f in entry["files"] if f["device_uuid"] == image_id)
+    if role is not None and int(role) != file["role"]:
+        raise ApiError(core_errors.INVALID_PARAM, field="role", reason=f"this image has role {file['role']}")
+    if node["uuid"] == template.get("host_uuid"):
+        return {"image_id": image_id, "node_uuid": node["uuid"], "version": wanted, "status": DONE}
+    host = await nodes.host_of(core, template)
+    result = await send_to(core, template, host, node, [file], wanted)
+    current = await templates(core).find_one({"uuid": template["uuid"]}) or template
+    publish = {**(current.get("publish") or {}), node["uuid"]: result}
+    await templates(core).update_one({"uuid": template["uuid"]}, {"$set": {"publish": publish}})
+    if result["status"] != DONE:
+        raise ApiError(errors.NODE_UNAVAILABLE, name=template["name"], reason=result["error"])
+    return {"image_id": image_id, "node_uuid": node["uuid"], "version": wanted, "status": DONE}

@@ -9,8 +9,8 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
 from kvmdesk.plugins.templates import copy, download, publish, schedule, schema, service, views
-from kvmdesk.plugins.templates.models import (AttachSource, SaveParam, TemplateBatch, TemplateCopy, TemplateCreate,
-                                              TemplateEdit, TemplateRef)
+from kvmdesk.plugins.templates.models import (AttachSource, ResyncParam, SaveParam, TemplateBatch, TemplateCopy,
+                                              TemplateCreate, TemplateEdit, TemplateRef)
 
 BASE = "/education/template"
 TAGS = ("templates",)
@@ -42,6 +42,17 @@ async def _create(req: ApiRequest) -> dict:
     return (await views.with_details(req.core, [created]))[0]
 
 
+async def _resync(req: ApiRequest) -> dict:
+    body = req.body
+    req.oplog_detail = f"{body.image_id} -> {body.ipaddr}"
+    role = body.role
+    if isinstance(role, str):
+        if not role.isdigit():
+            raise ApiError(core_errors.INVALID_PARAM, field="param.role", reason="expected 1 or 2")
+        role = int(role)
+    return await publish.resync(req.core, body.ipaddr, body.image_id, body.version, role)
+
+
 async def _copy(req: ApiRequest) -> dict:
     req.oplog_detail = req.body.name
     admin = req.admin or {}
@@ -69,6 +80,7 @@ def register_routes(router: Router) -> None:
         **power,
         "download": Action(single(lambda core, body: download.prepare(core, body.uuid)),
                            "Download the current version: answers the URL to GET the qcow2 from", TemplateRef),
+        "resync": Action(_resync, "Send one template disk version to one node again", ResyncParam, "重传模板镜像"),
         "copy": Action(_copy, "Copy a template into a pool/network/subnet", TemplateCopy, "复制模板"),
         "save": Action(_save, "Save: publish a new version to every node of the pool, now or at run_date",
                        SaveParam, "更新模板"),

@@ -130,3 +130,27 @@ async def test_download_streams_the_current_version_from_the_node(world):
     (system,) = [p for p in version_files(world.agent_of(template), template, 1) if p.name.startswith(
         template["devices"][0]["uuid"])]
     assert md5(system) == answer["md5"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_resync_sends_one_disk_version_to_one_node_again(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    await world.api.call("POST", T, {"action": "save", "param": ref})
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    system = template["devices"][0]["uuid"]
+    lost = next(p for p in version_files(agent, template, 1) if p.name.startswith(system))
+    expected = md5(lost)
+    lost.unlink()
+    param = {"ipaddr": other["ip"], "role": 1, "path": "/opt/slow", "image_id": system, "version": 1}
+    for changes, status_code, code, word in [({"ipaddr": "10.9.9.9"}, 404, core_errors.NOT_FOUND.code, "10.9.9.9"),
+                                             ({"image_id": "nope"}, 404, core_errors.NOT_FOUND.code, "nope"),
+                                             ({"version": 7}, 400, core_errors.INVALID_PARAM.code, "version"),
+                                             ({"role": 2}, 400, core_errors.INVALID_PARAM.code, "role")]:
+        status, body = await world.api.call("POST", T, {"action": "resync", "param": {**param, **changes}})
+        assert_error(status, body, status_code, code, word)
+        assert not lost.exists()
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
+    assert status == 200 and body["data"]["status"] == 0, body
+    assert md5(lost) == expected
