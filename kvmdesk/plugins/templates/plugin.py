@@ -7,7 +7,7 @@ from kvmdesk import hookimpl
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from kvmdesk.plugins.templates import publish, routes, schedule, schema, service
+from kvmdesk.plugins.templates import publish, reconcile, routes, schedule, schema, service
 
 __all__ = [
     "kvmdesk_config_defaults",
@@ -23,7 +23,8 @@ log = Logger(namespace="kvmdesk.templates")
 
 #: ``[templates] nic_kind``: ``ovs`` (the data network's bridge and VLAN) or ``user`` (QEMU user-mode
 #: networking, for hosts without Open vSwitch: demos and the real-QEMU tests).
-DEFAULTS = {"templates": {"nic_kind": "ovs"}}
+#: ``[templates] reconcile_interval``: seconds between comparisons of the nodes' domains with the store.
+DEFAULTS = {"templates": {"nic_kind": "ovs", "reconcile_interval": 60.0}}
 
 #: What a resource kind is called in a template record.
 USAGE_FIELDS = {"base_image": "base_image_uuid", "iso": "iso_uuid", "data_network": "network_uuid",
@@ -77,7 +78,9 @@ def kvmdesk_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str,
 def kvmdesk_services(core):
     saves = schedule.SaveSchedule(core, core.clock)
     core.extensions[schedule.EXTENSION] = saves
-    return [saves]
+    reconciler = reconcile.TemplateReconciler(core, float(core.config.get("templates.reconcile_interval", 60.0)))
+    core.extensions[reconcile.EXTENSION] = reconciler
+    return [saves, reconciler]
 
 
 @hookimpl

@@ -1,0 +1,46 @@
+"""The reconcile loop: a domain gone behind the controller's back, a state that differs, an unknown
+template domain; rounds run on the injected clock."""
+from __future__ import annotations
+
+import uuid
+
+import pytest_twisted
+
+from kvmdesk.agent.testdriver import domain_xml
+from kvmdesk.plugins.templates import reconcile
+
+
+@pytest_twisted.ensureDeferred
+async def test_drift_is_repaired_or_reported(world):
+    one = await world.create()
+    two = await world.create(name="template2")
+    agent_one, agent_two = world.agent_of(one), world.agent_of(two)
+    templates = world.core.store.collection("templates")
+    await templates.update_one({"uuid": one["uuid"]}, {"$set": {"status": "active"}})  # as if an event was lost
+    await agent_two.hypervisor.undefine(two["uuid"])
+    stray = str(uuid.uuid4())
+    await agent_one.hypervisor.define(domain_xml(f"tpl-{stray}", uuid=stray))
+
+    reconciler = world.core.extensions[reconcile.EXTENSION]
+    reconciler.startService()  # the first round runs at once
+    try:
+        await check(world, reconciler, templates, one, two, stray, agent_one)
+    finally:
+        await reconciler.stopService()
+
+
+async def check(world, reconciler, templates, one, two, stray, agent_one):
+    if reconciler.current_round is not None:
+        await reconciler.current_round
+    assert (await templates.find_one({"uuid": one["uuid"]}))["status"] == "inactive"
+    assert (await templates.find_one({"uuid": two["uuid"]}))["status"] == "error"
+    kinds = {(f["kind"], f["template"]) for findings in reconciler.drift.values() for f in findings}
+    assert kinds == {("state_differs", one["uuid"]), ("domain_missing", two["uuid"]), ("unknown_domain", stray)}
+    assert stray in {d["uuid"] for d in await agent_one.hypervisor.list_domains()}  # reported, not removed
+
+    # the next round comes from the clock
+    await templates.update_one({"uuid": one["uuid"]}, {"$set": {"status": "active"}})
+    world.core.clock.advance(reconciler.interval)
+    if reconciler.current_round is not None:
+        await reconciler.current_round
+    assert (await templates.find_one({"uuid": one["uuid"]}))["status"] == "inactive"
