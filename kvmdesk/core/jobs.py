@@ -14,7 +14,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvmdesk.api.router import ApiRequest
+    from kvmdesk.core.routing import RequestLike
 
 log = Logger(namespace="kvmdesk.jobs")
 
@@ -26,7 +26,7 @@ def _identity(item: Any) -> dict[str, Any]:
 
 
 async def run_batch(
-    req: "ApiRequest",
+    req: "RequestLike",
     items: Sequence[Any],
     operation: Callable[[Any], Awaitable[Any]],
     *,

@@ -3,7 +3,7 @@
 The controller says *what* a domain is (:class:`DomainSpec`); the agent alone turns it into libvirt
 XML (:mod:`kvmdesk.agent.domains.xml`), so the controller never touches libvirt.  Disks are named by
 where they live on the node (``kind``, ``role``, ``file_id``: the image store's places, see
-:mod:`kvmdesk.agent.images.protocol`), never by a path: the agent resolves them under its own
+:mod:`kvmdesk.protocol.images`), never by a path: the agent resolves them under its own
 storage directories, so a spec cannot point a domain at a file outside them.
 
 Agent routes (relative to ``/agent/v1``; every answer is the usual envelope):
@@ -29,11 +29,16 @@ from __future__ import annotations
 import re
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvmdesk.api.models import Model
 
-#: The image store's file names (see kvmdesk.agent.images.protocol.FILE_ID).
+class Model(BaseModel):
+    """Like :class:`kvmdesk.api.models.Model` (unknown fields refused, JSON types taken as they are);
+    declared here because the protocol imports nothing of kvmdesk but the error catalogue."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+#: The image store's file names (see kvmdesk.protocol.images.FILE_ID).
 FILE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAC_PATTERN = r"^52:54:00(:[0-9a-f]{2}){3}$"

@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from kvmdesk.plugins.nodes.agentclient import AgentClient
+from kvmdesk.nodeaccess.client import AgentClient
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, running_agent
 
 pytestmark = pytest.mark.integration

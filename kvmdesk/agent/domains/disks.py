@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 import orjson
 from twisted.internet.utils import getProcessOutputAndValue
 
-from kvmdesk.agent.images.store import ImageStore, md5_file
+from kvmdesk.agent.images.store import ImageStore
+from kvmdesk.protocol.storage import md5_file
 from kvmdesk.core.errors import ErrorCode, define
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.protocol.domains import FileRef

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from kvmdesk.agent.images import protocol
+from kvmdesk.protocol import images as protocol
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.producers import FileRangeProducer, SharedReads

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from kvmdesk import hookimpl
+from kvmdesk.core.errors import ApiError
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -30,9 +31,8 @@ DEFAULTS = {"templates": {"nic_kind": "ovs", "reconcile_interval": 60.0}}
 USAGE_FIELDS = {"base_image": "base_image_uuid", "iso": "iso_uuid", "data_network": "network_uuid",
                 "subnet": "subnet_uuid", "resource_pool": "pool_uuid", "node": "host_uuid"}
 
-#: Lifecycle events -> the template's status (other events leave it).
-EVENT_STATUS = {"started": schema.ACTIVE, "resumed": schema.ACTIVE, "stopped": schema.INACTIVE,
-                "crashed": schema.ERROR}
+#: Lifecycle events that change a template's status.
+STATE_EVENTS = ("started", "resumed", "suspended", "stopped", "shutdown", "crashed")
 
 
 @hookimpl
@@ -68,10 +68,24 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str):
 
 @hookimpl
 def kvmdesk_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str, Any]):
-    status = EVENT_STATUS.get(event.get("event", ""))
-    if status is None:
+    if event.get("event") not in STATE_EVENTS:
         return None
-    return service.set_status(core, event["uuid"], status)
+
+    async def refresh() -> None:
+        # The domain's state now, not the event's: events arrive after the action's own answer (a hard
+        # reboot's "stopped" comes in once it runs again), so the last one always leaves the truth.
+        template = await core.store.collection(schema.TEMPLATES).find_one({"uuid": event["uuid"]})
+        if template is None or template.get("host_uuid") != node.get("uuid"):
+            return
+        try:
+            status = await service.domain_state(core, template)  # the hook's node has no agent secret
+        except ApiError as exc:
+            log.info("template {name}: state after an event unknown: {why}", name=template["name"],
+                     why=exc.message("en"))
+            return
+        await service.set_status(core, template["uuid"], status)
+
+    return refresh()
 
 
 @hookimpl

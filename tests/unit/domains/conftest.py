@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator
 import pytest_twisted
 from twisted.internet import reactor
 
-from kvmdesk.plugins.nodes.agentclient import AgentClient
+from kvmdesk.nodeaccess.client import AgentClient
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, running_agent
 
 IP = "127.0.0.2"

@@ -11,7 +11,7 @@ import pytest_twisted
 from kvmdesk.agent import api as agent_api
 from kvmdesk.agent.domains import disks
 from kvmdesk.core import errors
-from kvmdesk.plugins.nodes.agentclient import AgentCallError
+from kvmdesk.nodeaccess.client import AgentCallError
 
 GIB = 1 << 30
 

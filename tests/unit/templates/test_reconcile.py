@@ -44,3 +44,21 @@ async def check(world, reconciler, templates, one, two, stray, agent_one):
     if reconciler.current_round is not None:
         await reconciler.current_round
     assert (await templates.find_one({"uuid": one["uuid"]}))["status"] == "inactive"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lifecycle_event_sets_the_status_the_domain_has_now(world):
+    from kvmdesk.plugins.templates import plugin
+
+    template = await world.create()
+    agent = world.agent_of(template)
+    await agent.hypervisor.start(template["uuid"])  # behind the controller's back
+    node = {k: v for k, v in (await world.core.store.collection("nodes").find_one(
+        {"uuid": template["host_uuid"]})).items() if k != "agent_secret"}  # as the hook gets it
+    templates = world.core.store.collection("templates")
+    await templates.update_one({"uuid": template["uuid"]}, {"$set": {"status": "inactive"}})
+    # a late "stopped" event of a domain that runs again leaves it active
+    await plugin.kvmdesk_domain_event(world.core, node, {"uuid": template["uuid"], "name": "x", "event": "stopped",
+                                                         "detail": "destroyed"})
+    assert (await templates.find_one({"uuid": template["uuid"]}))["status"] == "active"
+    assert plugin.kvmdesk_domain_event(world.core, node, {"uuid": template["uuid"], "event": "defined"}) is None
