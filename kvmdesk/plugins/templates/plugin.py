@@ -8,7 +8,7 @@ from kvmdesk.core.errors import ApiError
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from kvmdesk.plugins.templates import publish, reconcile, routes, schedule, schema, service
+from kvmdesk.plugins.templates import publish, reconcile, routes, schedule, schema, service, views
 
 __all__ = [
     "kvmdesk_config_defaults",
@@ -30,6 +30,9 @@ DEFAULTS = {"templates": {"nic_kind": "ovs", "reconcile_interval": 60.0}}
 #: What a resource kind is called in a template record.
 USAGE_FIELDS = {"base_image": "base_image_uuid", "iso": "iso_uuid", "data_network": "network_uuid",
                 "subnet": "subnet_uuid", "resource_pool": "pool_uuid", "node": "host_uuid"}
+
+#: The extension the storage plugin asks for a node's published template versions (#34).
+NODE_IMAGES = "templates.node_images"
 
 #: Lifecycle events that change a template's status.
 STATE_EVENTS = ("started", "resumed", "suspended", "stopped", "shutdown", "crashed")
@@ -94,6 +97,8 @@ def kvmdesk_services(core):
     core.extensions[schedule.EXTENSION] = saves
     reconciler = reconcile.TemplateReconciler(core, float(core.config.get("templates.reconcile_interval", 60.0)))
     core.extensions[reconcile.EXTENSION] = reconciler
+    # What the storage plugin's list of a node's template images (#34) adds for published versions.
+    core.extensions[NODE_IMAGES] = lambda node: views.node_images(core, node)
     return [saves, reconciler]
 
 

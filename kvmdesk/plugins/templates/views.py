@@ -112,3 +112,19 @@ async def image_states(core: Any, template: Mapping[str, Any]) -> list[dict]:
                              "image_id": device["uuid"], "bind_desktop": False, "status": status})
         results.append({"name": node.get("name"), "uuid": node["uuid"], "ip": node.get("ip"), "storages": storages})
     return results
+
+
+async def node_images(core: Any, node: Mapping[str, Any]) -> list[dict]:
+    """#34's entries for the templates of ``node``'s pool that have a saved version: each disk of the
+    latest version, with its state on this node (0 held, 1 not yet, 2 failed)."""
+    found = await core.store.collection(schema.TEMPLATES).find(
+        {"pool_uuid": node.get("resource_pool_uuid"), "version": {"$gte": 1}}, sort=[("id", 1)])
+    entries = []
+    for template in found:
+        state = (template.get("publish") or {}).get(node["uuid"]) or {}
+        latest = template["versions"][-1]
+        status = state.get("status", IMAGE_SYNCING) if state.get("version") == latest["version"] else IMAGE_SYNCING
+        entries.append({"name": template["name"], "uuid": template["uuid"], "storages": [
+            {"role": f["role"], "path": _role_root(node, f["role"], None), "image_id": f["device_uuid"],
+             "version": latest["version"], "status": status} for f in latest["files"]]})
+    return entries

@@ -44,6 +44,10 @@ async def test_save_publishes_a_version_to_every_node_of_the_pool(world):
     status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool,
                                                                       "template_uuid": template["uuid"]})
     assert {s["status"] for r in body["data"]["results"] for s in r["storages"]} == {0}
+    for node in world.nodes:  # the node's template images (#34) list the version too
+        status, body = await world.api.call("GET", f"/resource_mgr/nodes/{node['uuid']}/template_images")
+        (entry,) = [e for e in body["data"]["results"] if e["uuid"] == template["uuid"]]
+        assert [(s["role"], s["version"], s["status"]) for s in entry["storages"]] == [(1, 1, 0), (2, 1, 0)]
 
     # a second save is version 2; deleting the template removes every version from every node
     status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
