@@ -13,12 +13,14 @@ Agent routes (relative to ``/agent/v1``; every answer is the usual envelope):
 ``POST /domains/{ident}`` ``{"action": A}``
     ``start``, ``shutdown``, ``destroy``, ``reboot``, ``hard_reboot`` (destroy + start), ``reset``,
     ``send_key`` (ctrl+alt+del); ``{domain info}``.
-``DELETE /domains/{ident}?delete_disks=1``
-    Undefine (stopping it first), and remove its disk files when asked.
+``DELETE /domains/{ident}/definition?delete_disks=1``
+    Undefine (stopping it first), and remove its disk files (those in the node's storage) when asked.
+    (``DELETE /domains/{ident}`` undefines only, leaving a running domain running as a transient one.)
 ``PUT /domains/{ident}/cdrom`` (body: :class:`CdromChange`)
     Change the CD-ROM's media (live on a running domain, and in the definition).
 ``GET /domains/{ident}/vnc``
-    :class:`VncInfo` fields: ``{"listen", "port", "password"}`` (port ``None`` while not running).
+    ``{"listen", "port", "password"}``: where the domain's VNC server listens (the agent's
+    ``agent.vnc_listen``), its port (``None`` while the domain is not running) and its password.
 ``POST /disks`` (body: :class:`DiskCreate`), ``GET|DELETE /disks/{kind}/{file_id}?role=R``,
 ``PUT /disks/{kind}/{file_id}/size`` (body: :class:`DiskResize`), ``POST /disks/{kind}/{file_id}/copy``
 (body: :class:`DiskCopy`)
