@@ -15,6 +15,7 @@ __all__ = [
     "kvmdesk_domain_event",
     "kvmdesk_node_status_changed",
     "kvmdesk_services",
+    "kvmdesk_startup",
     "kvmdesk_routes",
     "kvmdesk_store_indexes",
     "kvmdesk_usage",
@@ -100,6 +101,11 @@ def kvmdesk_services(core):
     # What the storage plugin's list of a node's template images (#34) adds for published versions.
     core.extensions[NODE_IMAGES] = lambda node: views.node_images(core, node)
     return [saves, reconciler]
+
+
+@hookimpl
+def kvmdesk_startup(core):
+    return publish.recover_interrupted(core)
 
 
 @hookimpl

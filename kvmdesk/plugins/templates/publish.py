@@ -82,6 +82,9 @@ async def save(core: Any, uuid: str) -> dict:
         files = []
         for device in template["devices"]:
             name = version_file(device["file_id"], version)
+            # What a save interrupted by a controller restart left of this version number goes first.
+            await nodes.call(core, host, "DELETE", f"/disks/template/{name}", params={"role": device["role"]},
+                             template_name=template["name"])
             made = await nodes.call(core, host, "POST", f"/disks/template/{device['file_id']}/copy",
                                     {"role": device["role"], "version": version,
                                      "to": {"kind": "template", "role": device["role"], "file_id": name}},
@@ -164,3 +167,16 @@ async def resync(core: Any, ipaddr: str, image_id: str, version: Optional[int], 
     if result["status"] != DONE:
         raise ApiError(errors.NODE_UNAVAILABLE, name=template["name"], reason=result["error"])
     return {"image_id": image_id, "node_uuid": node["uuid"], "version": wanted, "status": DONE}
+
+
+async def recover_interrupted(core: Any) -> int:
+    """At start-up: a template left ``updating`` by a controller that stopped mid-save is ``inactive``
+    again, with the reason kept in ``save_error``; its unfinished version is redone by the next save.
+    Returns how many were recovered."""
+    stuck = await templates(core).find({"status": schema.UPDATING})
+    for template in stuck:
+        await templates(core).update_one({"uuid": template["uuid"], "status": schema.UPDATING}, {"$set": {
+            "status": schema.INACTIVE, "save_error": "the controller stopped while this template was being saved"}})
+        log.warn("template {name} was being saved when the controller stopped: marked inactive, save it again",
+                 name=template["name"])
+    return len(stuck)

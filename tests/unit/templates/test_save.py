@@ -158,3 +158,21 @@ async def test_resync_sends_one_disk_version_to_one_node_again(world):
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
     assert status == 200 and body["data"]["status"] == 0, body
     assert md5(lost) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_is_redone(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    host = world.agent_of(template)
+    # what a controller that died mid-save leaves: the template updating, a version file half made
+    store = world.core.store.collection("templates")
+    await store.update_one({"uuid": template["uuid"]}, {"$set": {"status": "updating"}})
+    leftover = host.data_dir / "storage" / "instances" / "_template" / f"{template['devices'][0]['uuid']}.v1"
+    leftover.write_bytes(b"half a version")
+    assert await publish.recover_interrupted(world.core) == 1
+    stored = await store.find_one({"uuid": template["uuid"]})
+    assert stored["status"] == "inactive" and "save_error" in stored
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert status == 200 and body["data"]["version"] == 1, body
+    assert leftover.read_bytes()[:4] == b"QFI\xfb"  # a real qcow2 now
