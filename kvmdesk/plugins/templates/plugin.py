@@ -26,7 +26,8 @@ log = Logger(namespace="kvmdesk.templates")
 #: ``[templates] nic_kind``: ``ovs`` (the data network's bridge and VLAN) or ``user`` (QEMU user-mode
 #: networking, for hosts without Open vSwitch: demos and the real-QEMU tests).
 #: ``[templates] reconcile_interval``: seconds between comparisons of the nodes' domains with the store.
-DEFAULTS = {"templates": {"nic_kind": "ovs", "reconcile_interval": 60.0}}
+#: ``progress_interval``: seconds between the per-node, per-disk progress reports of a publish.
+DEFAULTS = {"templates": {"nic_kind": "ovs", "reconcile_interval": 60.0, "progress_interval": 2.0}}
 
 #: What a resource kind is called in a template record.
 USAGE_FIELDS = {"base_image": "base_image_uuid", "iso": "iso_uuid", "data_network": "network_uuid",

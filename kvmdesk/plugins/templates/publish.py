@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from kvmdesk.core import agentauth
@@ -58,6 +58,59 @@ async def send_to(core: Any, template: Mapping[str, Any], host: Mapping[str, Any
     return {"version": version, "status": DONE, "error": None}
 
 
+async def progress_of(core: Any, node: Mapping[str, Any], files: list[dict]) -> dict[str, int]:
+    """Per disk (device uuid), the percentage of its version file ``node`` holds (received and verified: 100)."""
+    found = {}
+    for f in files:
+        state = await nodes.call(core, node, "GET", f"/images/template/{f['file_id']}",
+                                 params={"role": f["role"], "md5": f["md5"]})
+        done = state.get("exists") and state.get("md5") == f["md5"]
+        found[f["device_uuid"]] = 100 if done else int(100 * int(state.get("partial") or 0) / max(1, f["size"]))
+    return found
+
+
+class ProgressReport:
+    """While a version is being fetched: every ``interval`` seconds (on the core's clock) each target's
+    per-disk progress is asked of its agent and kept in the template's ``publish`` (status 1)."""
+
+    def __init__(self, core: Any, template: Mapping[str, Any], host: Mapping[str, Any], targets: list[dict],
+                 files: list[dict], version: int):
+        self.core, self.template, self.host, self.targets = core, template, host, targets
+        self.files, self.version = files, version
+        self.loop: Optional[task.LoopingCall] = None
+        self.current: Optional[defer.Deferred] = None
+
+    def start(self, interval: float) -> None:
+        self.loop = task.LoopingCall(self._round)
+        self.loop.clock = self.core.clock
+        self.loop.start(interval, now=True)
+
+    def _round(self) -> None:
+        if self.current is None:  # a slow agent: the next round waits for this one
+            self.current = defer.ensureDeferred(self.report())
+            self.current.addErrback(lambda f: log.failure("progress of template {t} unknown", f,
+                                                          t=self.template["name"]))
+            self.current.addBoth(lambda _: setattr(self, "current", None))
+
+    async def report(self) -> None:
+        publish = {}
+        for node in self.targets:
+            try:
+                progress = await progress_of(self.core, node, self.files)
+            except ApiError:
+                progress = {}
+            publish[node["uuid"]] = {"version": self.version, "status": SYNCING, "error": None, "progress": progress}
+        publish[self.host["uuid"]] = {"version": self.version, "status": DONE, "error": None}
+        await templates(self.core).update_one({"uuid": self.template["uuid"], "status": schema.UPDATING},
+                                              {"$set": {"publish": publish}})
+
+    async def stop(self) -> None:
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+        if self.current is not None:
+            await self.current
+
+
 async def pool_targets(core: Any, template: Mapping[str, Any]) -> list[dict]:
     """Every node of the template's pool but its host."""
     found = await core.store.collection(schema.NODES).find({"resource_pool_uuid": template["pool_uuid"]},
@@ -94,8 +147,13 @@ async def save(core: Any, uuid: str) -> dict:
             files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name, "md5": made["md5"],
                           "size": made["size"]})
         targets = [n for n in await pool_targets(core, template) if n.get("agent_secret")]
-        states = await defer.gatherResults([defer.ensureDeferred(send_to(core, template, host, n, files, version))
-                                            for n in targets], consumeErrors=True)
+        progress = ProgressReport(core, template, host, targets, files, version)
+        progress.start(float(core.config.get("templates.progress_interval", 2.0)))
+        try:
+            states = await defer.gatherResults([defer.ensureDeferred(send_to(core, template, host, n, files, version))
+                                                for n in targets], consumeErrors=True)
+        finally:
+            await progress.stop()
     except BaseException:
         await undo.run()
         await templates(core).update_one({"uuid": uuid}, {"$set": {"status": template["status"]}})

@@ -176,3 +176,35 @@ async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_is_re
     status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
     assert status == 200 and body["data"]["version"] == 1, body
     assert leftover.read_bytes()[:4] == b"QFI\xfb"  # a real qcow2 now
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_progress_is_asked_of_each_node_per_disk(world):
+    template = await world.create()
+    await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    files = stored["versions"][-1]["files"]
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    node = await world.core.store.collection("nodes").find_one({"uuid": other["uuid"]})
+    assert await publish.progress_of(world.core, node, files) == {f["device_uuid"]: 100 for f in files}
+    # half of the system disk's version received: a partial file of that content
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    system = files[0]
+    final = agent.data_dir / "storage" / "instances" / "_template" / system["file_id"]
+    half = final.read_bytes()[: system["size"] // 2]
+    final.unlink()
+    (final.parent / f".{final.name}.part").write_bytes(half)
+    (final.parent / f".{final.name}.part.json").write_text(
+        '{"md5": "%s", "total": %d, "version": 1}' % (system["md5"], system["size"]))
+    progress = await publish.progress_of(world.core, node, files)
+    assert progress[system["device_uuid"]] == 50 and progress[files[1]["device_uuid"]] == 100
+
+    # the report keeps it in the template while it is updating
+    await world.core.store.collection("templates").update_one({"uuid": template["uuid"]},
+                                                              {"$set": {"status": "updating"}})
+    host = await world.core.store.collection("nodes").find_one({"uuid": template["host_uuid"]})
+    report = publish.ProgressReport(world.core, stored, host, [node], files, 1)
+    await report.report()
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["publish"][other["uuid"]]["status"] == publish.SYNCING
+    assert stored["publish"][other["uuid"]]["progress"][system["device_uuid"]] == 50
