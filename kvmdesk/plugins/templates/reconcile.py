@@ -4,7 +4,7 @@ Every ``[templates] reconcile_interval`` seconds (and at start), for each reacha
 libvirt has are compared with the templates hosted there.  A template whose domain is gone is marked
 ``error``; a state that differs is corrected (lifecycle events do that at once; this catches missed
 ones); a ``tpl-`` domain no template knows is reported, never removed (it may be an administrator's).
-A node lacking the latest version of a template of its pool gets it (:func:`publish.catch_up`).
+A node lacking (a file of) the latest version of a template of its pool is sent it again.
 What was found is kept in :attr:`TemplateReconciler.drift` (node uuid -> list of findings) and logged.
 """
 from __future__ import annotations
@@ -61,11 +61,35 @@ class TemplateReconciler(Service):
             if domain["name"].startswith("tpl-") and domain["name"] not in known:
                 findings.append({"kind": "unknown_domain", "template": domain["uuid"],
                                  "detail": f"domain {domain['name']} belongs to no template of this node"})
-        await publish.catch_up(self.core, node)
+        await self._check_versions(node, findings)
         for finding in findings:
             log.warn("node {node}: {detail}", node=node.get("ip"), detail=finding["detail"])
         self.drift[node["uuid"]] = findings
         return findings
+
+    async def _check_versions(self, node: Mapping[str, Any], findings: list[dict]) -> None:
+        """The latest version of each template of the node's pool must be on it (asked of the agent, not
+        taken from the store); a missing one is sent again from the template's host."""
+        for template in await templates(self.core).find({"pool_uuid": node.get("resource_pool_uuid"),
+                                                         "version": {"$gte": 1}}):
+            if template.get("status") == schema.UPDATING or template.get("host_uuid") == node["uuid"]:
+                continue
+            files = template["versions"][-1]["files"]
+            try:
+                progress = await publish.progress_of(self.core, node, files)
+            except ApiError:
+                return  # the node stopped answering: the next round
+            if all(p == 100 for p in progress.values()):
+                continue
+            findings.append({"kind": "version_missing", "template": template["uuid"],
+                             "detail": f"version {template['version']} of template {template['name']} is not "
+                                       f"(all) on the node: sending it"})
+            host = await self.core.store.collection(schema.NODES).find_one({"uuid": template.get("host_uuid")})
+            if host is not None:
+                result = await publish.send_to(self.core, template, host, node, files, template["version"])
+                current = await templates(self.core).find_one({"uuid": template["uuid"]}) or template
+                await templates(self.core).update_one({"uuid": template["uuid"]}, {"$set": {
+                    "publish": {**(current.get("publish") or {}), node["uuid"]: result}}})
 
     async def _set_status(self, template: Mapping[str, Any], status: str) -> None:
         await templates(self.core).update_one({"uuid": template["uuid"], "status": {"$ne": schema.UPDATING}},

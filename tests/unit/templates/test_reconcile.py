@@ -62,3 +62,21 @@ async def test_a_lifecycle_event_sets_the_status_the_domain_has_now(world):
                                                          "detail": "destroyed"})
     assert (await templates.find_one({"uuid": template["uuid"]}))["status"] == "active"
     assert plugin.kvmdesk_domain_event(world.core, node, {"uuid": template["uuid"], "event": "defined"}) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_file_gone_from_a_node_is_sent_again(world):
+    template = await world.create()
+    await world.api.call("POST", "/education/template", {"action": "save", "param": {"name": "t",
+                                                                                     "uuid": template["uuid"]}})
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    lost = agent.data_dir / "storage" / "instances" / "_template" / f"{template['devices'][1]['uuid']}.v1"
+    content = lost.read_bytes()
+    lost.unlink()
+    reconciler = world.core.extensions[reconcile.EXTENSION]
+    node = await world.core.store.collection("nodes").find_one({"uuid": other["uuid"]})
+    findings = await reconciler.reconcile_node(node)
+    assert [f["kind"] for f in findings] == ["version_missing"]
+    assert lost.read_bytes() == content
+    assert await reconciler.reconcile_node(node) == []
