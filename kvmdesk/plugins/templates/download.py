@@ -10,11 +10,11 @@ from typing import Any, Mapping, Optional
 from urllib.parse import quote
 
 import treq
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from kvmdesk.core.errors import ApiError
 from kvmdesk.plugins.templates import errors, nodes, schema
@@ -50,8 +50,8 @@ class Relay(Resource):
         self.response = response
         self.name = name
         self.size = size
-        self.transport: Optional[Any] = getattr(response.original, "_transport", None) if hasattr(
-            response, "original") else None
+        # treq's response wraps twisted's, whose transport can be paused (reading stops, TCP pushes back)
+        self.transport: Optional[Any] = getattr(getattr(response, "original", None), "_transport", None)
 
     def pauseProducing(self) -> None:
         if self.transport is not None:
