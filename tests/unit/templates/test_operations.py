@@ -117,8 +117,13 @@ async def test_iso_is_placed_on_the_node_before_the_media_change(world):
     iso = await world.core.store.collection("isos").insert_one(new_record(
         world.core.clock, name="tools", file=str(iso_file), md5=hashlib.md5(iso_file.read_bytes()).hexdigest(),
         size_bytes=iso_file.stat().st_size))
+    before = await world.snapshot()
     status, body = await world.api.call("POST", T, {"action": "attach_source", "param": {**ref, "iso_uuid": "nope"}})
     assert_error(status, body, 404, core_errors.NOT_FOUND.code, "nope")
+    status, body = await world.api.call("POST", T, {"action": "attach_source", "param": {"name": "x", "uuid": "ghost",
+                                                                                         "iso_uuid": "nope"}})
+    assert_error(status, body, 404, core_errors.NOT_FOUND.code, "ghost")
+    assert await world.snapshot() == before
     status, body = await world.api.call("POST", T, {"action": "attach_source",
                                                     "param": {**ref, "iso_uuid": iso["uuid"]}})
     placed = world.agent_of(template).data_dir / "storage" / "instances" / "_iso" / iso["uuid"]
@@ -128,6 +133,8 @@ async def test_iso_is_placed_on_the_node_before_the_media_change(world):
     assert status == 502 and "not supported" in body["msg"], body
     stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
     assert stored["iso_uuid"] is None
+    status, body = await world.api.call("POST", T, {"action": "detach_source", "param": ref})
+    assert status == 502 and "not supported" in body["msg"], body  # the same driver limit, said as clearly
 
 
 @pytest_twisted.ensureDeferred
