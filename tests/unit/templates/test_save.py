@@ -208,3 +208,28 @@ async def test_publish_progress_is_asked_of_each_node_per_disk(world):
     stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
     assert stored["publish"][other["uuid"]]["status"] == publish.SYNCING
     assert stored["publish"][other["uuid"]]["progress"][system["device_uuid"]] == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fetch_resumes_from_the_partial_file_and_verifies_the_whole(world):
+    template = await world.create()
+    await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    system = stored["versions"][-1]["files"][0]
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    final = agent.data_dir / "storage" / "instances" / "_template" / system["file_id"]
+    good = final.read_bytes()
+    final.unlink()
+    # a partial file of that content whose bytes were damaged: only a resume would use them
+    (final.parent / f".{final.name}.part").write_bytes(b"\xff" * (system["size"] // 2))
+    (final.parent / f".{final.name}.part.json").write_text(
+        '{"md5": "%s", "total": %d, "version": 1}' % (system["md5"], system["size"]))
+    param = {"ipaddr": other["ip"], "role": 1, "image_id": system["device_uuid"], "version": 1}
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param},
+                                        headers={"Accept-Language": "en"})
+    assert status == 503 and system["md5"] in body["msg"], body  # resumed, then refused whole: checksum
+    assert not final.exists()
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
+    assert status == 200, body  # the damaged partial was dropped: fetched from the start
+    assert final.read_bytes() == good
