@@ -223,7 +223,8 @@ async def resync(core: Any, ipaddr: str, image_id: str, version: Optional[int], 
     publish = {**(current.get("publish") or {}), node["uuid"]: result}
     await templates(core).update_one({"uuid": template["uuid"]}, {"$set": {"publish": publish}})
     if result["status"] != DONE:
-        raise ApiError(errors.NODE_UNAVAILABLE, name=template["name"], reason=result["error"])
+        raise ApiError(errors.SEND_FAILED, name=template["name"], node=node.get("name") or ipaddr,
+                       reason=result["error"])
     return {"image_id": image_id, "node_uuid": node["uuid"], "version": wanted, "status": DONE}
 
 

@@ -228,7 +228,7 @@ async def test_a_fetch_resumes_from_the_partial_file_and_verifies_the_whole(worl
     param = {"ipaddr": other["ip"], "role": 1, "image_id": system["device_uuid"], "version": 1}
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param},
                                         headers={"Accept-Language": "en"})
-    assert status == 503 and system["md5"] in body["msg"], body  # resumed, then refused whole: checksum
+    assert status == 502 and body["code"] == errors.SEND_FAILED.code and system["md5"] in body["msg"], body  # resumed, then refused whole: checksum
     assert not final.exists()
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
     assert status == 200, body  # the damaged partial was dropped: fetched from the start
