@@ -28,7 +28,7 @@ async def copy(core: Any, body: TemplateCopy, owner: str) -> dict:
     refuse_if_updating(source)
     pool = await core.store.collection(schema.POOLS).find_one({"uuid": body.pool_uuid})
     if pool is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="资源池", key=body.pool_uuid)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.POOL, key=body.pool_uuid)
     network, subnet, nic = await nodes.network_nic(core, body.network_uuid, body.subnet_uuid)
     await refuse_taken_name(core, body.name)
     source_node = await nodes.host_of(core, source)
@@ -58,12 +58,14 @@ async def copy(core: Any, body: TemplateCopy, owner: str) -> dict:
                          template_name=body.name)
         undo.push("the domain", lambda: nodes.call(core, target, "DELETE", f"/domains/{record['uuid']}/definition"))
         try:
-            return await templates(core).insert_one(record)
+            created = await templates(core).insert_one(record)
         except DuplicateKeyError:
             raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=body.name) from None
     except BaseException:
         await undo.run()
         raise
+    await core.created(schema.KIND, created)
+    return created
 
 
 async def copy_disk(core: Any, source: dict, source_node: dict, target: dict, old: dict, new: dict, undo: Undo) -> None:

@@ -87,14 +87,14 @@ async def network_nic(core: Any, network_uuid: str, subnet_uuid: str) -> tuple[d
     """
     network = await core.store.collection(schema.NETWORKS).find_one({"uuid": network_uuid})
     if network is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="数据网络", key=network_uuid)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.NETWORK, key=network_uuid)
     subnet = await core.store.collection(schema.SUBNETS).find_one({"uuid": subnet_uuid})
     if subnet is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="子网", key=subnet_uuid)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.SUBNET, key=subnet_uuid)
     if subnet.get("network_uuid") != network_uuid:
         raise ApiError(errors.SUBNET_NOT_IN_NETWORK, subnet=subnet.get("name"), network=network.get("name"))
     switch = await core.store.collection(schema.SWITCHES).find_one({"uuid": network.get("switch_uuid")})
     bridge = (switch or {}).get("bridge")
     if not bridge:
-        raise ApiError(core_errors.NOT_FOUND, resource="虚拟交换机", key=network.get("switch_uuid"))
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.SWITCH, key=network.get("switch_uuid"))
     return network, subnet, {"kind": "ovs", "bridge": bridge, "vlan_tag": int(network.get("tag") or 0)}

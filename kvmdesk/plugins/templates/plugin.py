@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from kvmdesk import hookimpl
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -61,12 +61,12 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str):
     if field is None:
         return None
 
-    async def templates_using() -> Optional[str]:
+    async def templates_using() -> Optional[Resource]:
         found = await core.store.collection(schema.TEMPLATES).find({field: uuid}, projection=["name"], limit=3)
         if not found:
             return None
         names = ", ".join(t["name"] for t in found)
-        return f"模板 {names} 正在使用 (used by templates {names})"
+        return Resource(f"模板 {names} 正在使用", f"used by templates {names}")
 
     return templates_using()
 

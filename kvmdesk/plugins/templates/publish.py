@@ -162,10 +162,11 @@ async def save(core: Any, uuid: str) -> dict:
     publish.update({n["uuid"]: s for n, s in zip(targets, states)})
     stamp = now_text(core.clock)
     entry = {"version": version, "files": files, "created_at": stamp}
-    return await templates(core).find_one_and_update({"uuid": uuid}, {
-        "$set": {"version": version, "publish": publish, "status": schema.INACTIVE, "updated_time": stamp,
-                 "updated_at": stamp, "scheduled_save": None},
-        "$push": {"versions": entry}})
+    changes = {"version": version, "publish": publish, "status": schema.INACTIVE, "updated_time": stamp,
+               "updated_at": stamp, "scheduled_save": None}
+    saved = await templates(core).find_one_and_update({"uuid": uuid}, {"$set": changes, "$push": {"versions": entry}})
+    await core.updated(schema.KIND, saved, changes)
+    return saved
 
 
 async def catch_up(core: Any, node: Mapping[str, Any]) -> int:
@@ -198,12 +199,12 @@ async def resync(core: Any, ipaddr: str, image_id: str, version: Optional[int], 
     """#76: send one disk's version (the latest by default) to the node at ``ipaddr`` again."""
     node = await core.store.collection(schema.NODES).find_one({"ip": ipaddr})
     if node is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="节点", key=ipaddr)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.NODE, key=ipaddr)
     # Disks live inside their template's record; a controller holds hundreds of templates, not millions.
     template = next((t for t in await templates(core).find({})
                      if any(d["uuid"] == image_id for d in t["devices"])), None)
     if template is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="模板镜像", key=image_id)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.TEMPLATE_IMAGE, key=image_id)
     refuse_if_updating(template)
     if node.get("resource_pool_uuid") != template["pool_uuid"]:
         raise ApiError(core_errors.INVALID_PARAM, field="ipaddr", reason="the node is not in the template's pool")

@@ -130,6 +130,6 @@ def register_routes(router: Router) -> None:
         if template["pool_uuid"] != req.args["pool_uuid"]:
             pool = await req.core.store.collection(schema.POOLS).find_one({"uuid": req.args["pool_uuid"]})
             if pool is None:
-                raise ApiError(core_errors.NOT_FOUND, resource="资源池", key=req.args["pool_uuid"])
+                raise ApiError(core_errors.NOT_FOUND, resource=schema.POOL, key=req.args["pool_uuid"])
             return page_of(req, [])
         return page_of(req, await views.image_states(req.core, template))

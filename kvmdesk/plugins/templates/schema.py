@@ -1,6 +1,7 @@
 """Collections of the templates plugin, its indexes, and the other plugins' collections it reads."""
 from __future__ import annotations
 
+from kvmdesk.core.errors import Resource
 from kvmdesk.core.store import Index
 
 TEMPLATES = "templates"
@@ -27,3 +28,17 @@ INDEXES = [
 ACTIVE, INACTIVE, ERROR, UPDATING = "active", "inactive", "error", "updating"
 #: Storage roles of template disks on the nodes.
 ROLE_SYSTEM, ROLE_DATA = 1, 2
+
+#: The lifecycle hooks' kind (``kvmdesk_created/updated/deleted``) and ``kvmdesk_usage``'s.
+KIND = "template"
+#: How answers name things, in both languages.
+TEMPLATE = Resource("模板", "template")
+POOL = Resource("资源池", "resource pool")
+BASE_IMAGE = Resource("基础镜像", "base image")
+ISO = Resource("ISO", "ISO")
+DISK = Resource("磁盘", "disk")
+NODE = Resource("节点", "node")
+TEMPLATE_IMAGE = Resource("模板镜像", "template image")
+NETWORK = Resource("数据网络", "data network")
+SUBNET = Resource("子网", "subnet")
+SWITCH = Resource("虚拟交换机", "virtual switch")

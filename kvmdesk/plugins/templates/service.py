@@ -23,7 +23,7 @@ from kvmdesk.plugins.templates import errors, nodes, schema
 from kvmdesk.plugins.templates.models import ExistingDevice, NewDataDisk, TemplateCreate, TemplateValue
 
 log = Logger(namespace="kvmdesk.templates")
-RESOURCE = "模板"
+RESOURCE = schema.TEMPLATE
 GIB = 1 << 30
 #: The agent's libvirt states -> the contract's template status.
 STATES = {"running": schema.ACTIVE, "blocked": schema.ACTIVE, "paused": schema.ACTIVE, "pmsuspended": schema.ACTIVE,
@@ -126,11 +126,11 @@ async def create(core: Any, body: TemplateCreate, owner: str) -> dict:
     store = core.store
     pool = await store.collection(schema.POOLS).find_one({"uuid": body.pool_uuid})
     if pool is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="资源池", key=body.pool_uuid)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.POOL, key=body.pool_uuid)
     base = await store.collection(schema.BASE_IMAGES).find_one({"uuid": body.system_disk.image_id,
                                                                  "resource_pool_uuid": body.pool_uuid})
     if base is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="基础镜像", key=body.system_disk.image_id)
+        raise ApiError(core_errors.NOT_FOUND, resource=schema.BASE_IMAGE, key=body.system_disk.image_id)
     base_gb = int(base.get("virtual_size") or 0) / GIB
     if body.system_disk.size < base_gb:
         raise ApiError(errors.DISK_SHRINK, field="system_disk.size", current=round(base_gb, 2),
@@ -166,12 +166,14 @@ async def create(core: Any, body: TemplateCreate, owner: str) -> dict:
         await nodes.call(core, node, "PUT", f"/domains/{uuid}/spec", spec_of(core, record), template_name=body.name)
         undo.push("the domain", lambda: nodes.call(core, node, "DELETE", f"/domains/{uuid}/definition"))
         try:
-            return await templates(core).insert_one(record)
+            created = await templates(core).insert_one(record)
         except DuplicateKeyError:
             raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=body.name) from None
     except BaseException:
         await undo.run()
         raise
+    await core.created(schema.KIND, created)
+    return created
 
 
 async def create_disks(core: Any, node: Mapping[str, Any], template: Mapping[str, Any], devices: list[dict],
@@ -223,7 +225,7 @@ async def delete(core: Any, uuid: str) -> None:
     """#68: refused while something uses it; its domain and disks go from its node, its address back."""
     template = await template_or_404(core, uuid)
     refuse_if_updating(template)
-    await core.refuse_if_used("template", uuid, f"{RESOURCE} {template['name']}")
+    await core.refuse_if_used(schema.KIND, uuid, RESOURCE.named(template["name"]))
     node = await core.store.collection(schema.NODES).find_one({"uuid": template.get("host_uuid")})
     if node is not None:
         await nodes.call(core, node, "DELETE", f"/domains/{uuid}/definition", params={"delete_disks": 1},
@@ -234,6 +236,7 @@ async def delete(core: Any, uuid: str) -> None:
     await remove_versions(core, template)
     await core.extensions["ipam"].release_owner(f"template:{uuid}")
     await templates(core).delete_one({"uuid": uuid})
+    await core.deleted(schema.KIND, template)
 
 
 async def remove_versions(core: Any, template: Mapping[str, Any]) -> None:
@@ -262,7 +265,7 @@ async def change_media(core: Any, uuid: str, iso_uuid: Optional[str]) -> dict:
     if iso_uuid is not None:
         iso = await core.store.collection(schema.ISOS).find_one({"uuid": iso_uuid})
         if iso is None:
-            raise ApiError(core_errors.NOT_FOUND, resource="ISO", key=iso_uuid)
+            raise ApiError(core_errors.NOT_FOUND, resource=schema.ISO, key=iso_uuid)
         place = core.extensions.get("storage.place_file")
         if place is None:
             raise ApiError(errors.NODE_UNAVAILABLE, name=template["name"], reason="the storage plugin is not loaded")
@@ -275,8 +278,10 @@ async def change_media(core: Any, uuid: str, iso_uuid: Optional[str]) -> dict:
             raise nodes.node_error(exc, template["name"]) from None
         media = {"kind": "iso", "role": schema.ROLE_SYSTEM, "file_id": iso_uuid}
     await nodes.call(core, node, "PUT", f"/domains/{uuid}/cdrom", {"media": media}, template_name=template["name"])
-    await templates(core).update_one({"uuid": uuid}, {"$set": {"iso_uuid": iso_uuid,
-                                                                "updated_at": now_text(core.clock)}})
+    changes = {"iso_uuid": iso_uuid, "updated_at": now_text(core.clock)}
+    updated = await templates(core).find_one_and_update({"uuid": uuid}, {"$set": changes})
+    if updated is not None:
+        await core.updated(schema.KIND, updated, changes)
     return {"uuid": uuid, "name": template["name"], "iso_uuid": iso_uuid}
 
 
@@ -346,6 +351,8 @@ async def change_attributes(core: Any, uuid: str, value: TemplateValue) -> dict:
         raise
     if readdress and template.get("bind_ip"):
         await core.extensions["ipam"].release(template["subnet_uuid"], template["bind_ip"])
+    if result is not None:
+        await core.updated(schema.KIND, result, changes)
     return result
 
 
@@ -363,7 +370,7 @@ def plan_devices(template: Mapping[str, Any], devices: Optional[list]) -> tuple[
         assert isinstance(device, ExistingDevice)
         known = current.get(device.uuid)
         if known is None:
-            raise ApiError(core_errors.NOT_FOUND, resource="磁盘", key=f"value.devices.{i}.uuid {device.uuid}")
+            raise ApiError(core_errors.NOT_FOUND, resource=schema.DISK, key=f"value.devices.{i}.uuid {device.uuid}")
         if device.size < known["size"]:
             raise ApiError(errors.DISK_SHRINK, field=f"value.devices.{i}.size", current=known["size"],
                            requested=device.size)

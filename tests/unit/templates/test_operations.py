@@ -216,3 +216,20 @@ async def test_plugins_adjust_the_domain_spec(world):
     assert (await agent.hypervisor.domain_info(template["uuid"]))["vcpus"] == 3
     tree = ET.fromstring(await agent.hypervisor.domain_xml(template["uuid"], inactive=True))
     assert tree.find("./devices/interface/model").get("type") == "e1000"
+
+
+@pytest_twisted.ensureDeferred
+async def test_lifecycle_hooks_hear_of_templates_without_their_vnc_password(world):
+    from kvmdesk.testing.plugins import LifecycleRecorder
+
+    recorder = LifecycleRecorder()
+    world.core.plugins.register(recorder, name="recorder")
+    template = await world.create()
+    ref = {"uuid": template["uuid"], "name": template["name"]}
+    await world.api.call("PUT", T, {**ref, "value": {"desc": "changed"}})
+    await world.api.call("POST", T, {"action": "save", "param": ref})
+    await world.api.call("DELETE", T, {"templates": [ref]})
+    events = recorder.of("template")
+    assert [e.hook for e in events] == ["created", "updated", "updated", "deleted"]
+    assert events[1].changes["desc"] == "changed" and events[2].changes["version"] == 1
+    assert all("vnc_password" not in e.record for e in events)
