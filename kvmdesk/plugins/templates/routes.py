@@ -7,7 +7,7 @@ from kvmdesk.api.router import Action, ApiRequest, Router
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
-from kvmdesk.core.paging import page_of, paged_search
+from kvmdesk.core.paging import paged_search
 from kvmdesk.plugins.templates import copy, download, publish, schedule, schema, service, views
 from kvmdesk.plugins.templates.models import (AttachSource, ResyncParam, SaveParam, TemplateBatch, TemplateCopy,
                                               TemplateCreate, TemplateEdit, TemplateRef)
@@ -121,15 +121,20 @@ def register_routes(router: Router) -> None:
         return await download.relay(req.core, req.path["uuid"])
 
     @router.endpoint("GET", BASE + "/image", summary="Per-node state of a template's disk images in a pool", tags=TAGS,
-                     paged=True)
+                     search_fields=views.IMAGE_FIELDS)
     async def image_state(req: ApiRequest) -> dict:
         for name in ("pool_uuid", "template_uuid"):
             if not req.args.get(name):
                 raise ApiError(core_errors.INVALID_PARAM, field=name, reason="required")
         template = await service.template_or_404(req.core, req.args["template_uuid"])
-        if template["pool_uuid"] != req.args["pool_uuid"]:
-            pool = await req.core.store.collection(schema.POOLS).find_one({"uuid": req.args["pool_uuid"]})
-            if pool is None:
-                raise ApiError(core_errors.NOT_FOUND, resource=schema.POOL, key=req.args["pool_uuid"])
-            return page_of(req, [])
-        return page_of(req, await views.image_states(req.core, template))
+        pool = await req.core.store.collection(schema.POOLS).find_one({"uuid": req.args["pool_uuid"]})
+        if pool is None:
+            raise ApiError(core_errors.NOT_FOUND, resource=schema.POOL, key=req.args["pool_uuid"])
+
+        async def rows() -> list[dict]:
+            if template["pool_uuid"] != pool["uuid"]:
+                return []
+            return [{**row, "pool_uuid": pool["uuid"], "template_uuid": template["uuid"]}
+                    for row in await views.image_states(req.core, template)]
+
+        return await paged_search(req, rows, views.IMAGE_FIELDS, resource=schema.NODE)

@@ -11,6 +11,8 @@ from kvmdesk.plugins.templates import nodes, schema
 GIB = 1 << 30
 SEARCH_FIELDS = {"uuid": str, "name": str, "classify": int, "pool_uuid": str, "status": str, "os_type": str,
                  "os_type_simple": str, "network_uuid": str, "subnet_uuid": str, "host_uuid": str, "owner": str}
+#: #77's rows: one per node; ``pool_uuid`` and ``template_uuid`` (required) are on every row.
+IMAGE_FIELDS = {"pool_uuid": str, "template_uuid": str, "uuid": str, "name": str, "ip": str}
 #: Internal fields never answered (the VNC password is the console's, through the agent).
 HIDDEN = ("vnc_password", "nic", "mac", "deleted", "deleted_at", "base_image_uuid", "versions", "publish",
           "scheduled_save")
