@@ -197,8 +197,11 @@ async def test_image_state_per_node_of_the_pool(world):
     assert all(s["path"] for s in host["storages"])
     (other,) = [r for uuid, r in results.items() if uuid != template["host_uuid"]]
     assert [s["status"] for s in other["storages"]] == [1, 1]  # no version published there yet
-    status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool})
-    assert_error(status, body, 400, core_errors.INVALID_PARAM.code, "template_uuid")
+    status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool,
+                                                                      "template_uuid": "no-such-template"})
+    assert status == 200 and body["data"]["count"] == 0, body
+    status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool, "colour": "red"})
+    assert_error(status, body, 400, core_errors.UNKNOWN_FILTER.code, "colour")
 
 
 @pytest_twisted.ensureDeferred
