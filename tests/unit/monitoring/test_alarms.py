@@ -169,3 +169,17 @@ async def test_rules_are_created_changed_and_deleted_through_the_api_and_announc
         assert [e.hook for e in recorder.of("alarm_rule")] == ["created", "updated", "deleted"]
         status, body = await api.call("GET", RULES)
         assert body["data"]["count"] == 6  # the default rules
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_api_logins_open_the_failed_login_alarm(tmp_path: Path):
+    config = {"agent": {"local": False}}
+    async with api_client(tmp_path, clock=make_clock(), config=config) as api:
+        api.core.services.startService()
+        for _ in range(5):
+            status, _ = await api.call("POST", "/auth/login", {"username": "admin", "password": "wrong"}, auth=False)
+            assert status in (400, 401, 403, 429)
+        await advance(api, 5)
+        alarms = await api.core.store.collection("monitor_alarms").find({"metric": "login_failed"})
+        assert [a["status"] for a in alarms] == ["open"] and alarms[0]["value"] == 5.0
+        await api.core.services.stopService()
