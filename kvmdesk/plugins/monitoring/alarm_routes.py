@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from kvmdesk.api.models import Model, Uuids
+from kvmdesk.api.models import Model, Name, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
@@ -31,7 +31,7 @@ Metric = Literal["cpu", "memory", "disk", "nic", "offline", "login_failed"]
 
 
 class RuleBody(Model):
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
     metric: Metric
     threshold: float = Field(ge=0)
     duration: int = Field(ge=0, le=7 * 86400)
@@ -40,7 +40,7 @@ class RuleBody(Model):
 
 
 class RuleChanges(Model):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    name: Optional[Name] = None
     threshold: Optional[float] = Field(default=None, ge=0)
     duration: Optional[int] = Field(default=None, ge=0, le=7 * 86400)
     enabled: Optional[bool] = None

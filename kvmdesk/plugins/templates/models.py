@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, WithJsonSchema, field_validator
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name, OptionalName
 
 MAX_GB = 64 * 1024
-Name = Field(min_length=1, max_length=64)
+#: An IPv4 address, or empty/null for "allocate one from the subnet" (what the document shows).
+BindIp = Annotated[Optional[str], WithJsonSchema(
+    {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "maxLength": 0}, {"type": "null"}]})]
 
 
 def _ip(value: Optional[str]) -> Optional[str]:
@@ -32,14 +34,14 @@ class NewDataDisk(Model):
 
 
 class TemplateCreate(Model):
-    name: str = Name
+    name: Name
     desc: Optional[str] = Field(default="", max_length=1024)
     os_type: str = Field(min_length=1, max_length=64)
     classify: Literal[1, 2]
     pool_uuid: str = Field(min_length=1, max_length=64)
     network_uuid: str = Field(min_length=1, max_length=64)
     subnet_uuid: str = Field(min_length=1, max_length=64)
-    bind_ip: Optional[str] = None
+    bind_ip: BindIp = None
     vcpu: int = Field(ge=1, le=128)
     ram: float = Field(gt=0, le=4096)
     system_disk: SystemDisk
@@ -50,12 +52,12 @@ class TemplateCreate(Model):
 
 class TemplateCopy(Model):
     template_uuid: str = Field(min_length=1, max_length=64)
-    name: str = Name
+    name: Name
     desc: Optional[str] = Field(default=None, max_length=1024)
     pool_uuid: str = Field(min_length=1, max_length=64)
     network_uuid: str = Field(min_length=1, max_length=64)
     subnet_uuid: str = Field(min_length=1, max_length=64)
-    bind_ip: Optional[str] = None
+    bind_ip: BindIp = None
 
     _bind_ip = field_validator("bind_ip")(_ip)
 
@@ -71,7 +73,7 @@ class ResyncParam(Model):
 
 
 class TemplateRef(Model):
-    name: str = Field(default="", max_length=64)
+    name: OptionalName = ""
     uuid: str = Field(min_length=1, max_length=64)
 
 
@@ -99,11 +101,11 @@ class ExistingDevice(Model):
 
 
 class TemplateValue(Model):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    name: Optional[Name] = None
     desc: Optional[str] = Field(default=None, max_length=1024)
     network_uuid: Optional[str] = None
     subnet_uuid: Optional[str] = None
-    bind_ip: Optional[str] = None
+    bind_ip: BindIp = None
     vcpu: Optional[int] = Field(default=None, ge=1, le=128)
     ram: Optional[float] = Field(default=None, gt=0, le=4096)
     devices: Optional[list[Union[ExistingDevice, NewDataDisk]]] = Field(default=None, max_length=16)
@@ -113,5 +115,5 @@ class TemplateValue(Model):
 
 class TemplateEdit(Model):
     uuid: str = Field(min_length=1, max_length=64)
-    name: str = Field(default="", max_length=64)
+    name: OptionalName = ""
     value: TemplateValue
