@@ -132,7 +132,7 @@ class Job:
     errors: dict[int, ApiError] = attrs.field(factory=dict)
     finished: defer.Deferred = attrs.field(factory=defer.Deferred)
     _dirty: bool = False
-    _writing: Optional[defer.Deferred] = None
+    _writing: bool = False
     _flush_waiters: list = attrs.field(factory=list)
 
     @property
@@ -202,8 +202,10 @@ class Job:
 
     def changed(self) -> None:
         self._dirty = True
-        if self._writing is None:
-            self._writing = defer.ensureDeferred(self._write_loop())
+        if not self._writing:
+            # a flag, not the Deferred: the loop may finish before ensureDeferred returns
+            self._writing = True
+            defer.ensureDeferred(self._write_loop())
 
     def flush(self) -> defer.Deferred:
         """Save the record now; fires once what changed so far is written."""
@@ -229,7 +231,7 @@ class Job:
                 for waiter in waiters:
                     waiter.callback(None)
         finally:
-            self._writing = None
+            self._writing = False
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the record as it is now."""
@@ -257,6 +259,10 @@ class JobService(Service):
     #: Jobs running in this process, by uuid.
     active: dict[str, Job] = attrs.field(factory=dict)
     stopping: bool = False
+    #: Fires once the jobs a previous run left unfinished are resumed (started) or marked interrupted.
+    recovered: Optional[defer.Deferred] = None
+    #: The last sweep for old jobs (tests wait for it).
+    pruning: Optional[defer.Deferred] = None
     _tasks: set = attrs.field(factory=set)
     _prune_loop: Optional[task.LoopingCall] = None
     name = "jobs"
@@ -286,7 +292,7 @@ class JobService(Service):
     async def submit(self, kind: str, *, title: str, items: Sequence[Any] = (), params: Optional[Mapping] = None,
                      admin: Optional[str] = None, concurrency: Optional[int] = None, lang: str = "zh",
                      request_id: Optional[str] = None, runner: Optional[Runner] = None) -> dict[str, Any]:
-        """Persist a new job and start it; answers its record (``state`` ``queued``) at once.
+        """Persist a new job and start it; answers its record at once (``running``: it starts at once).
 
         :param items: ``{"uuid", "name", ...}`` mappings (or bare uuids): what per-item results are about.
         :param concurrency: items run at once by :meth:`Job.for_each` (default ``[jobs] concurrency``).
@@ -488,17 +494,23 @@ class JobService(Service):
         except Exception:
             log.failure("could not delete old jobs")
 
-    def _track(self, work: Awaitable[Any], what: str) -> None:
+    def _start_prune(self) -> None:
+        self.pruning = self._track(self._prune_round(), "pruning old jobs")
+
+    def _track(self, work: Awaitable[Any], what: str) -> defer.Deferred:
         running = defer.ensureDeferred(work)
         running.addErrback(lambda failure: log.failure("{what} failed", failure, what=what))
         self._tasks.add(running)
         running.addBoth(lambda _: self._tasks.discard(running))
+        return running
 
     def startService(self) -> None:
         super().startService()
         self.stopping = False
-        self._track(self.recover(), "resuming interrupted jobs")
-        self._prune_loop = task.LoopingCall(lambda: self._track(self._prune_round(), "pruning old jobs"))
+        recovering = self._track(self.recover(), "resuming interrupted jobs")
+        self.recovered = defer.Deferred()
+        recovering.addBoth(lambda _: self.recovered.callback(None))
+        self._prune_loop = task.LoopingCall(self._start_prune)
         self._prune_loop.clock = self.clock
         self._prune_loop.start(self.core.config.number("jobs.prune_interval", 3600.0, minimum=1), now=True)
 

@@ -155,6 +155,7 @@ class Scheduler(Service):
     handlers: dict[str, Handler] = attrs.field(factory=dict)
     _call: Any = None
     _pump: Optional[defer.Deferred] = None
+    _pumping: bool = False
     _poked: bool = False
     _running_handlers: set = attrs.field(factory=set)
     name = "scheduler"
@@ -229,8 +230,11 @@ class Scheduler(Service):
     def _poke(self) -> None:
         """Something changed, or the delayed call fired: fire what is due, then wait for the next one."""
         self._poked = True
-        if self._pump is None and self.running:
-            self._pump = defer.ensureDeferred(self._pump_rounds())
+        if not self._pumping and self.running:
+            # a flag besides the Deferred: the rounds may finish before ensureDeferred returns
+            self._pumping = True
+            pump = defer.ensureDeferred(self._pump_rounds())
+            self._pump = None if pump.called else pump
 
     async def _pump_rounds(self) -> None:
         try:
@@ -244,7 +248,13 @@ class Scheduler(Service):
                     log.failure("scheduler round failed; trying again in {retry} s", retry=retry)
                     self._set_call(retry)
         finally:
+            self._pumping = False
             self._pump = None
+
+    async def idle(self) -> None:
+        """Wait until no round and no handler is in progress (tests; a plugin's own shutdown)."""
+        while self._pump is not None or self._running_handlers:
+            await defer.gatherResults([*self._running_handlers, *filter(None, [self._pump])], consumeErrors=True)
 
     def _set_call(self, delay: float) -> None:
         if self._call is not None and self._call.active():
