@@ -55,11 +55,12 @@ class ControllerService(service.MultiService):
         defer.ensureDeferred(self._start()).addCallbacks(self.ready.callback, self._failed)
 
     async def _start(self) -> Any:
+        from kvmdesk.api.app import make_router
         from kvmdesk.core.app import build_core, freeze_startup_heap
 
         rotate_bytes = int(self.config.number("controller.access_log_rotate_mb", 10, minimum=0.01) * 1e6)
         keep = int(self.config.number("controller.access_log_keep", 9))
-        self.core = await build_core(self.config, self.reactor)
+        self.core = await build_core(self.config, self.reactor, make_router=make_router)
         freeze_startup_heap()
         self.core.services.setServiceParent(self)
         # The API's site streams upload bodies to their endpoints instead of buffering them whole.

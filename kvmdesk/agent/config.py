@@ -9,13 +9,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from kvmdesk.core.config import Config, _merge
+from kvmdesk.protocol.storage import STORAGE_ROLES
 
 PASSWORD_ENV = "KVMDESK_AGENT_PASSWORD"
-
-#: Contract storage roles: 1 template system disks, 2 template data disks, 3 desktop system disks,
-#: 4 desktop data disks.  The keys are those of ``[agent.storage]`` and of the node detail views.
-STORAGE_ROLES = {"template_sys": 1, "template_data": 2, "instance_sys": 3, "instance_data": 4}
-
 
 def agent_defaults() -> dict[str, Any]:
     """The documented defaults in ``kvmdesk/config/agent-defaults.toml``."""

@@ -24,7 +24,6 @@ from twisted.web.client import HTTPConnectionPool
 
 from treq.client import HTTPClient
 from kvmdesk import __version__
-from kvmdesk.agent import host
 from kvmdesk.agent.api import (
     ENROL_CONFLICT,
     ENROL_DISABLED,
@@ -45,6 +44,7 @@ from kvmdesk.core import agentauth
 from kvmdesk.core.auth import Throttle
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.threadpools import stop_pool
+from kvmdesk.protocol import hostfacts as host
 
 log = Logger(namespace="kvmdesk.agent")
 T = TypeVar("T")

@@ -1,4 +1,9 @@
-"""The controller's core: configuration, store, plugins, router and services, assembled in order."""
+"""The controller's core: configuration, store, plugins, router and services, assembled in order.
+
+The core lies below the HTTP layer (:mod:`kvmdesk.api`) and never imports it: the router is made by the
+factory the caller passes (``make_router``), which the controller's assembly (:mod:`kvmdesk.tap`) and the
+test kit (:mod:`kvmdesk.testing.api`) take from :func:`kvmdesk.api.app.make_router`.
+"""
 from __future__ import annotations
 
 import gc
@@ -14,6 +19,7 @@ from kvmdesk.core import auth, errors, jobqueue, oplog, scheduler
 from kvmdesk.core.config import Config
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.plugins import blocked_names, gather_hook, make_plugin_manager
+from kvmdesk.core.routing import MakeRouter, RouterLike
 from kvmdesk.core.store import Store, open_store
 
 log = Logger(namespace="kvmdesk.core")
@@ -36,7 +42,7 @@ class Core:
     oplog: oplog.OperationLog
     clock: Any = None
     services: MultiService = attrs.field(factory=MultiService)
-    router: Any = None
+    router: Optional[RouterLike] = None
     #: The persisted jobs (:class:`~kvmdesk.core.jobqueue.JobService`): register kinds, submit, run_items.
     jobs: Any = None
     #: The persisted scheduler (:class:`~kvmdesk.core.scheduler.Scheduler`): run_date saves, timetables.
@@ -76,15 +82,20 @@ def freeze_startup_heap() -> None:
 
 
 async def build_core(
-    config: Config, reactor: Any, plugins: Optional[pluggy.PluginManager] = None, clock: Any = None
+    config: Config,
+    reactor: Any,
+    plugins: Optional[pluggy.PluginManager] = None,
+    clock: Any = None,
+    *,
+    make_router: MakeRouter,
 ) -> Core:
     """Open the store, load plugins, create indexes, seed data, register routes and services.
 
     :param plugins: a ready plugin manager (tests); by default entry points are loaded.
     :param clock: time source for records, tokens and watchers (default: the reactor).
+    :param make_router: builds the API router once the plugins are loaded (they add their routes):
+        :func:`kvmdesk.api.app.make_router` (:func:`kvmdesk.testing.api.make_core` passes it for tests).
     """
-    from kvmdesk.api.app import make_router
-
     clock = clock if clock is not None else reactor
     if plugins is None:
         plugins = make_plugin_manager(blocked_names(config.get("plugins.blocked", [])))

@@ -13,8 +13,8 @@ from kvmdesk import hookspec
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     from twisted.application.service import IService
 
-    from kvmdesk.api.router import Router
     from kvmdesk.core.app import Core
+    from kvmdesk.core.routing import RouterLike
     from kvmdesk.core.store import Index
 
 
@@ -52,10 +52,11 @@ def kvmdesk_store_indexes() -> Iterable["Index"]:
 
 
 @hookspec
-def kvmdesk_routes(router: "Router", core: "Core") -> None:
+def kvmdesk_routes(router: "RouterLike", core: "Core") -> None:
     """Register the plugin's HTTP endpoints on the API router (``router.endpoint(...)``).
 
-    :param router: the one :class:`~kvmdesk.api.router.Router` of the process.
+    :param router: the one :class:`~kvmdesk.api.router.Router` of the process (core types it as
+        :class:`~kvmdesk.core.routing.RouterLike`).
     :param core: the running core, for handlers to close over.
     """
 

@@ -48,7 +48,7 @@ from kvmdesk.core.records import format_time, new_record
 from kvmdesk.core.store import Index
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvmdesk.api.router import ApiRequest
+    from kvmdesk.core.routing import RequestLike
 
 log = Logger(namespace="kvmdesk.jobqueue")
 
@@ -351,7 +351,7 @@ class JobService(Service):
         await job.flush()
         return job.snapshot()
 
-    async def run_items(self, req: "ApiRequest", kind: str, items: Sequence[Any],
+    async def run_items(self, req: "RequestLike", kind: str, items: Sequence[Any],
                         operation: Callable[[Any], Awaitable[Any]], *, concurrency: int = 1,
                         title: Optional[str] = None, params: Optional[Mapping] = None) -> dict[str, Any]:
         """Run a batch as a job and answer as :func:`kvmdesk.core.jobs.run_batch` does, plus ``job_id``.

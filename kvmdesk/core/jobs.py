@@ -18,7 +18,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvmdesk.api.router import ApiRequest
+    from kvmdesk.core.routing import RequestLike
 
 log = Logger(namespace="kvmdesk.jobs")
 
@@ -76,7 +76,7 @@ async def apply_each(
     return [(items[i], outcome[i]) for i in sorted(outcome)]
 
 
-def batch_answer(req: "ApiRequest", items: Sequence[Any], failures: Sequence[tuple[Any, ApiError]]) -> dict[str, Any]:
+def batch_answer(req: "RequestLike", items: Sequence[Any], failures: Sequence[tuple[Any, ApiError]]) -> dict[str, Any]:
     """The contract's answer to a batch; with one item, its failure is raised as the answer itself."""
     if len(items) == 1 and failures:
         raise failures[0][1]
@@ -88,7 +88,7 @@ def batch_answer(req: "ApiRequest", items: Sequence[Any], failures: Sequence[tup
 
 
 async def run_batch(
-    req: "ApiRequest",
+    req: "RequestLike",
     items: Sequence[Any],
     operation: Callable[[Any], Awaitable[Any]],
     *,

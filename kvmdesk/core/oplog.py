@@ -12,7 +12,7 @@ from kvmdesk.core.records import new_record
 from kvmdesk.core.store import Index, Store
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvmdesk.api.router import ApiRequest, Endpoint
+    from kvmdesk.core.routing import EndpointLike, RequestLike
 
 COLLECTION = "operation_logs"
 INDEXES = [Index(COLLECTION, ["-created_at"])]
@@ -44,7 +44,7 @@ def _identifiers(source: Any) -> Iterable[str]:
     return found
 
 
-def describe(req: "ApiRequest") -> str:
+def describe(req: "RequestLike") -> str:
     """A short, secret-free description of what the request touched."""
     if req.oplog_detail:
         return req.oplog_detail
@@ -59,7 +59,7 @@ class OperationLog:
         self.collection = store.collection(COLLECTION)
         self.clock = clock
 
-    async def record(self, req: "ApiRequest", spec: "Endpoint", code: int, msg: str) -> None:
+    async def record(self, req: "RequestLike", spec: "EndpointLike", code: int, msg: str) -> None:
         label = (req.action.oplog or req.action.summary) if req.action else (spec.oplog or spec.summary)
         detail = describe(req)
         admin = req.admin or {}

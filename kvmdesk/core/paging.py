@@ -9,7 +9,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.store import Collection, Filter, Sort
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kvmdesk.api.router import ApiRequest
+    from kvmdesk.core.routing import RequestLike
 
 #: Query parameters that are never filters, whatever fields a collection has.
 RESERVED = frozenset({"page", "page_size", "searchtype", "ordering"})
@@ -82,7 +82,7 @@ def search_filter(args: Mapping[str, str], fields: Mapping[str, type], fixed: Op
 
 
 async def paged_search(
-    req: "ApiRequest",
+    req: "RequestLike",
     collection: Collection,
     fields: Mapping[str, type],
     *,
@@ -105,7 +105,7 @@ async def paged_search(
 
 
 async def paginate(
-    req: "ApiRequest",
+    req: "RequestLike",
     collection: Collection,
     filter: Filter,
     *,
@@ -127,7 +127,7 @@ async def paginate(
     return page_envelope(req, count, page, size, results)
 
 
-def page_envelope(req: "ApiRequest", count: int, page: int, size: int, results: Sequence[Any]) -> dict:
+def page_envelope(req: "RequestLike", count: int, page: int, size: int, results: Sequence[Any]) -> dict:
     """The contract's page object for results computed elsewhere."""
     has_next = page * size < count
     has_previous = page > 1
@@ -139,7 +139,7 @@ def page_envelope(req: "ApiRequest", count: int, page: int, size: int, results: 
     }
 
 
-def page_of(req: "ApiRequest", items: Sequence[Any]) -> dict:
+def page_of(req: "RequestLike", items: Sequence[Any]) -> dict:
     """Page a list already in memory (e.g. facts an agent returned)."""
     config = req.core.config
     page = _positive_int(req.args, "page", 1)

@@ -20,6 +20,7 @@ from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 
+from kvmdesk.api.app import make_router
 from kvmdesk.api.router import API_PREFIX
 from kvmdesk.api.streaming import StreamingRequest, install_streaming, make_site
 from kvmdesk.core.app import Core, build_core
@@ -160,7 +161,7 @@ async def make_core(
     layers = [{"controller": {"data_dir": str(tmp_path / "data")}}]
     if config:
         layers.append(config)
-    return await build_core(Config(layers), reactor, plugins=plugins, clock=clock)
+    return await build_core(Config(layers), reactor, plugins=plugins, clock=clock, make_router=make_router)
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""The agent's image endpoints (see :mod:`kvmdesk.agent.images.protocol`), on the agent's router.
+"""The agent's image endpoints (see :mod:`kvmdesk.protocol.images`), on the agent's router.
 
 The agent's HTTP application calls :func:`register_routes` with its :class:`~kvmdesk.api.router.Router`
 (prefix ``/agent/v1``).  The PUT streams its body into the partial file as it arrives when the agent's
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 
-from kvmdesk.agent.images import protocol
+from kvmdesk.protocol import images as protocol
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext

@@ -23,31 +23,14 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvmdesk.agent.images import protocol
+from kvmdesk.protocol import images as protocol
+from kvmdesk.protocol.storage import md5_file
 from kvmdesk.core.directio import open_for_stream
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.filewriter import HashingWriter
 from kvmdesk.core.threadpools import in_reactor_pool
 
 log = Logger(namespace="kvmdesk.agent.images")
-
-HASH_BLOCK = 1 << 20
-
-
-def md5_file(path: Path, limit: Optional[int] = None) -> Any:
-    """MD5 object of the first ``limit`` bytes of ``path`` (all of it by default).  Blocking: use a thread."""
-    hasher = hashlib.md5()
-    remaining = limit
-    with open(path, "rb") as handle:
-        while remaining is None or remaining > 0:
-            block = handle.read(HASH_BLOCK if remaining is None else min(HASH_BLOCK, remaining))
-            if not block:
-                break
-            hasher.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return hasher
-
 
 def _read_json(path: Path) -> Optional[dict]:
     try:

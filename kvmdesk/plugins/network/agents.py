@@ -1,6 +1,6 @@
-"""How the network plugin reaches node agents: the nodes plugin's client, through a one-method interface.
+"""How the network plugin reaches node agents: the shared client (kvmdesk.nodeaccess), through one method.
 
-The controller's agent client (the nodes plugin's :class:`~kvmdesk.plugins.nodes.agentclient.AgentClient`)
+The controller's agent client (:class:`~kvmdesk.nodeaccess.client.AgentClient`, created by the nodes plugin)
 is published as ``core.extensions["agents"]``; anything with the :class:`AgentCalls` method fits (the
 tests use in-process agents).  Paths are relative to the agent's API prefix (``/agent/v1``), e.g.
 ``/net/nics``; the call returns the ``data`` of the agent's envelope, or raises one of the client's
@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional, Protocol, runtime_checkable
 
 from kvmdesk.core.errors import CATALOGUE, ApiError
 from kvmdesk.plugins.network import errors as net_errors
-from kvmdesk.plugins.nodes.agentclient import AgentCallError as AgentError
-from kvmdesk.plugins.nodes.agentclient import AgentConnectionError, AgentUnreachable
+from kvmdesk.nodeaccess.client import AgentCallError as AgentError
+from kvmdesk.nodeaccess.client import AgentConnectionError, AgentUnreachable
 
 __all__ = ["AgentCalls", "AgentConnectionError", "AgentError", "AgentRefused", "AgentUnreachable", "call", "client"]
 

@@ -18,10 +18,10 @@ from twisted.logger import Logger
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.ids import stable_uuid
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.plugins.network import addressing, agents, schema
 from kvmdesk.plugins.network import errors as net_errors
-from kvmdesk.plugins.nodes.views import stable_uuid
 
 log = Logger(namespace="kvmdesk.network.nics")
 

@@ -10,12 +10,13 @@ from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import agentauth, errors
 from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.ids import stable_uuid
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.manager import RESOURCE, NodeManager
-from kvmdesk.plugins.nodes.views import check_view, render, stable_uuid
+from kvmdesk.plugins.nodes.views import check_view, render
 
 EVENTS_REFUSED = define(2025, 401, "节点事件的签名无效: {reason}", "the node event signature was refused: {reason}")
 UNKNOWN_INTERFACE = define(2026, 400, "节点 {ip} 没有网卡 {interface}", "node {ip} has no network interface {interface}")

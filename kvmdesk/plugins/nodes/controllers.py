@@ -13,7 +13,6 @@ from typing import Any, Optional
 from pydantic import Field
 from twisted.logger import Logger
 
-from kvmdesk.agent import host
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
@@ -33,6 +32,7 @@ from kvmdesk.plugins.nodes.views import (
     WITH_COMPUTE,
     render,
 )
+from kvmdesk.protocol import hostfacts
 
 log = Logger(namespace="kvmdesk.nodes.controllers")
 
@@ -68,7 +68,7 @@ async def ensure_controller_node(core: Any) -> dict:
     existing = await manager.nodes.find_one({"controller_host": hostname})
     if existing is not None:
         return existing
-    facts = await in_reactor_pool(core.reactor, host.host_facts, {})
+    facts = await in_reactor_pool(core.reactor, hostfacts.host_facts, {})
     stamp = now_text(core.clock)
     record = new_record(
         core.clock,

@@ -7,6 +7,10 @@ hypervisor" warning in the log and in the node's detail.  It then starts the age
 ``[agent] listen`` and ``[nodes] agent_port`` and enrols it over HTTP like any other node, with a
 one-time password that never leaves the process; the controller's node record becomes type 1
 (compute and master controller) in the default pool.
+
+The one controller module that imports the agent (:mod:`kvmdesk.agent`): it composes the two programs
+in one process.  The nodes plugin imports it only when ``[agent] local`` is on, and the layering test
+(``tests/unit/core/test_layering.py``) lists it as its only exception.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from kvmdesk.core.errors import ApiError, define
 from kvmdesk.core.plugins import gather_hook
 from kvmdesk.core.records import new_record, now_text, without
 from kvmdesk.core.store import DuplicateKeyError, Index
-from kvmdesk.plugins.nodes.agentclient import AgentClient, AgentError
+from kvmdesk.nodeaccess.client import AgentClient, AgentError
 from kvmdesk.plugins.nodes.views import (
     COMPUTE_TYPES,
     NODES,

@@ -7,10 +7,10 @@ the watcher's in-memory sample when there is a newer one.  ``agent_secret`` is n
 """
 from __future__ import annotations
 
-import uuid as uuidlib
 from typing import Any, Mapping, Optional
 
-from kvmdesk.agent.config import STORAGE_ROLES
+from kvmdesk.core.ids import stable_uuid
+from kvmdesk.protocol.storage import STORAGE_ROLES
 
 NODES = "nodes"
 
@@ -35,19 +35,11 @@ CONTROLLER_STATUS = {ONLINE: "active", WARNING: "active", OFFLINE: "shutdown"}
 #: Fields the API never returns.
 HIDDEN = frozenset({"agent_secret", "facts", "metrics", "hypervisor", "_id"})
 
-#: Namespace for the uuids of things the agent names (NICs, IPs, storage paths, services).
-_NAMESPACE = uuidlib.UUID("5b0c3a8e-1d7f-4a59-9a55-6b1c2f9a0d11")
-
 GIB = 1024 ** 3
 ROLE_VIEWS = {"template_sys": "TEMPLATE_SYS", "template_data": "TEMPLATE_DATA",
               "instance_sys": "INSTANCE_SYS", "instance_data": "INSTANCE_DATA"}
 SYSTEM_ROLES = ("template_sys", "instance_sys")
 DATA_ROLES = ("template_data", "instance_data")
-
-
-def stable_uuid(node_uuid: str, *names: str) -> str:
-    """A uuid that stays the same for the same node and name (NIC, IP, path, service)."""
-    return str(uuidlib.uuid5(_NAMESPACE, "/".join((node_uuid, *names))))
 
 
 def percent(part: float, whole: float) -> str:

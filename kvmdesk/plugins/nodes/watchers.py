@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core.records import now_text
-from kvmdesk.plugins.nodes.agentclient import AgentConnectionError, AgentError
+from kvmdesk.nodeaccess.client import AgentConnectionError, AgentError
 from kvmdesk.plugins.nodes.views import NODES, OFFLINE, ONLINE, STATUS_CODES, WARNING
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,9 +1,9 @@
 """How the storage plugin reaches node agents: a small protocol, and a direct treq implementation.
 
 The distributor only needs two operations (:class:`AgentLink`): a JSON call, and a call whose body is
-streamed from an :class:`~twisted.web.iweb.IBodyProducer`.  The nodes plugin owns the authenticated
-agent client (per-node secrets, signed requests, checked answers): :class:`ClientAgentLink` adapts it,
-and :func:`agent_link` picks it whenever that plugin is loaded.  Without it (tests of this plugin
+streamed from an :class:`~twisted.web.iweb.IBodyProducer`.  The nodes plugin runs the authenticated
+agent client of :mod:`kvmdesk.nodeaccess` (per-node secrets, signed requests, checked answers):
+:class:`ClientAgentLink` adapts it, and :func:`agent_link` picks it whenever that plugin is loaded.  Without it (tests of this plugin
 alone), :class:`DirectAgentLink` talks to ``http://<node ip>:<agent port>/agent/v1`` with treq.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ class DirectAgentLink:
 
 
 class ClientAgentLink:
-    """The nodes plugin's signed :class:`~kvmdesk.plugins.nodes.agentclient.AgentClient` as an :class:`AgentLink`.
+    """The signed :class:`~kvmdesk.nodeaccess.client.AgentClient` (run by the nodes plugin) as an :class:`AgentLink`.
 
     Its errors are translated (an error envelope keeps its code, status and data; anything else is
     "unreachable").  A streamed body's answer comes only once the whole file is in and verified, so

@@ -30,7 +30,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from kvmdesk.agent.images import protocol
+from kvmdesk.protocol import images as protocol
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError, Index
 from kvmdesk.plugins.storage.agents import AgentError, AgentLink, agent_link

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 
-from kvmdesk.agent.images.store import md5_file
+from kvmdesk.protocol.storage import md5_file
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors as core_errors

@@ -6,7 +6,7 @@ import os
 import platform
 import socket
 
-from kvmdesk.agent import host
+from kvmdesk.protocol import hostfacts as host
 
 CPUINFO_INTEL = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -3,7 +3,7 @@ private Open vSwitch; each is skipped with the reason when the machine cannot pr
 import pytest
 
 from kvmdesk.agent.net.netlink import MemoryNetlink, Netlink
-from kvmdesk.agent.net.testing import Unavailable, namespaces, private_ovs  # noqa: F401 (fixtures)
+from kvmdesk.testing.agent_net import Unavailable, namespaces, private_ovs  # noqa: F401 (fixtures)
 
 #: The node's NICs in every netlink test: veth ends whose peers stay in the same namespace.
 NICS = ("eth1", "eth2", "eth3")

@@ -6,7 +6,7 @@ from kvmdesk.agent.net import errors as agent_errors
 from kvmdesk.agent.net.netlink import MemoryNetlink, Netlink
 from kvmdesk.agent.net.ovs import MemoryOvs
 from kvmdesk.agent.net.routes import NetAgent
-from kvmdesk.agent.net.testing import AgentHarness
+from kvmdesk.testing.agent_net import AgentHarness
 from kvmdesk.core import errors
 
 

@@ -7,7 +7,7 @@ from kvmdesk.agent.net import errors as agent_errors
 from kvmdesk.agent.net.netlink import MemoryNetlink
 from kvmdesk.agent.net.ovs import MemoryOvs, OvsDriver
 from kvmdesk.agent.net.routes import NetAgent
-from kvmdesk.agent.net.testing import AgentHarness
+from kvmdesk.testing.agent_net import AgentHarness
 from kvmdesk.core import errors
 
 SWITCH = "5b2f0c1e-0000-4000-8000-000000000001"

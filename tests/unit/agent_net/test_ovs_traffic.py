@@ -5,7 +5,7 @@ import pytest_twisted
 from kvmdesk.agent.net.netlink import MemoryNetlink
 from kvmdesk.agent.net.ovs import OvsDriver
 from kvmdesk.agent.net.routes import NetAgent
-from kvmdesk.agent.net.testing import AgentHarness, ping, tcp_exchange
+from kvmdesk.testing.agent_net import AgentHarness, ping, tcp_exchange
 
 SWITCH = "5b2f0c1e-0000-4000-8000-0000000000aa"
 NET12 = "aaaaaaaa-0000-4000-8000-000000000012"

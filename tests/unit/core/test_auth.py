@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from core_testlib import POOLS, assert_error, load_example_plugin, plugins_with, raw_call, running_api
+from kvmdesk.api.app import make_router
 from kvmdesk.core import auth, errors
 from kvmdesk.core.app import build_core
 from kvmdesk.core.config import Config
@@ -189,7 +190,7 @@ async def test_failures_spread_over_time_are_forgiven(api, clock):
 
 async def _start(data_dir, clock):
     config = Config([{"controller": {"data_dir": str(data_dir)}}])
-    return await build_core(config, reactor, clock=clock)
+    return await build_core(config, reactor, clock=clock, make_router=make_router)
 
 
 @pytest_twisted.ensureDeferred

@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor
 
 from core_testlib import POOLS, assert_error, running_api
 from kvmdesk import hookimpl
+from kvmdesk.api.app import make_router
 from kvmdesk.core import errors
 from kvmdesk.core.app import build_core
 from kvmdesk.core.config import Config
@@ -97,7 +98,7 @@ async def test_build_core_rejects_a_plugin_with_an_unknown_hook(tmp_path, clock)
     manager.register(_UnknownHook(), name="bad")
     config = Config([{"controller": {"data_dir": str(tmp_path / "data")}}])
     with pytest.raises(pluggy.PluginValidationError):
-        await build_core(config, reactor, plugins=manager, clock=clock)
+        await build_core(config, reactor, plugins=manager, clock=clock, make_router=make_router)
 
 
 @pytest_twisted.ensureDeferred

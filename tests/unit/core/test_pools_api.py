@@ -6,6 +6,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from core_testlib import POOLS, assert_error, raw_call, running_api, snapshot
+from kvmdesk.api.app import make_router
 from kvmdesk.core import errors
 from kvmdesk.core.app import build_core
 from kvmdesk.core.config import Config
@@ -46,7 +47,8 @@ async def test_default_pool_exists_after_first_start(api):
 async def test_restart_keeps_exactly_one_default_pool(tmp_path, clock):
     async with running_api(tmp_path, clock) as api:
         before = await snapshot(api.core)
-    core = await build_core(Config([{"controller": {"data_dir": str(tmp_path / "data")}}]), reactor, clock=clock)
+    config = Config([{"controller": {"data_dir": str(tmp_path / "data")}}])
+    core = await build_core(config, reactor, clock=clock, make_router=make_router)
     try:
         assert await snapshot(core) == before
     finally:

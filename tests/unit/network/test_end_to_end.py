@@ -5,9 +5,9 @@ import pytest_twisted
 from kvmdesk.agent.net.netlink import Netlink
 from kvmdesk.agent.net.ovs import MemoryOvs, OvsDriver
 from kvmdesk.agent.net.routes import NetAgent
-from kvmdesk.agent.net.testing import ping, tcp_exchange
+from kvmdesk.testing.agent_net import ping, tcp_exchange
 from kvmdesk.plugins.network import errors as net_errors
-from kvmdesk.plugins.network.testing import InProcessAgents, add_agent_node, assert_error, snapshot
+from kvmdesk.testing.network import InProcessAgents, add_agent_node, assert_error, snapshot
 from kvmdesk.testing.api import api_client
 
 EN = {"Accept-Language": "en"}

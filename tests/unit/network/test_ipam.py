@@ -9,7 +9,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.network.testing import subnet_body
+from kvmdesk.testing.network import subnet_body
 from kvmdesk.testing.api import api_client, make_core
 
 

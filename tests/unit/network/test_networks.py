@@ -6,7 +6,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.plugins import make_plugin_manager
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.network.testing import assert_error, snapshot, subnet_body
+from kvmdesk.testing.network import assert_error, snapshot, subnet_body
 from kvmdesk.testing.api import api_client
 
 NETS = "/resource_mgr/data_networks"

@@ -3,7 +3,7 @@ import pytest_twisted
 
 from kvmdesk.core import errors
 from kvmdesk.plugins.network import errors as net_errors
-from kvmdesk.plugins.network.testing import InProcessAgents, add_agent_node, assert_error, snapshot
+from kvmdesk.testing.network import InProcessAgents, add_agent_node, assert_error, snapshot
 from kvmdesk.testing.api import api_client
 
 EN = {"Accept-Language": "en"}

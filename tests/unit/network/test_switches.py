@@ -4,7 +4,7 @@ import pytest_twisted
 from kvmdesk.core import errors
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.network.testing import add_node, add_pool, assert_error, snapshot, uplink
+from kvmdesk.testing.network import add_node, add_pool, assert_error, snapshot, uplink
 from kvmdesk.testing.api import api_client
 
 BASE = "/resource_mgr/vswitchs"

@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from kvmdesk.plugins.nodes.agentclient import AgentClient
+from kvmdesk.nodeaccess.client import AgentClient
 from kvmdesk.testing.agents import free_port, running_agent
 
 ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")

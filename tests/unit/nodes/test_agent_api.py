@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from kvmdesk.agent import api as agent_api
 from kvmdesk.agent.testdriver import domain_xml
 from kvmdesk.core import agentauth
-from kvmdesk.plugins.nodes.agentclient import AgentCallError, AgentSignatureRefused
+from kvmdesk.nodeaccess.client import AgentCallError, AgentSignatureRefused
 from kvmdesk.testing.agents import AGENT_PASSWORD
 
 IP = "127.0.0.2"

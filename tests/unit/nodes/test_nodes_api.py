@@ -7,8 +7,9 @@ from typing import Any, AsyncIterator
 import pytest_twisted
 
 from kvmdesk.core import errors
-from kvmdesk.plugins.nodes import agentclient, manager
-from kvmdesk.plugins.nodes.views import stable_uuid
+from kvmdesk.nodeaccess import client as agentclient
+from kvmdesk.plugins.nodes import manager
+from kvmdesk.core.ids import stable_uuid
 from kvmdesk.testing.agents import AGENT_PASSWORD, AgentProcess, nodes_controller
 
 POOLS = "/resource_mgr/resource_pools"

@@ -12,7 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import resource, server
 
 from kvmdesk.core import agentauth
-from kvmdesk.plugins.nodes.agentclient import AgentClient, AgentIdentityError
+from kvmdesk.nodeaccess.client import AgentClient, AgentIdentityError
 from kvmdesk.plugins.nodes.views import WARNING
 from kvmdesk.testing.agents import AGENT_PASSWORD, nodes_controller, running_agent
 

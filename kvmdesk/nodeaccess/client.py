@@ -1,6 +1,6 @@
 """The controller's client for node agents: signed requests, checked answers, one connection pool.
 
-Other plugins reach it as ``core.extensions["agents"]`` (an :class:`AgentClient`)::
+Plugins reach the one instance (the nodes plugin creates it) as ``core.extensions["agents"]``::
 
     agents = core.extensions["agents"]
     data = await agents.call(node, "GET", "/domains")                 # the envelope's data

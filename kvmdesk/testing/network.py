@@ -7,10 +7,10 @@ from typing import Any, Iterable, Mapping, Optional
 from kvmdesk.agent.net.netlink import MemoryNetlink
 from kvmdesk.agent.net.ovs import MemoryOvs
 from kvmdesk.agent.net.routes import NetAgent
-from kvmdesk.agent.net.testing import AgentHarness
 from kvmdesk.core.records import new_record
+from kvmdesk.nodeaccess.client import AgentCallError, AgentConnectionError
 from kvmdesk.plugins.network import schema
-from kvmdesk.plugins.nodes.agentclient import AgentCallError, AgentConnectionError
+from kvmdesk.testing.agent_net import AgentHarness
 
 #: Every collection the network plugin writes: "nothing stored changed" compares all of them.
 OWN_COLLECTIONS = (schema.SWITCHES, schema.UPLINKS, schema.NETWORKS, schema.SUBNETS, schema.ALLOCATIONS,
@@ -74,7 +74,7 @@ def assert_error(status: int, body: Any, expected_status: int, code: int, *words
 
 class InProcessAgents:
     """The controller's agent client for tests: each node's agent is an in-process router
-    (:class:`~kvmdesk.agent.net.testing.AgentHarness`), found by the node's ``ip``; a node can be taken
+    (:class:`~kvmdesk.testing.agent_net.AgentHarness`), found by the node's ``ip``; a node can be taken
     offline.  Raises the same errors as the real client.
 
     Install with ``core.extensions["agents"] = agents``.

@@ -1,4 +1,9 @@
-"""Host facts: what this node is (CPU, memory, GPU, OS, virtualization, NICs, storage).
+"""Host facts: what a machine is (CPU, memory, GPU, OS, virtualization, NICs, storage).
+
+Part of the protocol: the agent answers its node's facts in this shape (``GET /facts``), and the
+controller probes its own machine with the same functions for its controller node record, which
+must show a controller without an agent the way it shows a node.  One probe, one shape on both sides;
+neither side imports the other's modules for it.
 
 Read from psutil, ``/proc``, ``/sys`` and ``/etc/os-release`` directly, never by parsing the output of
 commands.  Every function blocks (file-system reads, psutil): call them in a thread.  Each returns

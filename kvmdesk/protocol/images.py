@@ -26,9 +26,11 @@ from __future__ import annotations
 import re
 
 from kvmdesk.core.errors import define
+from kvmdesk.protocol.storage import STORAGE_ROLES
 
 KINDS = {"base": "instances/_base", "template": "instances/_template"}
-ROLES = {1: "template_sys", 2: "template_data", 3: "instance_sys", 4: "instance_data"}
+#: The ``role`` query parameter: a contract role number to its key in ``[agent.storage]``.
+ROLES = {number: role for role, number in STORAGE_ROLES.items()}
 #: File ids are server-chosen (uuids, optionally with a version suffix); anything else is refused.
 FILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MD5 = re.compile(r"^[0-9a-f]{32}$")

@@ -1,0 +1,7 @@
+"""The controller's access to node agents, below the plugins: every plugin that touches nodes uses it.
+
+:mod:`kvmdesk.nodeaccess.client` holds the signed agent client (:class:`~kvmdesk.nodeaccess.client.AgentClient`),
+its errors and their catalogue codes.  The nodes plugin creates the one client of the process and
+publishes it as ``core.extensions["agents"]``; other plugins import only this package's types and errors.
+What the agent itself must agree on (paths, payloads, error codes) lives in :mod:`kvmdesk.protocol`.
+"""
