@@ -20,10 +20,10 @@ A job record (collection ``jobs``; ``GET /api/v1.0/jobs/{uuid}``)::
      items: [{uuid, name, state, code, msg, ...the item's own fields}], params, result, error,
      admin, created_at, started_at, finished_at, resumed}
 
-``state`` is ``queued``, ``running``, then one of ``succeeded``, ``failed`` (every item failed, or the
+``state`` is ``running`` (a job starts as it is stored), then one of ``succeeded``, ``failed`` (every item failed, or the
 runner raised), ``partial`` (some items failed), ``cancelled`` or ``interrupted``.
 
-After a controller restart (:meth:`JobService.startService`) a job left ``queued``/``running`` is run
+After a controller restart (:meth:`JobService.startService`) a job left ``running`` is run
 again if its kind was registered with ``on_restart="resume"`` (its runner sees the items already
 finished and :meth:`Job.for_each` skips them), otherwise it is ``interrupted``: its unfinished items
 and the job carry :data:`JOB_INTERRUPTED` ("interrupted by a controller restart"), its finished items
@@ -131,8 +131,13 @@ class Job:
     runner: Runner
     errors: dict[int, ApiError] = attrs.field(factory=dict)
     finished: defer.Deferred = attrs.field(factory=defer.Deferred)
+    #: How many times the record was written during this run (items that finish during a write share
+    #: the next one).
+    saves: int = 0
     _dirty: bool = False
     _writing: bool = False
+    _timer: Any = None
+    _last_save: float = float("-inf")
     _flush_waiters: list = attrs.field(factory=list)
 
     @property
@@ -198,40 +203,61 @@ class Job:
         self.record["progress"] = max(0, min(100, int(percent)))
         self.changed()
 
-    # -- saving: one write at a time; whatever changed during a write goes in the next one ----------
+    # -- saving: one write at a time, at most one every [jobs] save_interval seconds (a flush at once);
+    #    whatever changes meanwhile goes in the next write, so 500 items never mean 500 writes --------
 
     def changed(self) -> None:
+        """Note a change; it is saved within ``[jobs] save_interval`` seconds."""
         self._dirty = True
-        if not self._writing:
-            # a flag, not the Deferred: the loop may finish before ensureDeferred returns
-            self._writing = True
-            defer.ensureDeferred(self._write_loop())
+        if self._writing or self._timer is not None:
+            return
+        wait = self._last_save + self.service.save_interval - self.service.clock.seconds()
+        if wait > 0 and not self._flush_waiters:
+            self._timer = self.service.clock.callLater(wait, self._timer_fired)
+            return
+        # a flag, not the Deferred: the loop may finish before ensureDeferred returns
+        self._writing = True
+        defer.ensureDeferred(self._write_loop())
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.changed()
 
     def flush(self) -> defer.Deferred:
         """Save the record now; fires once what changed so far is written."""
         waiter: defer.Deferred = defer.Deferred()
         self._flush_waiters.append(waiter)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.changed()
         return waiter
 
     async def _write_loop(self) -> None:
-        collection = self.service.collection
+        collection, clock = self.service.collection, self.service.clock
+        written: list[defer.Deferred] = []
         try:
-            while self._dirty:
+            while self._dirty and (self._flush_waiters or clock.seconds() >= self._last_save + self.service.save_interval):
                 self._dirty = False
                 waiters, self._flush_waiters = self._flush_waiters, []
-                self.record["updated_at"] = format_time(self.service.clock.seconds())
+                self._last_save = clock.seconds()
+                self.record["updated_at"] = format_time(self._last_save)
                 # a copy: the SQLite writer thread encodes it while items keep finishing here
                 snapshot = {k: self.record.get(k) for k in MUTABLE}
                 snapshot["items"] = [dict(item) for item in self.items]
+                self.saves += 1
                 try:
                     await collection.update_one({"uuid": self.uuid}, {"$set": snapshot})
                 except Exception:
                     log.failure("could not save the progress of job {uuid}", uuid=self.uuid)
-                for waiter in waiters:
-                    waiter.callback(None)
+                written.extend(waiters)
         finally:
             self._writing = False
+        if self._dirty:
+            self.changed()  # changed during the last write: saved after the interval
+        # told last, so that whoever waited sees the saver at rest
+        for waiter in written:
+            waiter.callback(None)
 
     def snapshot(self) -> dict[str, Any]:
         """A copy of the record as it is now."""
@@ -275,6 +301,10 @@ class JobService(Service):
     def clock(self) -> Any:
         return self.core.clock
 
+    @property
+    def save_interval(self) -> float:
+        return self.core.config.number("jobs.save_interval", 1.0)
+
     def register(self, kind: str, runner: Runner, *, on_restart: OnRestart = "fail") -> None:
         """Declare a kind of job.
 
@@ -292,7 +322,7 @@ class JobService(Service):
     async def submit(self, kind: str, *, title: str, items: Sequence[Any] = (), params: Optional[Mapping] = None,
                      admin: Optional[str] = None, concurrency: Optional[int] = None, lang: str = "zh",
                      request_id: Optional[str] = None, runner: Optional[Runner] = None) -> dict[str, Any]:
-        """Persist a new job and start it; answers its record at once (``running``: it starts at once).
+        """Persist a new job and start it; answers its record (``running``) at once.
 
         :param items: ``{"uuid", "name", ...}`` mappings (or bare uuids): what per-item results are about.
         :param concurrency: items run at once by :meth:`Job.for_each` (default ``[jobs] concurrency``).
@@ -393,9 +423,11 @@ class JobService(Service):
         if concurrency is None:
             concurrency = int(self.core.config.get("jobs.concurrency", 4))
         record = new_record(
-            self.clock, kind=kind, title=title, state="queued", progress=0, total=len(records), done=0,
+            # it starts at once: inserted running (one write fewer than queued-then-running)
+            self.clock, kind=kind, title=title, state="running", progress=0, total=len(records), done=0,
             success_num=0, failed_num=0, items=records, params=dict(params or {}), result=None, error=None,
-            admin=admin, lang=lang, request_id=request_id, concurrency=max(1, concurrency), started_at=None,
+            admin=admin, lang=lang, request_id=request_id, concurrency=max(1, concurrency),
+            started_at=format_time(self.clock.seconds()),
             finished_at=None, finished_time=None, cancel_requested=False, resumed=0,
             # a one-off runner (run_items' closure) is gone after a restart: such a job cannot resume
             custom_runner=registered is None or runner is not registered.runner,
@@ -414,9 +446,6 @@ class JobService(Service):
     async def _execute(self, job: Job) -> None:
         record = job.record
         try:
-            record["state"] = "running"
-            record["started_at"] = record["started_at"] or format_time(self.clock.seconds())
-            job.changed()
             try:
                 result = await job.runner(self.core, job)
             except ApiError as exc:

@@ -122,7 +122,15 @@ async def test_progress_and_item_results_are_saved_as_items_finish(tmp_path, clo
         assert (saved["state"], saved["done"], saved["progress"], saved["failed_num"]) == ("running", 2, 40, 1)
         assert [i["state"] for i in saved["items"]] == ["succeeded", "pending", "pending", "failed", "pending"]
         assert saved["items"][3]["msg"] == "node is in use and cannot be deleted: busy"
-        for uuid in ("i1", "i2", "i4"):
+        # saved at most once a [jobs] save_interval: the next change waits for the clock
+        saves = job.saves
+        gates.release("i1")
+        assert job.saves == saves and len(clock.getDelayedCalls()) == 1
+        clock.advance(1)
+        assert job.saves == saves + 1 and clock.getDelayedCalls() == []
+        await job.flush()
+        assert (await stored(core, record["uuid"]))["items"][1]["state"] == "succeeded"
+        for uuid in ("i2", "i4"):
             gates.release(uuid)
         final = await core.jobs.wait(record["uuid"])
         assert (final["state"], final["progress"], final["success_num"], final["failed_num"]) == ("partial", 100, 4, 1)

@@ -1,9 +1,10 @@
 """The persisted scheduler: run_date parsing, weekly rules, firing on the injected clock, restarts, the API."""
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 import pytest_twisted
@@ -42,6 +43,19 @@ class Recorder:
         if self.fail is not None:
             raise self.fail
         return {"job": f"job-of-{entry['payload'].get('n')}"}
+
+
+@contextlib.asynccontextmanager
+async def scheduling(tmp_path: Any, clock: Clock, handlers: dict[str, Any]) -> AsyncIterator[tuple[Any, Any]]:
+    """A core whose scheduler runs ``handlers`` (by kind): ``(api client, core)``; stopped afterwards."""
+    async with running_api(tmp_path, clock) as api:
+        for kind, handler in handlers.items():
+            api.core.scheduler.register(kind, handler)
+        api.core.scheduler.startService()
+        try:
+            yield api, api.core
+        finally:
+            await api.core.scheduler.stopService()
 
 
 async def fire(core: Any, clock: Clock, seconds: float) -> None:
@@ -118,85 +132,67 @@ def test_shift_slot_moves_across_midnight_and_the_week_end():
 @pytest_twisted.ensureDeferred
 async def test_an_entry_fires_once_at_its_time_and_is_removed(tmp_path, clock):
     handler = Recorder()
-    async with running_api(tmp_path, clock) as api:
-        core = api.core
-        core.scheduler.register("test.save", handler)
-        core.scheduler.startService()
-        try:
-            entry = await core.scheduler.schedule("save:t1", clock.seconds() + 600, "test.save", {"n": 1})
-            assert (entry["key"], entry["type"], entry["payload"]) == ("save:t1", "once", {"n": 1})
-            await core.scheduler.idle()
-            assert len(clock.getDelayedCalls()) == 1  # one timer, for the earliest entry
-            await fire(core, clock, 599)
-            assert handler.calls == []
-            await fire(core, clock, 1)
-            assert [c["payload"] for c in handler.calls] == [{"n": 1}]
-            assert await core.scheduler.get("save:t1") is None
-            [run] = await core.scheduler.history("save:t1")
-            assert (run["result"], run["error"], run["misfired"]) == ({"job": "job-of-1"}, None, False)
-            await fire(core, clock, 3600)
-            assert len(handler.calls) == 1
-        finally:
-            await core.scheduler.stopService()
+    async with scheduling(tmp_path, clock, {"test.save": handler}) as (api, core):
+        entry = await core.scheduler.schedule("save:t1", clock.seconds() + 600, "test.save", {"n": 1})
+        assert (entry["key"], entry["type"], entry["payload"]) == ("save:t1", "once", {"n": 1})
+        await core.scheduler.idle()
+        assert len(clock.getDelayedCalls()) == 1  # one timer, for the earliest entry
+        await fire(core, clock, 599)
+        assert handler.calls == []
+        await fire(core, clock, 1)
+        assert [c["payload"] for c in handler.calls] == [{"n": 1}]
+        assert await core.scheduler.get("save:t1") is None
+        [run] = await core.scheduler.history("save:t1")
+        assert (run["result"], run["error"], run["misfired"]) == ({"job": "job-of-1"}, None, False)
+        await fire(core, clock, 3600)
+        assert len(handler.calls) == 1
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_new_entry_with_the_same_key_replaces_the_pending_one(tmp_path, clock):
     handler = Recorder()
-    async with running_api(tmp_path, clock) as api:
-        core = api.core
-        core.scheduler.register("test.save", handler)
-        core.scheduler.startService()
-        try:
-            first = await core.scheduler.schedule("save:t1", clock.seconds() + 100, "test.save", {"n": 1})
-            second = await core.scheduler.schedule("save:t1", clock.seconds() + 300, "test.save", {"n": 2})
-            assert first["uuid"] != second["uuid"]
-            assert [e["payload"] for e in await core.scheduler.list("save:")] == [{"n": 2}]
-            await fire(core, clock, 200)
-            assert handler.calls == []
-            await fire(core, clock, 100)
-            assert [c["payload"] for c in handler.calls] == [{"n": 2}]
-            # an earlier replacement re-arms the timer earlier
-            await core.scheduler.schedule("save:t2", clock.seconds() + 1000, "test.save", {"n": 3})
-            await core.scheduler.schedule("save:t2", clock.seconds() + 10, "test.save", {"n": 4})
-            await fire(core, clock, 10)
-            assert [c["payload"] for c in handler.calls] == [{"n": 2}, {"n": 4}]
-            assert await core.scheduler.cancel("save:t2") is False
-            await core.scheduler.schedule("save:t3", clock.seconds() + 10, "test.save", {"n": 5})
-            assert await core.scheduler.cancel("save:t3") is True
-            await fire(core, clock, 20)
-            assert len(handler.calls) == 2
-            with pytest.raises(ValueError):
-                await core.scheduler.schedule("x", clock.seconds() + 1, "not.registered", {})
-        finally:
-            await core.scheduler.stopService()
+    async with scheduling(tmp_path, clock, {"test.save": handler}) as (api, core):
+        first = await core.scheduler.schedule("save:t1", clock.seconds() + 100, "test.save", {"n": 1})
+        second = await core.scheduler.schedule("save:t1", clock.seconds() + 300, "test.save", {"n": 2})
+        assert first["uuid"] != second["uuid"]
+        assert [e["payload"] for e in await core.scheduler.list("save:")] == [{"n": 2}]
+        await fire(core, clock, 200)
+        assert handler.calls == []
+        await fire(core, clock, 100)
+        assert [c["payload"] for c in handler.calls] == [{"n": 2}]
+        # an earlier replacement re-arms the timer earlier
+        await core.scheduler.schedule("save:t2", clock.seconds() + 1000, "test.save", {"n": 3})
+        await core.scheduler.schedule("save:t2", clock.seconds() + 10, "test.save", {"n": 4})
+        await fire(core, clock, 10)
+        assert [c["payload"] for c in handler.calls] == [{"n": 2}, {"n": 4}]
+        assert await core.scheduler.cancel("save:t2") is False
+        await core.scheduler.schedule("save:t3", clock.seconds() + 10, "test.save", {"n": 5})
+        assert await core.scheduler.cancel("save:t3") is True
+        await fire(core, clock, 20)
+        assert len(handler.calls) == 2
+        with pytest.raises(ValueError):
+            await core.scheduler.schedule("x", clock.seconds() + 1, "not.registered", {})
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_weekly_entry_fires_at_each_slot_and_is_rearmed(tmp_path, clock, local_zone):
     clock.advance(local(2030, 1, 6, 23, 0))  # a Sunday, 23:00
     handler = Recorder()
-    async with running_api(tmp_path, clock) as api:
-        core = api.core
-        core.scheduler.register("test.start", handler)
-        core.scheduler.startService()
-        try:
-            slots = [{"weekday": 0, "time": "07:50"}, {"weekday": 2, "time": "13:20"}]
-            entry = await core.scheduler.schedule_weekly("group:g1:start", "test.start", {"n": 7}, slots)
-            assert entry["next_time"] == local(2030, 1, 7, 7, 50) and entry["next_run"] == "2030-01-07 07:50:00"
-            await fire(core, clock, local(2030, 1, 7, 7, 50) - clock.seconds())
-            entry = await core.scheduler.get("group:g1:start")
-            assert len(handler.calls) == 1 and entry["runs"] == 1
-            assert entry["next_time"] == local(2030, 1, 9, 13, 20)
-            assert entry["last_run"]["fired_at"] == "2030-01-07 07:50:00" and not entry["last_run"]["misfired"]
-            await fire(core, clock, local(2030, 1, 9, 13, 20) - clock.seconds())
-            entry = await core.scheduler.get("group:g1:start")
-            assert len(handler.calls) == 2 and entry["next_time"] == local(2030, 1, 14, 7, 50)
-            with pytest.raises(ApiError):
-                await core.scheduler.schedule_weekly("group:g1:start", "test.start", {}, [{"weekday": 9, "time": "1:00"}])
-            assert (await core.scheduler.get("group:g1:start"))["runs"] == 2
-        finally:
-            await core.scheduler.stopService()
+    async with scheduling(tmp_path, clock, {"test.start": handler}) as (api, core):
+        slots = [{"weekday": 0, "time": "07:50"}, {"weekday": 2, "time": "13:20"}]
+        entry = await core.scheduler.schedule_weekly("group:g1:start", "test.start", {"n": 7}, slots)
+        assert entry["next_time"] == local(2030, 1, 7, 7, 50) and entry["next_run"] == "2030-01-07 07:50:00"
+        await fire(core, clock, local(2030, 1, 7, 7, 50) - clock.seconds())
+        entry = await core.scheduler.get("group:g1:start")
+        assert len(handler.calls) == 1 and entry["runs"] == 1
+        assert entry["next_time"] == local(2030, 1, 9, 13, 20)
+        assert entry["last_run"]["fired_at"] == "2030-01-07 07:50:00" and not entry["last_run"]["misfired"]
+        await fire(core, clock, local(2030, 1, 9, 13, 20) - clock.seconds())
+        entry = await core.scheduler.get("group:g1:start")
+        assert len(handler.calls) == 2 and entry["next_time"] == local(2030, 1, 14, 7, 50)
+        with pytest.raises(ApiError):
+            await core.scheduler.schedule_weekly("group:g1:start", "test.start", {}, [{"weekday": 9, "time": "1:00"}])
+        assert (await core.scheduler.get("group:g1:start"))["runs"] == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -204,31 +200,24 @@ async def test_a_failing_handler_is_recorded_and_the_scheduler_goes_on(tmp_path,
     refusing = Recorder(ApiError(errors.IN_USE, resource="template", reason="updating"))
     crashing = Recorder(RuntimeError("boom"))
     fine = Recorder()
-    async with running_api(tmp_path, clock) as api:
-        core = api.core
-        for kind, handler in (("t.refuse", refusing), ("t.crash", crashing), ("t.fine", fine)):
-            core.scheduler.register(kind, handler)
-        core.scheduler.startService()
-        try:
-            now = clock.seconds()
-            await core.scheduler.schedule("a", now + 10, "t.refuse", {})
-            await core.scheduler.schedule("b", now + 10, "t.crash", {})
-            await core.scheduler.schedule("c", now + 20, "t.fine", {"n": 3})
-            weekly = await core.scheduler.schedule_weekly("w", "t.crash", {}, [{"weekday": 0, "time": "00:00"}])
-            await fire(core, clock, 10)
-            [refused] = await core.scheduler.history("a")
-            assert refused["error"] == {"code": errors.IN_USE.code,
-                                        "msg": "template is in use and cannot be deleted: updating"}
-            [crashed] = await core.scheduler.history("b")
-            assert crashed["error"]["code"] == errors.INTERNAL_ERROR.code
-            await fire(core, clock, 10)
-            assert len(fine.calls) == 1
-            await fire(core, clock, weekly["next_time"] - clock.seconds())
-            entry = await core.scheduler.get("w")
-            assert entry["last_run"]["error"]["code"] == errors.INTERNAL_ERROR.code
-            assert entry["next_time"] == weekly["next_time"] + 7 * 86400
-        finally:
-            await core.scheduler.stopService()
+    async with scheduling(tmp_path, clock, {"t.refuse": refusing, "t.crash": crashing, "t.fine": fine}) as (api, core):
+        now = clock.seconds()
+        await core.scheduler.schedule("a", now + 10, "t.refuse", {})
+        await core.scheduler.schedule("b", now + 10, "t.crash", {})
+        await core.scheduler.schedule("c", now + 20, "t.fine", {"n": 3})
+        weekly = await core.scheduler.schedule_weekly("w", "t.crash", {}, [{"weekday": 0, "time": "00:00"}])
+        await fire(core, clock, 10)
+        [refused] = await core.scheduler.history("a")
+        assert refused["error"] == {"code": errors.IN_USE.code,
+                                    "msg": "template is in use and cannot be deleted: updating"}
+        [crashed] = await core.scheduler.history("b")
+        assert crashed["error"]["code"] == errors.INTERNAL_ERROR.code
+        await fire(core, clock, 10)
+        assert len(fine.calls) == 1
+        await fire(core, clock, weekly["next_time"] - clock.seconds())
+        entry = await core.scheduler.get("w")
+        assert entry["last_run"]["error"]["code"] == errors.INTERNAL_ERROR.code
+        assert entry["next_time"] == weekly["next_time"] + 7 * 86400
 
 
 @pytest_twisted.ensureDeferred
@@ -290,23 +279,17 @@ async def test_a_one_shot_entry_that_was_running_at_a_restart_is_closed_as_inter
 
 @pytest_twisted.ensureDeferred
 async def test_schedule_api_lists_and_shows_entries_with_their_history(tmp_path, clock):
-    async with running_api(tmp_path, clock) as api:
-        core = api.core
-        core.scheduler.register("test.save", Recorder())
-        core.scheduler.startService()
-        try:
-            await core.scheduler.schedule("save:t1", clock.seconds() + 100, "test.save", {"n": 1})
-            await core.scheduler.schedule_weekly("group:g1", "test.save", {"n": 2}, [{"weekday": 3, "time": "10:00"}])
-            status, body = await api.call("GET", "/schedules")
-            assert status == 200 and [e["key"] for e in body["data"]["results"]] == ["save:t1", "group:g1"]
-            status, body = await api.call("GET", "/schedules", params={"type": "weekly"})
-            assert [e["key"] for e in body["data"]["results"]] == ["group:g1"]
-            status, body = await api.call("GET", "/schedules/group:g1")
-            assert status == 200 and body["data"]["slots"] == [{"weekday": 3, "time": "10:00"}]
-            assert body["data"]["history"] == []
-            status, body = await api.call("GET", "/schedules/nothing")
-            assert_error(status, body, 404, errors.NOT_FOUND.code)
-            status, body = await api.call("GET", "/schedules", auth=False)
-            assert_error(status, body, 401, errors.UNAUTHENTICATED.code)
-        finally:
-            await core.scheduler.stopService()
+    async with scheduling(tmp_path, clock, {"test.save": Recorder()}) as (api, core):
+        await core.scheduler.schedule("save:t1", clock.seconds() + 100, "test.save", {"n": 1})
+        await core.scheduler.schedule_weekly("group:g1", "test.save", {"n": 2}, [{"weekday": 3, "time": "10:00"}])
+        status, body = await api.call("GET", "/schedules")
+        assert status == 200 and [e["key"] for e in body["data"]["results"]] == ["save:t1", "group:g1"]
+        status, body = await api.call("GET", "/schedules", params={"type": "weekly"})
+        assert [e["key"] for e in body["data"]["results"]] == ["group:g1"]
+        status, body = await api.call("GET", "/schedules/group:g1")
+        assert status == 200 and body["data"]["slots"] == [{"weekday": 3, "time": "10:00"}]
+        assert body["data"]["history"] == []
+        status, body = await api.call("GET", "/schedules/nothing")
+        assert_error(status, body, 404, errors.NOT_FOUND.code)
+        status, body = await api.call("GET", "/schedules", auth=False)
+        assert_error(status, body, 401, errors.UNAUTHENTICATED.code)
