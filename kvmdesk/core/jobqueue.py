@@ -310,6 +310,8 @@ class JobService(Service):
 
         :param runner: ``async (core, job) -> result``; ``job`` is a :class:`Job`.  What it returns is
             kept as the record's ``result``; an :class:`ApiError` it raises fails the job with that error.
+            A runner without items that sees ``job.keep_going()`` turn ``False`` while the controller
+            stops raises ``ApiError(JOB_INTERRUPTED)``: the job is then left for the next start.
         :param on_restart: ``"resume"``: run it again after a restart (the runner must be idempotent;
             :meth:`Job.for_each` skips finished items); ``"fail"``: mark it ``interrupted``.
         """
@@ -446,17 +448,19 @@ class JobService(Service):
     async def _execute(self, job: Job) -> None:
         record = job.record
         try:
+            stopped_early = False
             try:
                 result = await job.runner(self.core, job)
             except ApiError as exc:
-                record["error"] = error_of(exc, record["lang"])
+                stopped_early = exc.error is JOB_INTERRUPTED and self.stopping
+                record["error"] = None if stopped_early else error_of(exc, record["lang"])
             except Exception:
                 log.failure("job {uuid} ({kind}) failed", uuid=job.uuid, kind=record["kind"])
                 internal = ApiError(errors.INTERNAL_ERROR, request_id=record.get("request_id") or job.uuid)
                 record["error"] = error_of(internal, record["lang"])
             else:
                 record["result"] = jsonable(result)
-            if self.stopping and job.pending_items():
+            if self.stopping and (stopped_early or job.pending_items()):
                 log.info("job {uuid} stopped with the controller; the next start resumes or fails it", uuid=job.uuid)
             else:
                 self._finish(record)

@@ -338,3 +338,40 @@ async def test_the_core_runs_jobs_and_scheduler_as_its_last_services(tmp_path, c
         services = list(api.core.services)
         assert services[-2:] == [api.core.jobs, api.core.scheduler]
         assert api.core.services.getServiceNamed("jobs") is api.core.jobs
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_runner_without_items_that_stops_with_the_controller_is_resumed(tmp_path):
+    clock = Clock()
+    step = defer.Deferred()
+    runs = []
+
+    async def publish(core, job):
+        runs.append(job.record["resumed"])
+        if job.record["resumed"] == 0:
+            await step
+            if not job.keep_going():
+                raise ApiError(jobqueue.JOB_INTERRUPTED)
+        job.set_progress(100)
+        return {"version": 2}
+
+    core = await make_core(tmp_path, clock=clock)
+    try:
+        core.jobs.register("test.publish", publish, on_restart="resume")
+        record = await core.jobs.submit("test.publish", title="publish")
+        stopping = core.jobs.stopService()
+        step.callback(None)
+        await stopping
+        assert (await stored(core, record["uuid"]))["state"] == "running"
+    finally:
+        await core.store.close()
+    second = await make_core(tmp_path, clock=clock)
+    try:
+        second.jobs.register("test.publish", publish, on_restart="resume")
+        async with started(second):
+            await second.jobs.recovered
+            final = await second.jobs.wait(record["uuid"])
+            assert (final["state"], final["result"], final["resumed"], runs) == ("succeeded", {"version": 2}, 1, [0, 1])
+    finally:
+        await second.store.close()
+    assert clock.getDelayedCalls() == []
