@@ -71,7 +71,7 @@ MUTABLE = ("state", "progress", "done", "success_num", "failed_num", "items", "r
            "finished_at", "finished_time", "updated_at", "cancel_requested", "resumed")
 #: Filterable fields of the job list (``GET /jobs``).
 SEARCH_FIELDS = {"uuid": str, "kind": str, "state": str, "title": str, "admin": str}
-RESOURCE = "任务"
+RESOURCE = errors.Resource("任务", "job")
 
 JOB_INTERRUPTED = errors.define(
     1062, 503, "任务因控制器重启或停止而中断", "interrupted by a controller restart")

@@ -57,7 +57,7 @@ INDEXES = [
 ]
 #: Filterable fields of the schedule list (``GET /schedules``).
 SEARCH_FIELDS = {"key": str, "kind": str, "type": str, "uuid": str}
-RESOURCE = "定时任务"
+RESOURCE = errors.Resource("定时任务", "schedule")
 HISTORY_SIZE = 20
 
 RUN_DATE_INVALID = errors.define(
