@@ -164,10 +164,6 @@ class Scheduler(Service):
     def collection(self) -> Any:
         return self.core.store.collection(COLLECTION)
 
-    @property
-    def clock(self) -> Any:
-        return self.core.clock
-
     def register(self, kind: str, handler: Handler) -> None:
         """Declare what entries of ``kind`` do: ``async handler(core, entry) -> result`` (kept in the
         history; make it JSON-able, e.g. a job's uuid)."""
@@ -188,14 +184,14 @@ class Scheduler(Service):
         """
         slots = validate_slots(slots)
         return await self._put(key, kind, payload, type="weekly", slots=slots,
-                               next_time=next_weekly(slots, self.clock.seconds()))
+                               next_time=next_weekly(slots, self.core.clock.seconds()))
 
     async def _put(self, key: str, kind: str, payload: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
         if not isinstance(key, str) or not key:
             raise ValueError("a schedule key is a non-empty string")
         if kind not in self.handlers:
             raise ValueError(f"unknown scheduled kind {kind!r} (register it first)")
-        entry = new_record(self.clock, key=key, kind=kind, payload=dict(payload), runs=0, last_run=None,
+        entry = new_record(self.core.clock, key=key, kind=kind, payload=dict(payload), runs=0, last_run=None,
                            next_run=format_time(fields["next_time"]), **fields)
         await self.collection.update_one({"key": key}, {"$set": entry}, upsert=True)
         self._poke()
@@ -259,7 +255,7 @@ class Scheduler(Service):
     def _set_call(self, delay: float) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
-        self._call = self.clock.callLater(max(0.0, delay), self._timer_fired)
+        self._call = self.core.clock.callLater(max(0.0, delay), self._timer_fired)
 
     def _timer_fired(self) -> None:
         self._call = None
@@ -272,10 +268,10 @@ class Scheduler(Service):
                 self._call.cancel()
             self._call = None
             return
-        self._set_call(first["next_time"] - self.clock.seconds())
+        self._set_call(first["next_time"] - self.core.clock.seconds())
 
     async def _fire_due(self) -> None:
-        now = self.clock.seconds()
+        now = self.core.clock.seconds()
         for entry in await self.collection.find({"next_time": {"$lte": now}}, sort=[("next_time", 1)]):
             if entry["type"] == "weekly":
                 next_time = next_weekly(entry["slots"], now)
@@ -314,11 +310,11 @@ class Scheduler(Service):
 
     async def _record_run(self, entry: dict[str, Any], due: Optional[float], fired: float, misfired: bool,
                           result: Any, error: Optional[dict]) -> None:
-        finished = self.clock.seconds()
+        finished = self.core.clock.seconds()
         summary = {"due_at": format_time(due) if due is not None else None, "fired_at": format_time(fired),
                    "finished_at": format_time(finished), "misfired": misfired, "result": result, "error": error}
         await self.core.store.collection(RUNS).insert_one(
-            new_record(self.clock, key=entry["key"], kind=entry["kind"], entry_uuid=entry["uuid"],
+            new_record(self.core.clock, key=entry["key"], kind=entry["kind"], entry_uuid=entry["uuid"],
                        created_time=finished, **summary))
         if entry["type"] == "once":
             await self.collection.delete_one({"uuid": entry["uuid"]})
@@ -332,10 +328,10 @@ class Scheduler(Service):
         interrupted = error_of(ApiError(RUN_INTERRUPTED), "en")
         for entry in await self.collection.find({"type": "once", "next_time": None}):
             log.warn("schedule {key} was running when the controller stopped", key=entry["key"])
-            await self._record_run(entry, None, self.clock.seconds(), False, None, interrupted)
+            await self._record_run(entry, None, self.core.clock.seconds(), False, None, interrupted)
         days = self.core.config.number("scheduler.history_days", 30)
         if days:
-            cutoff = self.clock.seconds() - days * 86400
+            cutoff = self.core.clock.seconds() - days * 86400
             await self.core.store.collection(RUNS).delete_many({"created_time": {"$lt": cutoff}})
 
     def startService(self) -> None:
