@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.jobs import apply_each, batch_answer
+from kvmdesk.core.jobs import apply_each, batch_answer, identity
 from kvmdesk.core.records import format_time, new_record
 from kvmdesk.core.store import Index
 
@@ -401,7 +401,8 @@ class JobService(Service):
             await job.for_each(lambda record: operation(originals[id(record)]))
 
         admin = (req.admin or {}).get("username")
-        job = await self._submit(kind, title=title or kind, items=given, params=params,
+        # the job keeps each item's uuid and name only: the operation gets the item itself
+        job = await self._submit(kind, title=title or kind, items=[identity(item) for item in given], params=params,
                                  admin=admin, concurrency=concurrency, lang=req.lang, request_id=req.request_id,
                                  runner=runner)
         record = await job.done()

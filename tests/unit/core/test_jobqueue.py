@@ -72,7 +72,7 @@ async def stored(core: Any, uuid: str) -> dict:
 
 @pytest_twisted.ensureDeferred
 async def test_run_items_answers_the_batch_shape_with_a_job_id(tmp_path, clock):
-    items = ["a", "missing-1", {"uuid": "u-2", "name": "missing-2"}, "crash", "b"]
+    items = ["a", "missing-1", {"uuid": "u-2", "name": "missing-2", "state": "running"}, "crash", "b"]
     async with running_api(tmp_path, clock) as api:
         core = api.core
         answer = await core.jobs.run_items(_req("en"), "test.batch", items, _operation, concurrency=2)
