@@ -17,7 +17,8 @@ is one line: ``return await core.jobs.run_items(req, "pool.delete", refs, delete
 A job record (collection ``jobs``; ``GET /api/v1.0/jobs/{uuid}``)::
 
     {uuid, kind, title, state, progress (0-100), total, done, success_num, failed_num,
-     items: [{uuid, name, state, code, msg, ...the item's own fields}], params, result, error,
+     items: [{uuid, name, state, code, msg, result (what a successful operation said, if anything),
+     ...the item's own fields}], params, result, error,
      admin, created_at, started_at, finished_at, resumed}
 
 ``state`` is ``running`` (a job starts as it is stored), then one of ``succeeded``, ``failed`` (every item failed, or the
@@ -65,7 +66,7 @@ FINISHED = ("succeeded", "failed", "partial", "cancelled", "interrupted")
 ITEM_PENDING, ITEM_SUCCEEDED, ITEM_FAILED = "pending", "succeeded", "failed"
 ITEM_CANCELLED, ITEM_INTERRUPTED = "cancelled", "interrupted"
 #: Fields of an item that the job service owns (an item's own fields must not use them).
-ITEM_STATUS_FIELDS = ("state", "code", "msg")
+ITEM_STATUS_FIELDS = ("state", "code", "msg", "result")
 #: Fields of a job record that change while it runs (written by every progress save).
 MUTABLE = ("state", "progress", "done", "success_num", "failed_num", "items", "result", "error", "started_at",
            "finished_at", "finished_time", "updated_at", "cancel_requested", "resumed")
@@ -130,6 +131,8 @@ class Job:
     record: dict[str, Any]
     runner: Runner
     errors: dict[int, ApiError] = attrs.field(factory=dict)
+    #: What successful items' operations said (non-empty mappings), by index in ``items`` (this run only).
+    results: dict[int, Mapping[str, Any]] = attrs.field(factory=dict)
     finished: defer.Deferred = attrs.field(factory=defer.Deferred)
     #: How many times the record was written during this run (items that finish during a write share
     #: the next one).
@@ -178,17 +181,22 @@ class Job:
         limit = concurrency if concurrency is not None else self.record.get("concurrency") or 1
         await apply_each(pending, operation, request_id=self.record.get("request_id") or self.uuid,
                          concurrency=limit, keep_going=self.keep_going,
-                         on_done=lambda item, error: self.item_finished(index[id(item)], error))
+                         on_done=lambda item, error, said: self.item_finished(index[id(item)], error, said))
         if self.cancel_requested and not self.service.stopping:
             for item in self.pending_items():
                 self.item_finished(index[id(item)], ApiError(JOB_CANCELLED), state=ITEM_CANCELLED)
         await self.flush()
 
-    def item_finished(self, position: int, error: Optional[ApiError], *, state: Optional[str] = None) -> None:
-        """Record the outcome of ``items[position]`` (saved soon after, with others that finish meanwhile)."""
+    def item_finished(self, position: int, error: Optional[ApiError], said: Any = None, *,
+                      state: Optional[str] = None) -> None:
+        """Record the outcome of ``items[position]`` (saved soon after, with others that finish meanwhile);
+        what a successful operation said (a non-empty mapping) is kept as the item's ``result``."""
         item, record = self.items[position], self.record
         if error is None:
             item.update(state=state or ITEM_SUCCEEDED, code=errors.SUCCESS.code, msg=None)
+            if isinstance(said, Mapping) and said:
+                item["result"] = jsonable(dict(said))
+                self.results[position] = said
             record["success_num"] += 1
         else:
             item.update(state=state or ITEM_FAILED, **error_of(error, record["lang"]))
@@ -408,7 +416,8 @@ class JobService(Service):
         record = await job.done()
         if record["state"] not in FINISHED:
             raise ApiError(JOB_INTERRUPTED)
-        answer = batch_answer(req, given, [(given[i], job.errors[i]) for i in sorted(job.errors)])
+        answer = batch_answer(req, given, [(given[i], job.errors[i]) for i in sorted(job.errors)],
+                              [(given[i], job.results[i]) for i in sorted(job.results)])
         answer["job_id"] = job.uuid
         return answer
 

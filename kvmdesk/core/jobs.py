@@ -1,7 +1,8 @@
 """Batch operations: run one operation per item and report per-item results, as the contract asks.
 
 With one item, a failure is the answer itself (its code and message); with several, the answer is
-``{"success_num", "failed_num", "failures": [{"uuid", "name", "code", "msg"}]}``.
+``{"success_num", "failed_num", "failures": [{"uuid", "name", "code", "msg"}]}``.  Items whose operation
+succeeded with something to say (a mapping) are listed in ``results`` (``[{"uuid", "name", ...}]``).
 
 :func:`run_batch` runs a batch in memory; :meth:`kvmdesk.core.jobqueue.JobService.run_items` runs the
 same batch as a persisted job (progress and per-item results at ``/api/v1.0/jobs/{uuid}``) and answers
@@ -22,8 +23,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = Logger(namespace="kvmdesk.jobs")
 
-#: Called as each item finishes: ``(item, None)`` on success, ``(item, error)`` on failure.
-ItemDone = Callable[[Any, Optional[ApiError]], None]
+#: Called as each item finishes: ``(item, None, what the operation returned)`` on success,
+#: ``(item, error, None)`` on failure.
+ItemDone = Callable[[Any, Optional[ApiError], Any], None]
+#: What :func:`apply_each` found: the failures and the results that say something (mappings), in item order.
+Outcome = tuple[list[tuple[Any, ApiError]], list[tuple[Any, Mapping[str, Any]]]]
 
 
 def identity(item: Any) -> dict[str, Any]:
@@ -41,8 +45,9 @@ async def apply_each(
     concurrency: int = 1,
     on_done: Optional[ItemDone] = None,
     keep_going: Callable[[], bool] = lambda: True,
-) -> list[tuple[Any, ApiError]]:
-    """Apply ``operation`` to every item (at most ``concurrency`` at once); return the failures in item order.
+) -> Outcome:
+    """Apply ``operation`` to every item (at most ``concurrency`` at once); return the failures and the
+    results that say something (a non-empty mapping), in item order.
 
     An unexpected exception is logged and reported as an internal error carrying ``request_id``.
 
@@ -52,13 +57,15 @@ async def apply_each(
     """
     semaphore = defer.DeferredSemaphore(max(1, concurrency))
     outcome: dict[int, ApiError] = {}
+    said: dict[int, Mapping[str, Any]] = {}
 
     async def one(index: int, item: Any) -> None:
         if not keep_going():
             return
         error: Optional[ApiError] = None
+        result: Any = None
         try:
-            await operation(item)
+            result = await operation(item)
         except ApiError as exc:
             error = exc
         except Exception:
@@ -66,25 +73,31 @@ async def apply_each(
             error = ApiError(errors.INTERNAL_ERROR, request_id=request_id)
         if error is not None:
             outcome[index] = error
+        elif isinstance(result, Mapping) and result:
+            said[index] = result
         if on_done is not None:
-            on_done(item, error)
+            on_done(item, error, result)
 
     await defer.gatherResults(
         [semaphore.run(lambda i=i, item=item: defer.ensureDeferred(one(i, item))) for i, item in enumerate(items)],
         consumeErrors=True,
     )
-    return [(items[i], outcome[i]) for i in sorted(outcome)]
+    return [(items[i], outcome[i]) for i in sorted(outcome)], [(items[i], said[i]) for i in sorted(said)]
 
 
-def batch_answer(req: "RequestLike", items: Sequence[Any], failures: Sequence[tuple[Any, ApiError]]) -> dict[str, Any]:
+def batch_answer(req: "RequestLike", items: Sequence[Any], failures: Sequence[tuple[Any, ApiError]],
+                 results: Sequence[tuple[Any, Mapping[str, Any]]] = ()) -> dict[str, Any]:
     """The contract's answer to a batch; with one item, its failure is raised as the answer itself."""
     if len(items) == 1 and failures:
         raise failures[0][1]
-    return {
+    answer: dict[str, Any] = {
         "success_num": len(items) - len(failures),
         "failed_num": len(failures),
         "failures": [{**identity(item), "code": exc.error.code, "msg": exc.message(req.lang)} for item, exc in failures],
     }
+    if results:
+        answer["results"] = [{**identity(item), **said} for item, said in results]
+    return answer
 
 
 async def run_batch(
@@ -100,5 +113,5 @@ async def run_batch(
     """
     if not items:
         raise ApiError(errors.BATCH_EMPTY)
-    failures = await apply_each(items, operation, request_id=req.request_id, concurrency=concurrency)
-    return batch_answer(req, items, failures)
+    failures, results = await apply_each(items, operation, request_id=req.request_id, concurrency=concurrency)
+    return batch_answer(req, items, failures, results)

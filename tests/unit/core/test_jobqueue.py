@@ -93,6 +93,21 @@ async def test_run_items_answers_the_batch_shape_with_a_job_id(tmp_path, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_run_items_lists_what_operations_said_like_run_batch(tmp_path, clock):
+    async def reports(item):
+        if item == "quiet":
+            return None
+        return {"left": [f"{item}-bridge"]}
+
+    async with running_api(tmp_path, clock) as api:
+        answer = await api.core.jobs.run_items(_req(), "test.said", ["n1", "quiet", "n2"], reports)
+        assert answer["results"] == [{"uuid": "n1", "left": ["n1-bridge"]}, {"uuid": "n2", "left": ["n2-bridge"]}]
+        assert {k: v for k, v in answer.items() if k != "job_id"} == await run_batch(_req(), ["n1", "quiet", "n2"], reports)
+        record = await stored(api.core, answer["job_id"])
+        assert [i.get("result") for i in record["items"]] == [{"left": ["n1-bridge"]}, None, {"left": ["n2-bridge"]}]
+
+
+@pytest_twisted.ensureDeferred
 async def test_run_items_with_one_failing_item_raises_its_error_and_keeps_the_job(tmp_path, clock):
     async with running_api(tmp_path, clock) as api:
         with pytest.raises(ApiError) as raised:
