@@ -12,6 +12,10 @@ RUN_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvir
 # curl is also what bench/transfer_bench.py uploads with, as an administrator's script would.
 # systemd's runtime directory: present on a booted system, absent in containers and chroots.
 SYSTEMD_DIR=${SYSTEMD_DIR:-/run/systemd/system}
+# novnc: the console page's VNC viewer, served by the controller from /usr/share/novnc.
+RUN_PACKAGES+=(novnc)
+# chromium + chromium-driver: the console page's real-browser test (headless, driven by selenium).
+TEST_PACKAGES=(chromium chromium-driver)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
@@ -48,8 +52,12 @@ install_python() {
   .venv/bin/python -m pip install -q -e ".${extras}" --config-settings editable_mode=compat
 }
 
+# A daemon runs when the pid in its pidfile is alive. Not pgrep: in a container or chroot that shares the
+# host's pid namespace, pgrep sees the host's daemons, whose sockets this root cannot reach.
+RUN_DIR=${RUN_DIR:-/run}
 running() {
-  pgrep -x "$1" >/dev/null 2>&1
+  local pid
+  pid=$(cat "$RUN_DIR/$1.pid" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
 # Packages are installed with their services held back (policy-rc.d); `run` starts what it needs here,
@@ -88,8 +96,8 @@ start_ovs() {
     systemctl start openvswitch-switch
   else
     local ctl=/usr/share/openvswitch/scripts/ovs-ctl
-    running ovsdb-server || "$ctl" --no-ovs-vswitchd --system-id=random start
-    if ! running ovs-vswitchd; then
+    running openvswitch/ovsdb-server || "$ctl" --no-ovs-vswitchd --system-id=random start
+    if ! running openvswitch/ovs-vswitchd; then
       if [ "$datapath" = system ]; then
         "$ctl" --no-ovsdb-server start
       else
@@ -131,7 +139,7 @@ main() {
       ;;
     test)
       need_root
-      install_packages "${RUN_PACKAGES[@]}"
+      install_packages "${RUN_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
       install_python "[test]"
       echo "== running the test suite"
       exec .venv/bin/python -m pytest -q -rs "$@"

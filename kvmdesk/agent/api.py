@@ -34,7 +34,7 @@ PREFIX = "/agent/v1"
 UNSIGNED_PATHS = frozenset({PREFIX + "/enrol", PREFIX + "/enrol/"})
 
 #: Route modules other engineers' plugins add to the agent; missing ones are skipped.
-OPTIONAL_ROUTE_MODULES = ("kvmdesk.agent.net.routes", "kvmdesk.agent.images.routes")
+OPTIONAL_ROUTE_MODULES = ("kvmdesk.agent.net.routes", "kvmdesk.agent.images.routes", "kvmdesk.agent.console")
 
 # -- error codes (2100-2199: the agent) -------------------------------------------------------------
 

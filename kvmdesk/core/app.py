@@ -15,7 +15,7 @@ import pluggy
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from kvmdesk.core import auth, errors, jobqueue, oplog, scheduler
+from kvmdesk.core import auth, console, errors, jobqueue, oplog, scheduler
 from kvmdesk.core.config import Config
 from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.plugins import blocked_names, gather_hook, loaded_and_blocked, make_plugin_manager
@@ -163,7 +163,7 @@ async def build_core(
         core.jobs = jobqueue.JobService(core)
         core.scheduler = scheduler.Scheduler(core)
         plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
-        indexes = [*auth.INDEXES, *oplog.INDEXES, *jobqueue.INDEXES, *scheduler.INDEXES]
+        indexes = [*auth.INDEXES, *oplog.INDEXES, *console.INDEXES, *jobqueue.INDEXES, *scheduler.INDEXES]
         for declared in plugins.hook.kvmdesk_store_indexes():
             indexes.extend(declared or [])
         await store.ensure_indexes(indexes)
