@@ -100,6 +100,44 @@ def batch_answer(req: "RequestLike", items: Sequence[Any], failures: Sequence[tu
     return answer
 
 
+class BatchProgress:
+    """The operation-log entry of a long operation: written when it begins, its ``progress`` kept as
+    items are done (a hundred writes at most), so that an interrupted batch says how far it got.
+
+    :param req: the request (its entry is completed by the router at the end).
+    :param total: the number of items.
+    """
+
+    def __init__(self, req: "RequestLike", total: int):
+        self.req = req
+        self.total = total
+        self.done = 0
+        self.step = max(1, total // 100)
+        self.oplog = getattr(getattr(req, "core", None), "oplog", None)
+
+    async def begin(self) -> None:
+        """Write the entry now (a single item is not a long operation: its entry is written at the end)."""
+        if self.oplog is not None and self.total > 1:
+            await self.oplog.begin(self.req, self.total)
+
+    async def advance(self, count: int = 1) -> None:
+        """``count`` more items are done."""
+        before, self.done = self.done, self.done + count
+        if self.oplog is not None and (self.done // self.step != before // self.step or self.done >= self.total):
+            await self.oplog.progress(self.req, self.done, self.total)
+
+    def wrap(self, operation: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """``operation`` that advances this progress as each item ends (done or failed)."""
+
+        async def tracked(item: Any) -> Any:
+            try:
+                return await operation(item)
+            finally:
+                await self.advance()
+
+        return tracked
+
+
 async def run_batch(
     req: "RequestLike",
     items: Sequence[Any],
@@ -113,5 +151,8 @@ async def run_batch(
     """
     if not items:
         raise ApiError(errors.BATCH_EMPTY)
-    failures, results = await apply_each(items, operation, request_id=req.request_id, concurrency=concurrency)
+    tracker = BatchProgress(req, len(items))
+    await tracker.begin()
+    failures, results = await apply_each(items, tracker.wrap(operation), request_id=req.request_id,
+                                         concurrency=concurrency)
     return batch_answer(req, items, failures, results)
