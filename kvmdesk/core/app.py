@@ -15,7 +15,7 @@ import pluggy
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 
-from kvmdesk.core import auth, console, errors, oplog
+from kvmdesk.core import auth, console, errors, jobqueue, oplog, scheduler
 from kvmdesk.core.config import Config
 from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.filemodes import restrict_tree
@@ -46,6 +46,10 @@ class Core:
     clock: Any = None
     services: MultiService = attrs.field(factory=MultiService)
     router: Optional[RouterLike] = None
+    #: The persisted jobs (:class:`~kvmdesk.core.jobqueue.JobService`): register kinds, submit, run_items.
+    jobs: Any = None
+    #: The persisted scheduler (:class:`~kvmdesk.core.scheduler.Scheduler`): run_date saves, timetables.
+    scheduler: Any = None
     #: Free-form room for plugins to share objects (e.g. the node agents' client).
     extensions: dict[str, Any] = attrs.field(factory=dict)
 
@@ -160,10 +164,12 @@ async def build_core(
             auth=auth.Authenticator(store, clock, config),
             oplog=oplog.OperationLog(store, clock),
         )
+        core.jobs = jobqueue.JobService(core)
+        core.scheduler = scheduler.Scheduler(core)
         core.auth.on_refused = lambda username, address, reason: plugins.hook.kvmdesk_login_refused(
             core=core, username=username, address=address, reason=reason)
         plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
-        indexes = [*auth.INDEXES, *oplog.INDEXES, *console.INDEXES]
+        indexes = [*auth.INDEXES, *oplog.INDEXES, *console.INDEXES, *jobqueue.INDEXES, *scheduler.INDEXES]
         for declared in plugins.hook.kvmdesk_store_indexes():
             indexes.extend(declared or [])
         await store.ensure_indexes(indexes)
@@ -175,6 +181,10 @@ async def build_core(
         for services in plugins.hook.kvmdesk_services(core=core):
             for service in services or []:
                 service.setServiceParent(core.services)
+        # Last in, first out: jobs resume and schedules fire once every plugin service runs, and stop
+        # (waiting for the work in progress) before any plugin service does.
+        core.jobs.setServiceParent(core.services)
+        core.scheduler.setServiceParent(core.services)
     except BaseException:
         await store.close()
         raise

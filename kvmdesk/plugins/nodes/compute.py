@@ -222,8 +222,9 @@ def register_routes(router: Router) -> None:
                 node = await manager.compute_node_or_404(ref.uuid)
                 await manager.call(node, "POST", agent_path, headers={"Accept-Language": req.lang})
 
-            return await run_batch(req, [r.model_dump() for r in refs], lambda item: one(NodeRef(**item)),
-                                   concurrency=10)
+            # a persisted job: the answer carries job_id, GET /jobs/{job_id} the per-node results
+            return await req.core.jobs.run_items(req, f"nodes.{action}", [r.model_dump() for r in refs],
+                                                 lambda item: one(NodeRef(**item)), concurrency=10, title=label)
 
     power_endpoint("reboot", "/node/reboot", "重启计算节点")
     power_endpoint("shutdown", "/node/shutdown", "关闭计算节点")

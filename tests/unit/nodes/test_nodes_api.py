@@ -146,6 +146,11 @@ async def test_add_list_detail_rename_reboot_delete(agents, api):
     assert status == 200 and body["data"]["success_num"] == 0 and body["data"]["failed_num"] == 2
     assert all(f["code"] == agentclient.NODE_REFUSED.code and "allow_power_actions" in f["msg"]
                for f in body["data"]["failures"])
+    # run as a persisted job: the same per-node results at /jobs/{job_id}
+    status, job = await api.call("GET", f"/jobs/{body['data']['job_id']}")
+    assert status == 200 and (job["data"]["kind"], job["data"]["state"]) == ("nodes.reboot", "failed")
+    assert [(i["uuid"], i["code"]) for i in job["data"]["items"]] == [
+        (node_a["uuid"], agentclient.NODE_REFUSED.code), (node_b["uuid"], agentclient.NODE_REFUSED.code)]
     status, body = await api.call("POST", f"/resource_mgr/nodes/{node_b['uuid']}/shutdown",
                                   {"nodes": [{"uuid": node_b["uuid"]}]}, headers={"Accept-Language": "en"})
     assert status == 409 and "power actions are disabled" in body["msg"]
