@@ -46,7 +46,7 @@ async def test_domain_from_spec_on_qemu(libvirtd, image_dir, tmp_path):
             await call("PUT", f"/domains/{uid}/spec", spec)
             info = await call("POST", f"/domains/{uid}", {"action": "start"})
             assert info["state"] == "running"
-            vnc = await call("GET", f"/domains/{uid}/vnc")
+            vnc = await call("GET", f"/domains/{uid}/display")
             assert vnc["listen"] == "127.0.0.1" and vnc["port"] >= 5900 and vnc["password"] == "pw123456"
 
             iso = image_dir / "instances" / "_iso" / f"{uid}.iso"

@@ -77,7 +77,7 @@ async def test_a_template_on_qemu(libvirtd, image_dir, tmp_path):
 
             status, body = await api.call("POST", T, {"action": "edit", "param": ref})
             assert status == 200 and body["data"]["status"] == "active", body
-            vnc = await agents.call(node, "GET", f"/domains/{template['uuid']}/vnc")
+            vnc = await agents.call(node, "GET", f"/domains/{template['uuid']}/display")
             assert vnc["listen"] == "127.0.0.1" and vnc["port"] >= 5900 and len(vnc["password"]) == 8
 
             iso = await api.core.store.collection("isos").insert_one(new_record(

@@ -77,7 +77,7 @@ def register_routes(router: Router, agent: Any) -> Domains:
     async def cdrom(req: ApiRequest) -> dict:
         return await disk_call(domains.change_media(req.path["ident"], req.body.media))
 
-    @endpoint("GET", "/domains/{ident}/vnc", "The domain's VNC listen address, port and password")
+    @endpoint("GET", "/domains/{ident}/display", "VNC address, port and password (the console tunnel is /vnc)")
     async def vnc(req: ApiRequest) -> dict:
         return await disk_call(domains.vnc(req.path["ident"]))
 

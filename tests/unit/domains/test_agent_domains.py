@@ -87,9 +87,9 @@ async def test_domain_from_spec_power_actions_vnc_and_undefine_with_disks(node):
     tree = ET.fromstring(text)
     assert tree.find("./devices/interface/virtualport").get("type") == "openvswitch"
     assert tree.find("./devices/disk/source").get("file").endswith(f"{uid}-sys")
-    assert "pw123456" not in text  # the password is served only by /vnc
+    assert "pw123456" not in text  # the password is served only by /display
 
-    vnc = await node.call("GET", f"/domains/{uid}/vnc")
+    vnc = await node.call("GET", f"/domains/{uid}/display")
     assert vnc == {"listen": "127.0.0.1", "port": None, "password": "pw123456"}
     for action, state in [("start", "running"), ("hard_reboot", "running"), ("reset", "running"),
                           ("destroy", "shutoff"), ("hard_reboot", "running")]:
@@ -104,7 +104,7 @@ async def test_domain_from_spec_power_actions_vnc_and_undefine_with_disks(node):
     assert result["uuid"] == uid and result["removed_disks"][0].endswith(f"{uid}-sys")
     assert await node.call("GET", "/domains") == []
     assert not any(p.name == f"{uid}-sys" for p in node.storage().rglob("*"))
-    await refused(node.call("GET", f"/domains/{uid}/vnc"), agent_api.DOMAIN_NOT_FOUND.code)
+    await refused(node.call("GET", f"/domains/{uid}/display"), agent_api.DOMAIN_NOT_FOUND.code)
 
 
 @pytest_twisted.ensureDeferred
