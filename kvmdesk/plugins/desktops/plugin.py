@@ -7,11 +7,59 @@ from twisted.logger import Logger
 
 from kvmdesk import hookimpl
 from kvmdesk.core import group_names
-from kvmdesk.plugins.desktops import schema, teaching_groups
+from kvmdesk.plugins.desktops import admission, schema, teaching_groups
+from kvmdesk.plugins.desktops.loads import NodeLoads
 
-__all__ = ["kvmdesk_routes", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
+__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
 log = Logger(namespace="kvmdesk.desktops")
+
+#: The start-admission service (boot-storm control) other parts of the plugin and the bench reach.
+ADMISSION = "start_admission"
+
+DEFAULTS = {
+    "desktops": {
+        # Placement (planner.py): vCPUs per logical CPU a node may commit to desktops.
+        "cpu_overcommit": 8.0,
+        # RAM a node may commit to desktops, as a share of its total (1.0: none overcommitted)...
+        "ram_overcommit": 1.0,
+        # ...less this much kept for the host, in GiB.
+        "ram_reserve_gib": 2,
+        # Free space a new desktop overlay needs on the node's desktop-disk storage, in GiB.
+        "disk_per_desktop_gib": 1,
+        "admission": {
+            # Concurrent starts per logical CPU of a node (at least 1, at most max_starts)...
+            "starts_per_cpu": 0.5,
+            "max_starts": 16,
+            # ...scaled down linearly as the node's CPU use goes from idle_cpu to busy_cpu percent.
+            "idle_cpu": 50.0,
+            "busy_cpu": 95.0,
+            # Free memory (GiB) a node keeps beyond the RAM of the desktops starting on it.
+            "memory_reserve_gib": 1,
+            # Seconds between re-checks of a node whose queue waits for memory with nothing starting.
+            "recheck": 1.0,
+            # Seconds a start may wait for its slot before it fails.
+            "queue_timeout": 600.0,
+        },
+    }
+}
+
+
+@hookimpl
+def kvmdesk_config_defaults():
+    return DEFAULTS
+
+
+@hookimpl
+def kvmdesk_configure(core: Any) -> None:
+    loads = NodeLoads(core)
+    core.extensions[ADMISSION] = admission.StartAdmission(core.clock, loads, admission.Settings.from_config(core.config))
+    core.extensions[ADMISSION + ".loads"] = loads
+
+
+@hookimpl
+def kvmdesk_services(core: Any):
+    return [core.extensions[ADMISSION]]
 
 
 @hookimpl
