@@ -66,3 +66,38 @@ BAD_COUNT = define(6019, 400, "create_info: 节点 {ip} 的桌面数 {count} 必
 START_QUEUE_TIMEOUT = define(
     6030, 503, "节点 {ip} 启动排队超时 ({seconds} 秒)", "node {ip}: waited {seconds} s for a start slot, giving up"
 )
+
+# -- desktop groups and desktops ---------------------------------------------------------------------
+DESKTOP_NODE_FAILED = define(
+    6040, 502, "桌面 {name}: 节点 {ip} 操作失败: {reason}", "desktop {name}: the operation failed on node {ip}: {reason}"
+)
+TEMPLATE_UPDATING = define(
+    6041, 409, "模板 {name} 正在更新, 桌面组 {group} 的操作暂时不可用",
+    "template {name} is updating: the operations of desktop group {group} are disabled until it is done",
+)
+TEMPLATE_NOT_SAVED = define(
+    6042, 409, "template_uuid: 模板 {name} 还没有保存的版本", "template_uuid: template {name} has no saved version yet"
+)
+TEMPLATE_NOT_ON_NODE = define(
+    6043, 409, "create_info: 节点 {ip} 上还没有模板 {name} 的版本 {version}",
+    "create_info: node {ip} does not have version {version} of template {name} yet",
+)
+GROUP_INACTIVE = define(
+    6044, 409, "桌面组 {name} 未激活, 不能开机", "desktop group {name} is inactive and cannot be started"
+)
+DESKTOPS_FAILED = define(
+    6045, 502, "桌面组 {name}: {failed}/{total} 个桌面操作失败, 例如 {example}",
+    "desktop group {name}: {failed} of {total} desktops failed, e.g. {example}",
+)
+NOT_IN_GROUP = define(
+    6046, 400, "桌面 {name} 不属于桌面组 {group}", "desktop {name} does not belong to desktop group {group}"
+)
+POOL_MISMATCH = define(
+    6047, 400, "pool_uuid: 模板 {name} 属于另一个资源池", "pool_uuid: template {name} belongs to another resource pool"
+)
+DESKTOP_OFFLINE_NODE = define(
+    6048, 409, "桌面 {name}: 节点 {ip} 当前状态为 {state}", "desktop {name}: node {ip} is {state}"
+)
+NO_CONSOLE = define(
+    6049, 409, "桌面 {name} 未运行, 没有控制台", "desktop {name} is not running and has no console"
+)

@@ -8,12 +8,12 @@ from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
 from kvmdesk.api.models import Model
 
-_NAME = re.compile(r"^[A-Za-z0-9_.\-\u4e00-\u9fff]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _restricted(value: str) -> str:
     if not _NAME.match(value):
-        raise ValueError("only letters, digits, Chinese characters and _ . - are allowed")
+        raise ValueError("letters, digits and _ . - only (a domain name), starting with a letter or digit")
     return value
 
 

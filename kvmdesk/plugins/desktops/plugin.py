@@ -7,10 +7,10 @@ from twisted.logger import Logger
 
 from kvmdesk import hookimpl
 from kvmdesk.core import group_names
-from kvmdesk.plugins.desktops import admission, schema, teaching_groups
+from kvmdesk.plugins.desktops import admission, desktop_groups, events, instances, schema, teaching_groups
 from kvmdesk.plugins.desktops.loads import NodeLoads
 
-__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
+__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
 log = Logger(namespace="kvmdesk.desktops")
 
@@ -70,6 +70,8 @@ def kvmdesk_store_indexes():
 @hookimpl
 def kvmdesk_routes(router, core) -> None:
     teaching_groups.register_routes(router)
+    desktop_groups.register_routes(router)
+    instances.register_routes(router)
 
 
 @hookimpl
@@ -85,6 +87,33 @@ async def startup(core: Any) -> None:
         log.warn("teaching group {name!r} shares its name with another kind of group; rename one of them", name=name)
 
 
+#: What desktop groups and desktops refer to, by the kind other plugins ask about.
+_GROUP_FIELDS = {"template": "template", "subnet": "subnet", "data_network": "network", "resource_pool": "pool",
+                 "teaching_group": "group"}
+
+
 @hookimpl
 def kvmdesk_usage(core: Any, kind: str, uuid: str) -> Optional[Any]:
-    return teaching_groups.usage(core, kind, uuid)
+    return usage(core, kind, uuid)
+
+
+async def usage(core: Any, kind: str, uuid: str) -> Optional[str]:
+    """Teaching groups hold networks and subnets; desktop groups hold templates, subnets, networks,
+    pools and teaching groups; desktops hold nodes."""
+    reason = await teaching_groups.usage(core, kind, uuid)
+    if reason:
+        return reason
+    if kind == "node":
+        count = await core.store.collection(schema.DESKTOPS).count({"node": uuid})
+        return f"还有 {count} 个教学桌面 ({count} teaching desktops)" if count else None
+    field = _GROUP_FIELDS.get(kind)
+    if field is None:
+        return None
+    found = await core.store.collection(schema.DESKTOP_GROUPS).find({field: uuid}, projection=["name"], limit=3)
+    names = ", ".join(g["name"] for g in found)
+    return f"教学桌面组 {names} 正在使用 (used by teaching desktop groups {names})" if found else None
+
+
+@hookimpl
+def kvmdesk_domain_event(core: Any, node: Any, event: Any):
+    return events.on_domain_event(core, node, event)

@@ -13,6 +13,7 @@ TERMINALS = "terminals"
 #: Owned by other plugins; read here (the same convention as the network plugin's schema).
 NETWORKS = "data_networks"
 SUBNETS = "subnets"
+SWITCHES = "vswitchs"
 NODES = "nodes"
 POOLS = "resource_pools"
 TEMPLATES = "templates"
@@ -36,8 +37,8 @@ INDEXES = [
     Index(DESKTOPS, ["uuid"], unique=True),
     # Desktop names are the domains' names: unique across every group and node.
     Index(DESKTOPS, ["name"], unique=True),
-    Index(DESKTOPS, ["desktop_group"]),
-    Index(DESKTOPS, ["desktop_group", "status"]),
+    Index(DESKTOPS, ["desktop_uuid"]),
+    Index(DESKTOPS, ["desktop_uuid", "status"]),
     Index(DESKTOPS, ["node"]),
     Index(TERMINALS, ["group"]),
     *group_names.INDEXES,
