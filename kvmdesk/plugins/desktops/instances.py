@@ -26,10 +26,8 @@ PUBLIC = ("uuid", "name", "ipaddr", "hostname", "host_name", "status", "up_time"
 
 def public(core: Any, desktop: dict) -> dict:
     """The contract's view: ``active_time`` is the seconds since ``up_time`` while the desktop runs."""
-    seconds = 0
-    if desktop.get("status") == "active" and desktop.get("up_time"):
-        started = desktop.get("up_at") or 0
-        seconds = max(0, int(core.clock.seconds() - started)) if started else 0
+    started = desktop.get("up_at")
+    seconds = max(0, int(core.clock.seconds() - started)) if desktop.get("status") == "active" and started is not None else 0
     shown = {**desktop, "host_name": desktop.get("hostname"),
              "active_time": seconds}
     return {k: shown.get(k) for k in PUBLIC}

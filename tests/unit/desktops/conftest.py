@@ -3,7 +3,7 @@ data network and subnet made through the network plugin's own API."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 import pytest
 import pytest_twisted
@@ -66,3 +66,47 @@ def teaching_body(name: str, network: dict, subnet: dict, start: str = "172.16.1
 
 async def create_teaching_group(api: ApiClient, name: str, network: dict, subnet: dict, **extra: Any) -> dict:
     return ok(*await api.call("POST", TEACHING, teaching_body(name, network, subnet, **extra)))
+
+
+# -- desktop groups --------------------------------------------------------------------------------------
+
+DESKTOP_GROUPS = "/education/desktop"
+INSTANCES = "/education/instance"
+GIB = 1024**3
+
+
+async def seed_node(core: Any, name: str, ip: str, *, pool: Optional[dict] = None, state: str = "online", cpus: int = 16,
+                    ram_gib: int = 64, disk_gib: int = 500) -> dict:
+    """A node record as the nodes plugin and its watcher store it (facts, state)."""
+    from kvmdesk.testing.network import add_node
+
+    node = await add_node(core, name, ip, pool=pool)
+    facts = {"cpu": {"logical_count": cpus}, "memory": {"total": ram_gib * GIB, "available": ram_gib * GIB},
+             "storage": [{"role": "instance_sys", "free": disk_gib * GIB}]}
+    return await core.store.collection("nodes").find_one_and_update(
+        {"uuid": node["uuid"]}, {"$set": {"state": state, "facts": facts}})
+
+
+async def seed_template(core: Any, pool: dict, nodes: list[dict], *, name: str = "win7", status: str = "inactive",
+                        version: int = 1) -> dict:
+    """A template record with a saved version published to ``nodes`` (the shape the templates plugin stores)."""
+    from kvmdesk.core.records import new_record
+
+    device = {"uuid": "dev-sys", "type": "system", "role": 1, "device_name": "vda", "file_id": f"{name}-sys",
+              "boot_index": 0, "size": 20}
+    versions = [{"version": v, "files": [{"device_uuid": "dev-sys", "role": 1, "file_id": f"{name}-sys.v{v}", "md5": "0" * 32,
+                                          "size": GIB}], "created_at": "2026-01-01 00:00:00"} for v in range(1, version + 1)]
+    return await core.store.collection("templates").insert_one(new_record(
+        core.clock, name=name, status=status, os_type="Windows 7 64 bit", pool_uuid=pool["uuid"], devices=[device],
+        version=version or None, versions=versions, publish={n["uuid"]: {"version": version, "status": 0, "error": None}
+                                                              for n in nodes}))
+
+
+def group_body(name: str, teaching: dict, template: dict, pool: dict, network: dict, subnet: dict,
+               create_info: dict, **extra: Any) -> dict:
+    count = sum(v for v in create_info.values() if isinstance(v, int))
+    param = {"name": name, "group_uuid": teaching["uuid"], "template_uuid": template["uuid"], "pool_uuid": pool["uuid"],
+             "network_uuid": network["uuid"], "subnet_uuid": subnet["uuid"], "vcpu": 2, "ram": 2, "sys_restore": 1,
+             "data_restore": 1, "instance_num": count, "prefix": "pc", "postfix": 3, "postfix_start": 1,
+             "create_info": create_info, **extra}
+    return {"action": "create", "param": param}
