@@ -76,7 +76,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     for agent in agents:
         await agent.start()
     # Every node is this host: let it take the whole class (the figures are about speed, not capacity).
-    config = {"desktops": {"cpu_overcommit": 1000.0, "ram_overcommit": 100.0}}
+    config = {"desktops": {"cpu_overcommit": 1000.0, "ram_overcommit": 100.0, "disk_per_desktop_gib": 0.01}}
     try:
         async with nodes_controller(workdir / "controller", port, config=config) as api:
             core = api.core
