@@ -101,3 +101,6 @@ DESKTOP_OFFLINE_NODE = define(
 NO_CONSOLE = define(
     6049, 409, "桌面 {name} 未运行, 没有控制台", "desktop {name} is not running and has no console"
 )
+CONSOLE_MISSING = define(
+    6050, 501, "此控制器没有安装控制台服务", "this controller has no console relay installed"
+)

@@ -236,3 +236,23 @@ async def test_what_desktops_use_cannot_be_deleted(api):
     assert await core.usage("node", w["n2"]["uuid"]) is None
     status, answer = await api.call("DELETE", "/education/group", {"groups": [{"uuid": w["teaching"]["uuid"], "name": "c"}]})
     failed(status, answer, 409, 6005)
+
+
+@pytest_twisted.ensureDeferred
+async def test_console_of_a_running_desktop(api):
+    w = await world(api)
+    _, (running, _) = await stored_group(api, w)
+    status, answer = await api.call("POST", INSTANCES, {"action": "get_console", "param": {"uuid": running["uuid"],
+                                                                                          "name": running["name"]}})
+    try:
+        from kvmdesk.core import console
+    except ImportError:  # this build has no console relay: said so, never a fake URL
+        failed(status, answer, 501, 6050)
+        return
+    url = ok(status, answer)["websockify_url"]
+    assert url.startswith("ws://") and "token=" in url
+    from urllib.parse import parse_qs, urlsplit
+
+    token = parse_qs(urlsplit(url).query)["token"][0]
+    grant = await console.check(api.core, token, consume=False)
+    assert (grant.node_uuid, grant.domain_uuid, grant.holder_kind) == (w["n1"]["uuid"], running["uuid"], "admin")
