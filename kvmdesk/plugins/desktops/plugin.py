@@ -7,7 +7,7 @@ from twisted.logger import Logger
 
 from kvmdesk import hookimpl
 from kvmdesk.core import group_names
-from kvmdesk.plugins.desktops import admission, desktop_groups, events, instances, schema, teaching_groups
+from kvmdesk.plugins.desktops import admission, desktop_groups, events, instances, reconcile, schema, teaching_groups
 from kvmdesk.plugins.desktops.loads import NodeLoads
 
 __all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
@@ -27,6 +27,11 @@ DEFAULTS = {
         "ram_reserve_gib": 2,
         # Free space a new desktop overlay needs on the node's desktop-disk storage, in GiB.
         "disk_per_desktop_gib": 1,
+        # Seconds between rounds comparing every node's domains with its desktops (missed events).
+        "reconcile_interval": 60.0,
+        # "ovs": desktops' NICs on their data network's bridge and VLAN; "user": QEMU user-mode
+        # networking (hosts without Open vSwitch: demos, tests).
+        "nic_kind": "ovs",
         "admission": {
             # Concurrent starts per logical CPU of a node (at least 1, at most max_starts)...
             "starts_per_cpu": 0.5,
@@ -59,7 +64,9 @@ def kvmdesk_configure(core: Any) -> None:
 
 @hookimpl
 def kvmdesk_services(core: Any):
-    return [core.extensions[ADMISSION]]
+    reconciler = reconcile.DesktopReconciler(core, float(core.config.get("desktops.reconcile_interval", 60.0)))
+    core.extensions[reconcile.EXTENSION] = reconciler
+    return [core.extensions[ADMISSION], reconciler]
 
 
 @hookimpl
