@@ -69,6 +69,7 @@ async def create(req: ApiRequest) -> dict:
     except BaseException:
         await groups.delete_one({"uuid": record["uuid"]})
         raise
+    await core.created(schema.DESKTOP_GROUP_KIND, record)
     return (await with_counts(core, [record]))[0]
 
 
@@ -152,8 +153,11 @@ def activation(active: bool) -> Any:
     async def handler(req: ApiRequest) -> dict:
         async def one(ref: dict) -> None:
             await record_or_404(req.core, schema.DESKTOP_GROUPS, ref["uuid"])
-            await req.core.store.collection(schema.DESKTOP_GROUPS).update_one(
-                {"uuid": ref["uuid"]}, {"$set": {"active": active, "updated_at": now_text(req.core.clock)}})
+            changes = {"active": active, "updated_at": now_text(req.core.clock)}
+            updated = await req.core.store.collection(schema.DESKTOP_GROUPS).find_one_and_update(
+                {"uuid": ref["uuid"]}, {"$set": changes})
+            if updated is not None:
+                await req.core.updated(schema.DESKTOP_GROUP_KIND, updated, changes)
 
         return await run_batch(req, _refs(req), one)
 
@@ -164,8 +168,9 @@ async def delete(req: ApiRequest) -> dict:
     async def one(ref: dict) -> None:
         group = await usable_group(req, ref["uuid"])
         await on_every_desktop(req, group, "delete")
-        await req.core.refuse_if_used("desktop_uuid", group["uuid"], f"{GROUP} {group['name']}")
+        await req.core.refuse_if_used(schema.DESKTOP_GROUP_KIND, group["uuid"], GROUP.named(group["name"]))
         await req.core.store.collection(schema.DESKTOP_GROUPS).delete_one({"uuid": group["uuid"]})
+        await req.core.deleted(schema.DESKTOP_GROUP_KIND, group)
 
     return await run_batch(req, _refs(req), one)
 
@@ -184,6 +189,7 @@ async def edit(req: ApiRequest) -> dict:
         raise ApiError(errors.ALREADY_EXISTS, resource=GROUP, key=changes.get("name")) from None
     if updated is None:
         raise ApiError(errors.NOT_FOUND, resource=GROUP, key=group["uuid"])
+    await core.updated(schema.DESKTOP_GROUP_KIND, updated, changes)
     if restores(updated) != restores(group):
         await redefine_all(req, updated)
     return (await with_counts(core, [updated]))[0]

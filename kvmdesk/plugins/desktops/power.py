@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.records import now_text
+from kvmdesk.core.records import now_text, without
 from kvmdesk.plugins.desktops import codes, planner, schema
 from kvmdesk.plugins.desktops.domain_ops import DomainOps, network_nic, restores
 from kvmdesk.plugins.desktops.provisioning import release_addresses
@@ -194,6 +194,7 @@ async def delete(ctx: Context, desktop: dict) -> None:
                 busy(ctx.core).discard(desktop["uuid"])
         await release_addresses(ctx.core, [desktop["uuid"]])
         await ctx.core.store.collection(schema.DESKTOPS).delete_one({"uuid": desktop["uuid"]})
+        await ctx.core.deleted(schema.DESKTOP_KIND, without(desktop, schema.HIDDEN_FIELDS))
 
     await locks(ctx.core).run(desktop["uuid"], work)
 
