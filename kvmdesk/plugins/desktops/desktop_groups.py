@@ -106,19 +106,19 @@ async def group_desktops(core: Any, group_uuid: str) -> list[dict]:
     return await core.store.collection(schema.DESKTOPS).find({"desktop_uuid": group_uuid}, sort=[("id", 1)])
 
 
-async def on_every_desktop(req: ApiRequest, group: dict, operation: str) -> None:
+async def on_every_desktop(core: Any, group: dict, operation: str, lang: str = "zh") -> None:
     """Run ``operation`` on every desktop of the group; the group fails if any desktop did (the others
     went on), with the count and the first reason."""
-    desktops = await group_desktops(req.core, group["uuid"])
+    desktops = await group_desktops(core, group["uuid"])
     if not desktops:
         return
-    ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops}))
+    ctx = await power.Context.load(core, group, sorted({d["node"] for d in desktops}))
     failures = await power.each(ctx, desktops, operation)
     if failures:
         first, exc = failures[0]
         raise ApiError(codes.DESKTOPS_FAILED, data={"failures": [
-            {"uuid": d["uuid"], "name": d["name"], "code": e.error.code, "msg": e.message(req.lang)} for d, e in failures]},
-            name=group["name"], failed=len(failures), total=len(desktops), example=f"{first['name']}: {exc.message(req.lang)}")
+            {"uuid": d["uuid"], "name": d["name"], "code": e.error.code, "msg": e.message(lang)} for d, e in failures]},
+            name=group["name"], failed=len(failures), total=len(desktops), example=f"{first['name']}: {exc.message(lang)}")
 
 
 async def usable_group(req: ApiRequest, uuid: str, *, starting: bool = False) -> dict:
@@ -141,7 +141,7 @@ def power_action(operation: str) -> Any:
     async def handler(req: ApiRequest) -> dict:
         async def one(ref: dict) -> None:
             group = await usable_group(req, ref["uuid"], starting=operation in ("start", "reboot"))
-            await on_every_desktop(req, group, operation)
+            await on_every_desktop(req.core, group, operation, req.lang)
 
         return await run_batch(req, _refs(req), one)
 
@@ -167,7 +167,7 @@ def activation(active: bool) -> Any:
 async def delete(req: ApiRequest) -> dict:
     async def one(ref: dict) -> None:
         group = await usable_group(req, ref["uuid"])
-        await on_every_desktop(req, group, "delete")
+        await on_every_desktop(req.core, group, "delete", req.lang)
         await req.core.refuse_if_used(schema.DESKTOP_GROUP_KIND, group["uuid"], GROUP.named(group["name"]))
         await req.core.store.collection(schema.DESKTOP_GROUPS).delete_one({"uuid": group["uuid"]})
         await req.core.deleted(schema.DESKTOP_GROUP_KIND, group)
