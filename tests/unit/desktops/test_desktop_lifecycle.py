@@ -180,6 +180,13 @@ async def test_a_group_without_restore_keeps_its_disks(tmp_path):
         (desktop,) = await desktops_of(world, group["uuid"])
         assert (desktop["status"], desktop["power"]) == ("inactive", "off")
 
+        # restore turned on: the domain is defined again, ending in destroy at a guest reboot
+        agent = world.agents[0]
+        assert "<on_reboot>restart</on_reboot>" in await agent.hypervisor.domain_xml(desktop["uuid"])
+        ok(*await world.api.call("PUT", DESKTOP_GROUPS, {"uuid": group["uuid"], "name": "keep",
+                                                          "value": {"sys_restore": 1}}))
+        assert "<on_reboot>destroy</on_reboot>" in await agent.hypervisor.domain_xml(desktop["uuid"])
+
 
 @pytest_twisted.ensureDeferred
 async def test_a_create_that_fails_on_one_node_leaves_nothing_anywhere(tmp_path):
