@@ -1,0 +1,60 @@
+"""Built-in plugin ``desktops``: teaching groups, teaching desktop groups and their desktops (#79-#98).
+
+Endpoints (under ``/api/v1.0``):
+
+- ``/education/group``: create (POST), edit (PUT), delete (DELETE, batch), paged query (GET) with
+  ``network_name``, ``subnet_name``, the subnet's range, ``terminal_count``, ``desktop_count`` and
+  ``instance_count``.
+- ``/education/desktop``: actions ``create``, ``start``, ``stop``, ``reboot``, ``active``, ``inactive``
+  (POST), delete (DELETE, batch), edit (PUT: name, restore flags, order), paged query (GET) with
+  counts and the names of the group, template, pool and network.
+- ``/education/instance``: actions ``start``, ``stop``, ``reboot``, ``create`` (add desktops),
+  ``get_console`` (POST), delete (DELETE, batch), paged query (GET, ``desktop_uuid=<group>``).
+
+How it works (one module each): :mod:`.planner` checks ``create_info`` against the pool's nodes and
+their capacity (pure); :mod:`.provisioning` reads the stored nodes, checks names and takes addresses
+from the IPAM all or none; :mod:`.creation` makes the desktops (overlays and domains) and removes
+everything again if any node fails; :mod:`.admission` admits starts per node (boot storms);
+:mod:`.power` is what happens to one desktop; :mod:`.domain_ops` is every call to a node's agent
+(the domain protocol of :mod:`kvmdesk.protocol.domains`); :mod:`.events` and :mod:`.reconcile` keep
+desktop states from lifecycle events and catch what they missed.
+
+Decisions where the contract is silent:
+
+- A teaching group's terminal range (``start_ip``-``end_ip``) need not lie inside the subnet (the
+  document's own example has it outside: terminals are physical machines, often on another
+  segment), but it must not overlap the subnet's address range, which the IPAM hands to desktops
+  (409, code 6004); it holds at most 4096 addresses.
+- Group names are one namespace with the user groups (:mod:`kvmdesk.core.group_names`): a clash is
+  409, code 6001.  Deleting a teaching group that still has desktop groups is refused (409, 6005);
+  other plugins can refuse too through ``kvmdesk_usage(kind="teaching_group")``.
+- ``terminal_count`` counts the ``terminals`` records of the group; no feature registers terminals
+  yet, so it is 0 until one does.
+- This plugin answers ``kvmdesk_usage`` for ``data_network`` and ``subnet`` (teaching and desktop
+  groups), ``template``, ``resource_pool`` and ``teaching_group`` (desktop groups) and ``node``
+  (desktops placed on it).
+- ``create_info`` is checked whole before anything is made: every problem (unknown node, node of
+  another pool, offline node, not enough vCPUs/RAM/disk, template version missing on the node) is
+  listed in the error's ``data.problems``; the message is the first one.  Capacity counts every
+  desktop already placed on the node, running or not (a class starts all of them at once):
+  ``[desktops] cpu_overcommit``, ``ram_overcommit``, ``ram_reserve_gib``, ``disk_per_desktop_gib``.
+- The counts of ``create_info`` must add up to ``instance_num``; names that would need more than
+  ``postfix`` digits are refused (not widened); names that exist anywhere are refused (409, all
+  listed in ``data.names``).  Added desktops (#94) continue after the group's highest number.
+- A group create that fails on any node removes every overlay and domain it made on every node,
+  releases the addresses and deletes the records; the answer is the failing desktop's error.
+- **Deleting a running desktop stops it first** (destroy), then removes its domain, overlays and
+  address: it is not refused, a classroom's desktops are disposable.
+- Stopping a restore desktop destroys it (its disk is thrown away anyway); other desktops shut down
+  cleanly.  Rebooting a restore desktop is off, fresh overlays, on (through admission).
+- A restore desktop stopped by its guest (``on_reboot=destroy`` makes a guest reboot end the domain)
+  while it is meant to be on comes back on fresh overlays: a guest *shutdown* does too (classroom
+  desktops stay on until an administrator stops them).  A restore desktop moves to the template's
+  current version at that restore, if the version is on its node; other desktops keep the version
+  they were made from (the contract has no "upgrade" endpoint: not built).
+- A group batch (start/stop/reboot/delete of groups) fails a group when any of its desktops failed
+  (code 6045, the count and the first reason; every desktop's failure in ``data.failures``); the
+  other desktops went on.  A desktop batch reports each desktop.
+- ``active_time`` is the seconds since the desktop's ``up_time`` while it runs, 0 otherwise.
+"""
+from kvmdesk.plugins.desktops.plugin import *  # noqa: F401,F403  (the hook implementations)
