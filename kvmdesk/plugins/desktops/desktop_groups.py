@@ -9,7 +9,6 @@ from twisted.internet import defer
 from kvmdesk.api.router import Action, ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
@@ -23,6 +22,8 @@ TAGS = ("teaching_desktop_groups",)
 GROUP = NAMES[schema.DESKTOP_GROUPS]
 SEARCH_FIELDS = {"uuid": str, "name": str, "group": str, "template": str, "pool": str, "network": str, "subnet": str,
                  "active": bool, "sys_restore": int, "data_restore": int, "prefix": str, "owner": str, "order_num": int}
+#: Groups of one batch worked on at once (each group's desktops all go at once, starts queued per node).
+GROUPS_AT_ONCE = 8
 #: What the query shows of a group record (the rest is bookkeeping).
 HIDDEN = ("postfix_next",)
 
@@ -143,7 +144,8 @@ def power_action(operation: str) -> Any:
             group = await usable_group(req, ref["uuid"], starting=operation in ("start", "reboot"))
             await on_every_desktop(req.core, group, operation, req.lang)
 
-        return await run_batch(req, _refs(req), one)
+        return await req.core.jobs.run_items(req, f"desktop_groups.{operation}", _refs(req), one,
+                                             concurrency=GROUPS_AT_ONCE)
 
     handler.__name__ = f"{operation}_groups"
     return handler
@@ -159,7 +161,8 @@ def activation(active: bool) -> Any:
             if updated is not None:
                 await req.core.updated(schema.DESKTOP_GROUP_KIND, updated, changes)
 
-        return await run_batch(req, _refs(req), one)
+        return await req.core.jobs.run_items(req, "desktop_groups.active" if active else "desktop_groups.inactive",
+                                             _refs(req), one)
 
     return handler
 
@@ -170,9 +173,11 @@ async def delete(req: ApiRequest) -> dict:
         await on_every_desktop(req.core, group, "delete", req.lang)
         await req.core.refuse_if_used(schema.DESKTOP_GROUP_KIND, group["uuid"], GROUP.named(group["name"]))
         await req.core.store.collection(schema.DESKTOP_GROUPS).delete_one({"uuid": group["uuid"]})
+        for key in schema.lesson_keys(group["uuid"]):
+            await req.core.scheduler.cancel(key)  # its timetable
         await req.core.deleted(schema.DESKTOP_GROUP_KIND, group)
 
-    return await run_batch(req, _refs(req), one)
+    return await req.core.jobs.run_items(req, "desktop_groups.delete", _refs(req), one, concurrency=GROUPS_AT_ONCE)
 
 
 async def edit(req: ApiRequest) -> dict:

@@ -6,7 +6,6 @@ from typing import Any
 from kvmdesk.api.router import Action, ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.desktops import codes, creation, power, schema
@@ -33,40 +32,28 @@ def public(core: Any, desktop: dict) -> dict:
     return {k: shown.get(k) for k in PUBLIC}
 
 
-async def members(req: ApiRequest, group: dict, refs: list) -> tuple[list[dict], list[tuple[dict, ApiError]]]:
-    """The group's desktops the batch names (by uuid, duplicates merged), and a failure per other one."""
-    wanted = {r.uuid: r.name for r in refs}
-    found = {d["uuid"]: d for d in await req.core.store.collection(schema.DESKTOPS).find({"uuid": {"$in": list(wanted)}})}
-    desktops, failures = [], []
-    for uuid, name in wanted.items():
-        desktop = found.get(uuid)
-        if desktop is None:
-            failures.append(({"uuid": uuid, "name": name}, ApiError(errors.NOT_FOUND, resource=DESKTOP, key=name or uuid)))
-        elif desktop.get("desktop_uuid") != group["uuid"]:
-            failures.append(({"uuid": uuid, "name": name}, ApiError(codes.NOT_IN_GROUP, name=desktop["name"], group=group["name"])))
-        else:
-            desktops.append(desktop)
-    req.oplog_detail = f"{group['name']}: " + ", ".join(str(n or u) for u, n in list(wanted.items())[:10])
-    return desktops, failures
-
-
-def answer(req: ApiRequest, total: int, failures: list[tuple[dict, ApiError]]) -> dict:
-    """The contract's batch answer (as :func:`kvmdesk.core.jobs.run_batch` gives it)."""
-    if total == 1 and failures:
-        raise failures[0][1]
-    return {"success_num": total - len(failures), "failed_num": len(failures),
-            "failures": [{"uuid": d.get("uuid"), "name": d.get("name"), "code": e.error.code, "msg": e.message(req.lang)}
-                         for d, e in failures]}
-
-
 async def on_members(req: ApiRequest, group: dict, refs: list, operation: str) -> dict:
-    """``operation`` on the named desktops of ``group``: each one's result, the others going on."""
-    desktops, failures = await members(req, group, refs)
-    total = len(desktops) + len(failures)
-    if desktops:
-        ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops}))
-        failures += await power.each(ctx, desktops, operation)
-    return answer(req, total, failures)
+    """``operation`` on the named desktops of ``group``, as a job: each one's result (a desktop of
+    another group or an unknown one is a failure), the others going on; starts queue per node in the
+    admission control, so they all go at once."""
+    wanted = list({r.uuid: {"uuid": r.uuid, "name": r.name} for r in refs}.values())
+    req.oplog_detail = f"{group['name']}: " + ", ".join(str(r["name"] or r["uuid"]) for r in wanted[:10])
+    found = {d["uuid"]: d for d in await req.core.store.collection(schema.DESKTOPS).find(
+        {"uuid": {"$in": [r["uuid"] for r in wanted]}})}
+    ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in found.values()}))
+    run = power.OPERATIONS[operation]
+
+    async def one(ref: dict) -> None:
+        desktop = found.get(ref["uuid"])
+        if desktop is None:
+            raise ApiError(errors.NOT_FOUND, resource=DESKTOP, key=ref["name"] or ref["uuid"])
+        if desktop.get("desktop_uuid") != group["uuid"]:
+            raise ApiError(codes.NOT_IN_GROUP, name=desktop["name"], group=group["name"])
+        await run(ctx, desktop)
+
+    concurrency = int(req.core.config.get("desktops.batch_concurrency", 1000))
+    return await req.core.jobs.run_items(req, f"desktops.{operation}", wanted, one, concurrency=concurrency,
+                                         title=f"{operation} desktops of {group['name']}")
 
 
 def power_action(operation: str) -> Any:

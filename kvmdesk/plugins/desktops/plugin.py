@@ -8,7 +8,8 @@ from twisted.logger import Logger
 from kvmdesk import hookimpl
 from kvmdesk.core import group_names
 from kvmdesk.core.errors import Resource
-from kvmdesk.plugins.desktops import admission, desktop_groups, events, instances, reconcile, schema, teaching_groups
+from kvmdesk.plugins.desktops import (admission, desktop_groups, events, instances, reconcile, schema, teaching_groups,
+                                      timetables)
 from kvmdesk.plugins.desktops.loads import NodeLoads
 
 __all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
@@ -28,6 +29,8 @@ DEFAULTS = {
         "ram_reserve_gib": 2,
         # Free space a new desktop overlay needs on the node's desktop-disk storage, in GiB.
         "disk_per_desktop_gib": 1,
+        # Desktops of one batch (a job) worked on at once; starts still queue per node (admission).
+        "batch_concurrency": 1000,
         # Seconds between rounds comparing every node's domains with its desktops (missed events).
         "reconcile_interval": 60.0,
         # "ovs": desktops' NICs on their data network's bridge and VLAN; "user": QEMU user-mode
@@ -61,6 +64,7 @@ def kvmdesk_configure(core: Any) -> None:
     loads = NodeLoads(core)
     core.extensions[ADMISSION] = admission.StartAdmission(core.clock, loads, admission.Settings.from_config(core.config))
     core.extensions[ADMISSION + ".loads"] = loads
+    timetables.register(core)
 
 
 @hookimpl
@@ -80,6 +84,7 @@ def kvmdesk_routes(router, core) -> None:
     teaching_groups.register_routes(router)
     desktop_groups.register_routes(router)
     instances.register_routes(router)
+    timetables.register_routes(router)
 
 
 @hookimpl

@@ -48,3 +48,8 @@ INDEXES = [
     Index(TERMINALS, ["group"]),
     *group_names.INDEXES,
 ]
+
+
+def lesson_keys(group_uuid: str) -> tuple[str, str]:
+    """The scheduler keys of a desktop group's timetable: its weekly starts and stops (:mod:`.timetables`)."""
+    return f"desktops.lesson_start:{group_uuid}", f"desktops.lesson_stop:{group_uuid}"

@@ -165,6 +165,7 @@ async def test_activate_deactivate_and_inactive_groups_do_not_start(api):
     mixed = {"desktops": [{"uuid": group["uuid"], "name": "dg1"}, {"uuid": "nope", "name": "ghost"}]}
     answer = ok(*await api.call("POST", DESKTOP_GROUPS, {"action": "active", "param": mixed}))
     assert (answer["success_num"], answer["failed_num"], answer["failures"][0]["name"]) == (1, 1, "ghost")
+    assert ok(*await api.call("GET", f"/jobs/{answer['job_id']}"))["state"] == "partial"
     (shown,) = ok(*await api.call("GET", DESKTOP_GROUPS))["results"]
     assert shown["active"] is True
     await api.core.store.collection("templates").update_one({"uuid": w["template"]["uuid"]}, {"$set": {"status": "updating"}})
@@ -217,6 +218,9 @@ async def test_desktop_query_console_and_batch_refusals(api, clock):
     answer = ok(*await api.call("POST", INSTANCES, {"action": "stop", "param": param}, headers=EN))
     assert (answer["success_num"], answer["failed_num"]) == (0, 2)
     assert {f["name"]: f["code"] for f in answer["failures"]} == {foreign["name"]: 6046, "ghost": 1012}
+    job = ok(*await api.call("GET", f"/jobs/{answer['job_id']}"))  # the batch ran as a persisted job
+    assert (job["kind"], job["state"], job["failed_num"]) == ("desktops.stop", "failed", 2)
+    assert [i["code"] for i in job["items"]] == [6046, 1012]
     status, answer = await api.call("DELETE", INSTANCES, {**param, "instances": param["instances"][1:]})
     failed(status, answer, 404, 1012)
     status, answer = await api.call("DELETE", INSTANCES, {**param, "desktop_type": 2})
