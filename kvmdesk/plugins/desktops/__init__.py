@@ -56,5 +56,8 @@ Decisions where the contract is silent:
   (code 6045, the count and the first reason; every desktop's failure in ``data.failures``); the
   other desktops went on.  A desktop batch reports each desktop.
 - ``active_time`` is the seconds since the desktop's ``up_time`` while it runs, 0 otherwise.
+- Every batch runs as a persisted job (``core.jobs.run_items``): the answer adds ``job_id``; the
+  job keeps each item's result (``GET /api/v1.0/jobs/{uuid}``).
+- Timetables (beyond the contract): :mod:`.timetables`.
 """
 from kvmdesk.plugins.desktops.plugin import *  # noqa: F401,F403  (the hook implementations)
