@@ -252,6 +252,9 @@ class Agent(MultiService):
         }
 
     def unenrol(self) -> None:
+        """Forget the enrolment (if any): the enrolment password enrols again."""
+        if self.enrolments.current is None:
+            return  # nothing to remove: no log line that sounds like something went
         self.enrolments.clear()
         log.info("enrolment removed: the enrolment password enrols again")
 

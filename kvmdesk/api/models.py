@@ -1,7 +1,7 @@
 """Base classes for request models: unknown fields are rejected, JSON types are taken as they are."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -28,13 +28,15 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "body"
 
 
-def validate(model: type[BaseModel], data: Any, prefix: tuple = ()) -> Any:
+def validate(model: type[BaseModel], data: Any, prefix: tuple = (), *, strict: Optional[bool] = None) -> Any:
     """Validate ``data`` into ``model``; raise a 400 :class:`ApiError` naming the first bad field.
 
     The envelope's ``data`` lists every problem as ``{"field", "reason"}``.
+
+    :param strict: ``False`` converts text to the field's type (query strings are all text).
     """
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=strict)
     except ValidationError as exc:
         problems = [{"field": field_name(prefix + tuple(err["loc"])), "reason": err["msg"]} for err in exc.errors()]
         first = problems[0]

@@ -27,6 +27,14 @@ def _schema(model: Any, components: dict) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+def _query_parameters(model: Any) -> list[dict]:
+    """The fields of a ``query=`` model as OpenAPI query parameters (their JSON schemas, limits included)."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    return [{"name": name, "in": "query", "required": name in required, "schema": field}
+            for name, field in schema.get("properties", {}).items()]
+
+
 def _operation(spec: "Endpoint", components: dict) -> dict:
     op: dict[str, Any] = {
         "summary": spec.summary,
@@ -46,6 +54,8 @@ def _operation(spec: "Endpoint", components: dict) -> dict:
     if spec.search_fields:
         params.append({"name": "searchtype", "in": "query", "schema": {"type": "string", "enum": ["all", "contain", "single"]}})
         params += [{"name": n, "in": "query", "schema": {"type": _TYPES.get(t, "string")}} for n, t in spec.search_fields.items()]
+    if spec.query is not None:
+        params += _query_parameters(spec.query)
     if params:
         op["parameters"] = params
     if spec.actions is not None:

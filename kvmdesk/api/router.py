@@ -57,6 +57,8 @@ class ApiRequest:
     action: Optional["Action"] = None
     #: What a ``stream=`` endpoint's sink made of the body (e.g. an uploaded file), once complete.
     stream: Any = None
+    #: The query string validated into the endpoint's ``query=`` model (``None`` without one).
+    query: Any = None
     #: ``scheme://host/path?`` of this request, once :meth:`url_with` needed it (a page links twice).
     _base_url: Optional[str] = attrs.field(default=None, init=False, repr=False)
     #: ``{name: "name=value"}`` of this request's query, quoted once for all the links of a page.
@@ -207,11 +209,18 @@ class Router(Klein):
     ) -> Callable[[Handler], Handler]:
         """Register ``handler`` for ``method path`` (``{name}`` marks path parameters).
 
+        :param summary: one line for the OpenAPI document.
         :param body: request model; the body is validated into it before the handler runs.
+        :param query: query-string model: the parameters are validated into it (text converted to the
+            fields' types; an unknown parameter is refused) and the handler gets it in ``req.query``;
+            documented in OpenAPI as the operation's query parameters.  Not for list endpoints, whose
+            query is the generic search (``search_fields``).
         :param auth: require a valid token (every endpoint but login does).
         :param oplog: zh-CN label for the operation log ("" to not record a state change).
         :param raw_body: the handler reads the body itself (uploads); no size check or parsing.
+        :param tags: OpenAPI tags (the group the operation is listed under).
         :param search_fields: filterable fields of a list endpoint (documented in OpenAPI).
+        :param paged: a list answered with ``page``/``page_size`` but no search fields (documented in OpenAPI).
         :param stream: a factory ``(StreamContext) -> BodySink``: the body is streamed into the sink as
             it arrives, never buffered (uploads); the handler gets what the sink made of it in
             ``req.stream``.  Implies ``raw_body``; ``body`` may then describe the form for OpenAPI.
@@ -319,6 +328,8 @@ class Router(Klein):
         try:
             if spec.auth:
                 req.admin = await self.core.auth.authenticate(request.getHeader(b"authorization"))
+            if spec.query is not None:
+                req.query = validate(spec.query, req.args, strict=False)
             if spec.body is not None and not spec.raw_body:
                 req.body = validate(spec.body, self._json_body(request))
             if spec.stream is not None:

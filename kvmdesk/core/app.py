@@ -17,8 +17,9 @@ from twisted.logger import Logger
 
 from kvmdesk.core import auth, errors, oplog
 from kvmdesk.core.config import Config
-from kvmdesk.core.errors import ApiError
-from kvmdesk.core.plugins import blocked_names, gather_hook, make_plugin_manager
+from kvmdesk.core.errors import ApiError, Resource
+from kvmdesk.core.plugins import blocked_names, gather_hook, loaded_and_blocked, make_plugin_manager
+from kvmdesk.core.records import SECRET_FIELDS, without
 from kvmdesk.core.routing import MakeRouter, RouterLike
 from kvmdesk.core.store import Store, open_store
 
@@ -46,19 +47,48 @@ class Core:
     #: Free-form room for plugins to share objects (e.g. the node agents' client).
     extensions: dict[str, Any] = attrs.field(factory=dict)
 
-    async def usage(self, kind: str, uuid: str) -> Optional[str]:
+    async def usage(self, kind: str, uuid: str) -> Optional[Resource | str]:
         """Ask every plugin whether ``kind``/``uuid`` is still in use; return the first reason."""
         reasons = await gather_hook(self.plugins.hook.kvmdesk_usage(core=self, kind=kind, uuid=uuid))
         return next((r for r in reasons if r), None)
 
-    async def refuse_if_used(self, kind: str, uuid: str, resource: str) -> None:
+    async def refuse_if_used(self, kind: str, uuid: str, resource: Resource | str) -> None:
         """Raise the 409 "in use, cannot be deleted" error if any plugin says ``kind``/``uuid`` is in use.
 
-        :param resource: how the answer names it (e.g. ``"资源池 lab-1"``).
+        :param resource: how the answer names it (e.g. ``POOL.named("lab-1")``).
         """
         reason = await self.usage(kind, uuid)
         if reason:
             raise ApiError(errors.IN_USE, resource=resource, reason=reason)
+
+    # -- after a change: the lifecycle hooks -------------------------------------------------------
+
+    async def created(self, kind: str, record: Any) -> None:
+        """Tell every plugin that a ``kind`` record was created (``kvmdesk_created``).
+
+        Call it after the change is stored; secrets are left out of what plugins see, and a plugin
+        that fails is logged without undoing the change.
+        """
+        await self._announce(self.plugins.hook.kvmdesk_created, "created", kind, record=without(record, SECRET_FIELDS))
+
+    async def updated(self, kind: str, record: Any, changes: Any) -> None:
+        """Tell every plugin that a ``kind`` record changed (``kvmdesk_updated``); ``changes``: the fields set."""
+        await self._announce(self.plugins.hook.kvmdesk_updated, "updated", kind, record=without(record, SECRET_FIELDS),
+                             changes=without(changes, SECRET_FIELDS))
+
+    async def deleted(self, kind: str, record: Any) -> None:
+        """Tell every plugin that a ``kind`` record was deleted (``kvmdesk_deleted``), with the record as it was."""
+        await self._announce(self.plugins.hook.kvmdesk_deleted, "deleted", kind, record=without(record, SECRET_FIELDS))
+
+    async def _announce(self, hook: Any, what: str, kind: str, **kwargs: Any) -> None:
+        if not hook.get_hookimpls():
+            return  # nobody listens: bulk operations (10,000 users) pay nothing
+        try:
+            await gather_hook(hook(core=self, kind=kind, **kwargs))
+        except Exception:
+            # The change is done and answered; a listener's failure is its own to repair (kvmdesk_reconcile).
+            log.failure("a plugin failed after {kind} {uuid} was {what}", kind=kind, what=what,
+                        uuid=kwargs["record"].get("uuid"))
 
 
 def store_uri(config: Config, data_dir: Path) -> str:
@@ -75,6 +105,14 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+async def reconcile(core: Core) -> None:
+    """Run every plugin's ``kvmdesk_reconcile``; a failure is logged, start-up goes on."""
+    try:
+        await gather_hook(core.plugins.hook.kvmdesk_reconcile(core=core))
+    except Exception:
+        log.failure("a plugin's start-up reconcile failed")
 
 
 async def build_core(
@@ -97,6 +135,9 @@ async def build_core(
         plugins = make_plugin_manager(blocked_names(config.get("plugins.blocked", [])))
     # Plugins registered by hand after make_plugin_manager() (tests, embedders) are checked too.
     plugins.check_pending()
+    loaded, blocked = loaded_and_blocked(plugins)
+    log.info("plugins loaded: {loaded}; blocked: {blocked}", loaded=", ".join(loaded) or "none",
+             blocked=", ".join(blocked) or "none")
     for defaults in plugins.hook.kvmdesk_config_defaults():
         config.add_defaults(defaults or {})
     data_dir = Path(config.get("controller.data_dir")).absolute()
@@ -122,7 +163,8 @@ async def build_core(
         await store.ensure_indexes(indexes)
         core.router = make_router(core)
         await gather_hook(plugins.hook.kvmdesk_startup(core=core))
-        await core.auth.ensure_first_admin(data_dir)
+        await reconcile(core)
+        await core.auth.ensure_first_admin(data_dir, config.get("auth.first_admin_password") or None)
         for services in plugins.hook.kvmdesk_services(core=core):
             for service in services or []:
                 service.setServiceParent(core.services)

@@ -103,16 +103,19 @@ class Authenticator:
         )
         self._cache: dict[str, tuple[dict[str, Any], float]] = {}
 
-    async def ensure_first_admin(self, data_dir: Path) -> None:
-        """Create ``admin`` on first start, with ``KVMDESK_ADMIN_PASSWORD`` or a random password.
+    async def ensure_first_admin(self, data_dir: Path, password: Optional[str] = None) -> None:
+        """Create ``admin`` on first start, with ``password``, ``KVMDESK_ADMIN_PASSWORD`` or a random password.
 
         A random password is logged once and written to ``<data_dir>/initial-admin-password``
         (readable by its owner only).
+
+        :param password: the password to give (``[auth] first_admin_password``; tests set it).
         """
         admins = self.store.collection(ADMINS)
         if await admins.count() > 0:
             return
-        password = os.environ.get("KVMDESK_ADMIN_PASSWORD", "")
+        source = "[auth] first_admin_password" if password else "KVMDESK_ADMIN_PASSWORD"
+        password = password or os.environ.get("KVMDESK_ADMIN_PASSWORD", "")
         generated = not password
         if generated:
             password = secrets.token_urlsafe(12)
@@ -130,7 +133,7 @@ class Authenticator:
                 path=str(path),
             )
         else:
-            log.info("Created administrator 'admin' with the password from KVMDESK_ADMIN_PASSWORD")
+            log.info("Created administrator 'admin' with the password from {source}", source=source)
 
     async def login(self, username: str, password: str, client_ip: str) -> dict[str, Any]:
         """Check the credentials and issue a token.

@@ -7,12 +7,44 @@ moment a plugin is imported.
 
 Number ranges: 0 success, 1000-1999 core, 2000-2999 nodes and pools, 3000-3999 network,
 4000-4999 storage, 5000-5999 templates, 6000-6999 desktops, 7000-7999 users, 9000+ third-party plugins.
+A third-party plugin picks a block of 100 from 9000 up and lists it in ``docs/plugins.md`` (the registry);
+two plugins that still clash are both named in one start-up error (:class:`CodeClash`).
+
+Resources are named in both languages (:class:`Resource`): a message that names one (``{resource}``)
+says ``节点不存在`` in Chinese and ``node not found`` in English.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import sys
+from typing import Any, Mapping, Optional
 
 import attrs
+
+
+@attrs.frozen
+class Resource:
+    """What a resource is called in each language of the catalogue, e.g. ``Resource("节点", "node")``.
+
+    Pass it as a message parameter (``ApiError(NOT_FOUND, resource=NODE, key=uuid)``); the message
+    takes the name of its language.
+    """
+
+    zh: str
+    en: str
+
+    def named(self, name: Any) -> "Resource":
+        """The resource followed by one instance's name (``资源池 lab-1`` / ``resource pool lab-1``)."""
+        return Resource(f"{self.zh} {name}", f"{self.en} {name}")
+
+    def text(self, lang: str = "zh") -> str:
+        return self.en if lang == "en" else self.zh
+
+    def __str__(self) -> str:
+        return self.zh
+
+
+#: The generic name list endpoints use when a plugin gives none.
+RECORD = Resource("记录", "record")
 
 
 @attrs.frozen
@@ -32,23 +64,45 @@ class ErrorCode:
 
     def message(self, lang: str = "zh", params: Mapping[str, Any] | None = None) -> str:
         template = self.en if lang == "en" else self.zh
+        values = {k: v.text(lang) if isinstance(v, Resource) else v for k, v in (params or {}).items()}
         try:
-            return template.format(**(params or {}))
+            return template.format(**values)
         except (KeyError, IndexError):
             # A missing placeholder must never turn an error answer into a 500.
             return template
 
 
 CATALOGUE: dict[int, ErrorCode] = {}
+#: code -> the module that defined it (to name both sides of a clash).
+DEFINED_BY: dict[int, str] = {}
 
 
-def define(code: int, status: int, zh: str, en: str) -> ErrorCode:
-    """Declare an error code; refuses a number that is already taken by another message."""
+class CodeClash(ValueError):
+    """Two modules define the same error code with different messages.
+
+    :ivar code: the number.
+    :ivar first: the module that defined it first.
+    :ivar second: the module that tried to define it again.
+    """
+
+    def __init__(self, code: int, existing: ErrorCode, first: str, second: str):
+        self.code, self.existing, self.first, self.second = code, existing, first, second
+        super().__init__(f"error code {code} is already defined by {first} as {existing!r}; {second} defines it again")
+
+
+def define(code: int, status: int, zh: str, en: str, *, module: Optional[str] = None) -> ErrorCode:
+    """Declare an error code; refuses a number that is already taken by another message.
+
+    :param module: the defining module (default: the caller's ``__name__``), named in a clash.
+    :raises CodeClash: ``code`` is already defined with another message.
+    """
     entry = ErrorCode(code, status, zh, en)
+    module = module or sys._getframe(1).f_globals.get("__name__", "?")
     existing = CATALOGUE.get(code)
     if existing is not None and existing != entry:
-        raise ValueError(f"error code {code} is already defined as {existing!r}")
+        raise CodeClash(code, existing, DEFINED_BY.get(code, "?"), module)
     CATALOGUE[code] = entry
+    DEFINED_BY.setdefault(code, module)
     return entry
 
 

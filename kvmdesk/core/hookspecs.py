@@ -80,6 +80,58 @@ def kvmdesk_startup(core: "Core") -> Optional[Awaitable[None]]:
     """
 
 
+@hookspec
+def kvmdesk_reconcile(core: "Core") -> Optional[Awaitable[None]]:
+    """Repair references to other plugins' resources once every plugin has started.
+
+    Called at every start-up, after ``kvmdesk_startup`` and before the API listens.  A plugin that
+    keeps references to another plugin's records (pool uuids, network uuids...) checks them here: a
+    change made while it was blocked sent it no ``kvmdesk_deleted``, so it forgets what no longer
+    exists.  Asynchronous; a failure is logged and start-up goes on. Not firstresult; all are awaited.
+    """
+
+
+# -- lifecycle: after a change ------------------------------------------------------------------------
+# Every plugin that owns a resource kind calls Core.created/updated/deleted after a successful
+# change; the records passed are copies without secrets (agent secrets, password hashes).  Before a
+# delete, ``kvmdesk_usage`` can still refuse it; these hooks only report what has happened.
+
+
+@hookspec
+def kvmdesk_created(core: "Core", kind: str, record: Mapping[str, Any]) -> Optional[Awaitable[None]]:
+    """A resource was created.
+
+    :param kind: the resource kind (``resource_pool``, ``node``, ``vswitch``, ``data_network``,
+        ``subnet``, ``base_image``, ``iso``, ``user_group``, ``user``, or a plugin's own kind).
+    :param record: the stored record (a copy, without secrets).
+    :returns: ``None`` or an awaitable; all are awaited, a failure is logged and does not undo
+        the change. Not firstresult.
+    """
+
+
+@hookspec
+def kvmdesk_updated(
+    core: "Core", kind: str, record: Mapping[str, Any], changes: Mapping[str, Any]
+) -> Optional[Awaitable[None]]:
+    """A resource was changed.
+
+    :param kind: the resource kind (as for ``kvmdesk_created``).
+    :param record: the record after the change (a copy, without secrets).
+    :param changes: the fields that were set, with their new values (secrets left out).
+    :returns: ``None`` or an awaitable; all are awaited, a failure is logged. Not firstresult.
+    """
+
+
+@hookspec
+def kvmdesk_deleted(core: "Core", kind: str, record: Mapping[str, Any]) -> Optional[Awaitable[None]]:
+    """A resource was deleted: forget or clean up what refers to it.
+
+    :param kind: the resource kind (as for ``kvmdesk_created``).
+    :param record: the record as it was before the delete (a copy, without secrets).
+    :returns: ``None`` or an awaitable; all are awaited, a failure is logged. Not firstresult.
+    """
+
+
 # -- domain extension points -------------------------------------------------------------------------
 
 
@@ -92,7 +144,8 @@ def kvmdesk_usage(core: "Core", kind: str, uuid: str) -> Optional[Awaitable[Opti
 
     :param kind: the resource kind (``resource_pool``, ``node``, ``data_network``, ``base_image``...).
     :param uuid: the resource's uuid.
-    :returns: a reason (a short human-readable string) when in use, else ``None``;
+    :returns: a reason when in use (a :class:`~kvmdesk.core.errors.Resource` with the text in
+        both languages, or a short string), else ``None``;
         may be asynchronous. Not firstresult: the first reason found is reported.
     """
 

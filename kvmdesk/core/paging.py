@@ -5,7 +5,7 @@ import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional, Sequence
 
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import RECORD, ApiError, Resource
 from kvmdesk.core.store import Collection, Filter, Sort
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,7 +89,7 @@ async def paged_search(
     fixed: Optional[Filter] = None,
     sort: Sort = (("id", -1),),
     decorate: Optional[Decorate] = None,
-    resource: str = "记录",
+    resource: Resource = RECORD,
 ) -> Any:
     """Answer a list endpoint: a page (``count/next/previous/results``) or, for ``single``, one record.
 

@@ -7,6 +7,7 @@ configuration (``[plugins] blocked``) or ``KVMDESK_BLOCKED_PLUGINS``.
 from __future__ import annotations
 
 import os
+from importlib.metadata import entry_points
 from typing import Any, Awaitable, Iterable
 
 import pluggy
@@ -14,8 +15,13 @@ from twisted.internet import defer
 
 from kvmdesk import PROJECT_NAME
 from kvmdesk.core import hookspecs
+from kvmdesk.core.errors import CodeClash
 
 ENTRY_POINT_GROUP = "kvmdesk.plugins"
+
+
+class PluginConflict(RuntimeError):
+    """Two plugins cannot be loaded together; the message names both (a start-up error)."""
 
 
 def blocked_names(configured: Iterable[str] = ()) -> set[str]:
@@ -31,15 +37,47 @@ def make_plugin_manager(blocked: Iterable[str] = (), *, load_entry_points: bool 
     :param blocked: names not to load.
     :param load_entry_points: tests that register plugins by hand pass ``False``.
     :raises pluggy.PluginValidationError: a plugin implements a hook that does not exist.
+    :raises PluginConflict: two plugins define the same error code.
     """
     manager = pluggy.PluginManager(PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
     for name in blocked:
         manager.set_blocked(name)
     if load_entry_points:
-        manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        try:
+            manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except CodeClash as clash:
+            raise PluginConflict(clash_message(clash, manager)) from clash
     manager.check_pending()
     return manager
+
+
+def plugin_of_module(module: str, manager: pluggy.PluginManager | None = None) -> str:
+    """The name of the plugin a module belongs to (its entry point, or its registered name).
+
+    A module outside every plugin is named as it is (e.g. ``kvmdesk.core.errors``).
+    """
+    owners = {ep.module: ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if manager is not None:
+        owners.update({getattr(plugin, "__name__", ""): name for name, plugin in manager.list_name_plugin() if plugin})
+    # The longest matching package wins (a plugin nested in another's package is its own).
+    for package in sorted(owners, key=len, reverse=True):
+        if package and (module == package or module.startswith(package + ".")):
+            return owners[package]
+    return module
+
+
+def clash_message(clash: CodeClash, manager: pluggy.PluginManager | None = None) -> str:
+    """One line naming both plugins that define the same error code."""
+    first, second = plugin_of_module(clash.first, manager), plugin_of_module(clash.second, manager)
+    return (f"plugins {first!r} ({clash.first}) and {second!r} ({clash.second}) both define error code "
+            f"{clash.code}; each plugin must use its own range of codes (see docs/plugins.md)")
+
+
+def loaded_and_blocked(manager: pluggy.PluginManager) -> tuple[list[str], list[str]]:
+    """The names of the plugins registered and of those blocked, sorted (for the start-up log)."""
+    pairs = manager.list_name_plugin()
+    return sorted(name for name, plugin in pairs if plugin is not None), sorted(n for n, p in pairs if p is None)
 
 
 def gather_hook(results: Iterable[Any]) -> defer.Deferred:

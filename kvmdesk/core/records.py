@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from twisted.internet.interfaces import IReactorTime
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+#: Fields no hook, log line or answer may carry (agent secrets, password hashes).
+SECRET_FIELDS = frozenset({"agent_secret", "password_hash", "password", "passwd", "secret"})
 
 
 def format_time(seconds: float) -> str:
@@ -27,7 +29,7 @@ def new_record(clock: IReactorTime, **fields: Any) -> dict[str, Any]:
     return record
 
 
-def without(doc: dict[str, Any], hidden: Iterable[str]) -> dict[str, Any]:
+def without(doc: Mapping[str, Any], hidden: Iterable[str]) -> dict[str, Any]:
     """A copy of ``doc`` without the ``hidden`` fields (secrets, internal bookkeeping)."""
     hidden = set(hidden)
     return {k: v for k, v in doc.items() if k not in hidden}

@@ -152,13 +152,15 @@ async def make_core(
     plugins: Optional[pluggy.PluginManager] = None,
     clock: Any = None,
 ) -> Core:
-    """A real core on a fresh SQLite store under ``tmp_path`` (``admin`` / :data:`ADMIN_PASSWORD`)."""
-    import os
+    """A real core on a fresh SQLite store under ``tmp_path`` (``admin`` / :data:`ADMIN_PASSWORD`).
 
+    :param plugins: a plugin manager with the plugins to run (:func:`kvmdesk.testing.plugins.plugin_manager`);
+        default: every installed plugin, as in production.
+    """
     from twisted.internet import reactor
 
-    os.environ["KVMDESK_ADMIN_PASSWORD"] = ADMIN_PASSWORD
-    layers = [{"controller": {"data_dir": str(tmp_path / "data")}}]
+    # Through the configuration, not the process environment: tests stay independent of each other.
+    layers = [{"controller": {"data_dir": str(tmp_path / "data")}, "auth": {"first_admin_password": ADMIN_PASSWORD}}]
     if config:
         layers.append(config)
     return await build_core(Config(layers), reactor, plugins=plugins, clock=clock, make_router=make_router)

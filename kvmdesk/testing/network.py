@@ -30,6 +30,10 @@ async def add_pool(core: Any, name: str) -> dict:
                                                                            default=0))
 
 
+#: The agent secret of the node records made here: enrolled nodes carry one (the in-process agents
+#: do not check it; the network plugin only syncs nodes that are enrolled).
+ENROLLED = "test-agent-secret"
+
 async def add_node(core: Any, name: str, ip: str, *, pool: Optional[dict] = None, nics: Iterable[str] = ("eth0", "eth1"),
                    manage_nic: Optional[str] = "eth0", netmask: str = "255.255.255.0") -> dict:
     """A node record as the nodes plugin stores it, with NIC records and its management address.
@@ -38,7 +42,8 @@ async def add_node(core: Any, name: str, ip: str, *, pool: Optional[dict] = None
     """
     pool = pool or await default_pool(core)
     node = await core.store.collection(schema.NODES).insert_one(
-        new_record(core.clock, name=name, hostname=f"{name}.test", ip=ip, type=5, resource_pool_uuid=pool["uuid"]))
+        new_record(core.clock, name=name, hostname=f"{name}.test", ip=ip, type=5, resource_pool_uuid=pool["uuid"],
+                   agent_secret=ENROLLED))
     records = {}
     for i, nic in enumerate(nics):
         records[nic] = await core.store.collection(schema.NICS).insert_one(new_record(
@@ -127,7 +132,7 @@ async def add_agent_node(core: Any, agents: InProcessAgents, name: str, ip: str,
     agents.add(ip, net)
     node = await core.store.collection(schema.NODES).insert_one(
         new_record(core.clock, name=name, hostname=f"{name}.test", ip=ip, type=5, resource_pool_uuid=pool["uuid"],
-                   state="online", status=0, **extra))
+                   state="online", status=0, agent_secret=ENROLLED, **extra))
     records = await core.extensions["network"].sync_node(node)
     node["nics"] = {r["nic"]: r for r in records}
     node["net"] = net

@@ -52,6 +52,20 @@ class Twistd(ProcessProtocol):
         self.ended: defer.Deferred = defer.Deferred()  # fires with the exit reason
         self.transport: Any = None
         self.pid: Optional[int] = None
+        self._waits: list[tuple[re.Pattern, defer.Deferred]] = []
+
+    def wait_for(self, pattern: bytes) -> defer.Deferred:
+        """Fires once the output matches ``pattern`` (at once if it already does)."""
+        d: defer.Deferred = defer.Deferred()
+        self._waits.append((re.compile(pattern), d))
+        self._check_waits()
+        return d
+
+    def _check_waits(self) -> None:
+        for pattern, d in list(self._waits):
+            if pattern.search(self.output):
+                self._waits.remove((pattern, d))
+                d.callback(None)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -64,6 +78,7 @@ class Twistd(ProcessProtocol):
 
     def _received(self, data: bytes) -> None:
         self.output += data
+        self._check_waits()
         if not self.ready.called:
             found = LISTENING.search(self.output)
             if found:
@@ -233,3 +248,23 @@ async def test_a_bad_setting_stops_the_start_with_a_clear_message(start, tmp_pat
     text = str(raised.value)
     assert "kvmdesk controller cannot start: controller.access_log_rotate_mb must be a number" in text, text
     assert "Traceback" not in text, text
+
+
+#: Phrases that read as trouble; none belongs in the log of a healthy first start.
+ALARMING = re.compile(r"cannot be reached|enrolment removed|holds no secret|not brought in step|Traceback|Unhandled|"
+                      r"#error\]|#critical\]|failed", re.I)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_healthy_first_start_logs_nothing_that_sounds_like_an_error(start, tmp_path):
+    process, base = await start(tmp_path / "empty-data-dir")
+    # The local agent enrols, then the network plugin brings the node in step: the whole first start.
+    await process.wait_for(rb"local machine enrolled as node").addTimeout(START_TIMEOUT, reactor)
+    await process.wait_for(rb"node \S+ (is in step|not brought in step|refused to be brought in step)|"
+                           rb"bringing node").addTimeout(START_TIMEOUT, reactor)
+    _assert_clean_exit(process, await _terminate(process))
+    alarming = [line for line in process.text.splitlines() if ALARMING.search(line)]
+    assert alarming == [], "\n".join(alarming)
+    warnings = [line for line in process.text.splitlines() if "#warn]" in line and "DEMO HYPERVISOR" not in line]
+    assert warnings == [], "\n".join(warnings)
+    assert "plugins loaded: admin, network, nodes, storage, users; blocked: none" in process.text

@@ -44,9 +44,10 @@ from kvmdesk.agent.net.ovs import OvsDriver
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 
 TAGS = ("agent-network",)
+PORT = Resource("端口", "port")
 
 
 @attrs.define
@@ -234,5 +235,5 @@ def register_net_routes(router: Router, net: NetAgent, *, auth: bool = False) ->
     @endpoint("DELETE", "/net/ports/{port}", "Detach a port from its bridge")
     async def detach(req: ApiRequest) -> dict:
         if not await net.ovs.detach(req.path["port"]):
-            raise ApiError(errors.NOT_FOUND, resource="端口", key=req.path["port"])
+            raise ApiError(errors.NOT_FOUND, resource=PORT, key=req.path["port"])
         return {"detached": True}

@@ -7,8 +7,10 @@ from kvmdesk import hookimpl
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import oplog
+from kvmdesk.core.errors import Resource
 from kvmdesk.core.paging import paged_search
 
+OPLOG = Resource("操作日志", "operation log entry")
 OPLOG_FIELDS = {"user_name": str, "user_ip": str, "content": str, "result": str, "module": str}
 
 
@@ -34,4 +36,4 @@ def kvmdesk_routes(router: Router, core) -> None:
                      tags=("index",), search_fields=OPLOG_FIELDS)
     async def operation_log(req: ApiRequest) -> dict:
         return await paged_search(req, req.core.store.collection(oplog.COLLECTION), OPLOG_FIELDS,
-                                  sort=[("id", -1)], resource="操作日志")
+                                  sort=[("id", -1)], resource=OPLOG)

@@ -22,14 +22,14 @@ import ipaddress
 from typing import Any, Optional
 
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.records import new_record
 from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.network import addressing, schema
 from kvmdesk.plugins.network import errors as net_errors
 
 EXTENSION = "ipam"
-SUBNET = "子网"
+SUBNET = Resource("子网", "subnet")
 
 
 class IPAM:

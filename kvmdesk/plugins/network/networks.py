@@ -12,7 +12,7 @@ from typing import Any, Optional
 from kvmdesk.api.models import Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -21,8 +21,10 @@ from kvmdesk.plugins.network import addressing, dataplane, schema
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network.models import NetworkCreate, NetworkEdit, SubnetCreate, SubnetEdit
 
-NETWORK = "数据网络"
-SUBNET = "子网"
+NETWORK = Resource("数据网络", "data network")
+SUBNET = Resource("子网", "subnet")
+#: The kinds other plugins see in kvmdesk_usage and the lifecycle hooks.
+NETWORK_KIND, SUBNET_KIND = "data_network", "subnet"
 NETWORK_FIELDS = {"uuid": str, "name": str, "desc": str, "switch_uuid": str, "vlan_id": int, "default": int}
 SUBNET_FIELDS = {"uuid": str, "name": str, "cidr": str, "start_ip": str, "end_ip": str, "gateway": str,
                  "netmask": str, "dns1": str, "dns2": str}
@@ -98,16 +100,20 @@ async def subnet_in_use(core: Any, subnet: dict) -> None:
         sample = await core.store.collection(schema.ALLOCATIONS).find({"subnet_uuid": subnet["uuid"]}, sort=[("id", 1)], limit=3)
         detail = ": " + ", ".join(a["ip"] for a in sample) + (" ..." if count > len(sample) else "")
         raise ApiError(net_errors.SUBNET_IN_USE, name=subnet["name"], count=count, detail=detail)
-    await core.refuse_if_used("subnet", subnet["uuid"], f"{SUBNET} {subnet['name']}")
+    await core.refuse_if_used(SUBNET_KIND, subnet["uuid"], SUBNET.named(subnet['name']))
 
 
 def new_subnet(clock: Any, network_uuid: str, spec: addressing.SubnetSpec, desc: Optional[str] = None) -> dict:
     return new_record(clock, network_uuid=network_uuid, desc=desc, **spec.fields())
 
 
-async def delete_subnet_records(core: Any, subnet_uuids: list[str]) -> None:
+async def delete_subnet_records(core: Any, subnets: list[dict]) -> None:
+    """Delete subnets and their allocation cursors; plugins hear ``kvmdesk_deleted("subnet")`` for each."""
+    subnet_uuids = [s["uuid"] for s in subnets]
     await core.store.collection(schema.CURSORS).delete_many({"subnet_uuid": {"$in": subnet_uuids}})
     await core.store.collection(schema.SUBNETS).delete_many({"uuid": {"$in": subnet_uuids}})
+    for subnet in subnets:
+        await core.deleted(SUBNET_KIND, subnet)
 
 
 def register_routes(router: Router) -> None:
@@ -147,9 +153,11 @@ def register_routes(router: Router) -> None:
             await plan.undo()
             raise ApiError(errors.ALREADY_EXISTS, resource=NETWORK, key=body.name) from None
         await plan.record_sync(switch["uuid"])
+        await core.created(NETWORK_KIND, created)
         if spec is not None:
-            await core.store.collection(schema.SUBNETS).insert_one(
+            subnet = await core.store.collection(schema.SUBNETS).insert_one(
                 new_subnet(core.clock, created["uuid"], spec, body.subnet_info.desc))
+            await core.created(SUBNET_KIND, subnet)
         return (await with_network_details(core, [created]))[0]
 
     @router.endpoint("PUT", base + "/{network_uuid}", summary="Edit a data network's name / VLAN id", body=NetworkEdit,
@@ -187,6 +195,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(errors.ALREADY_EXISTS, resource=NETWORK, key=changes.get("name", network["name"])) from None
         if switch is not None:
             await plan.record_sync(switch["uuid"])
+        await core.updated(NETWORK_KIND, updated, changes)
         return (await with_network_details(core, [updated]))[0]
 
     @router.endpoint("DELETE", base, summary="Delete data networks (batch)", body=Uuids, tags=tags, oplog="删除数据网络")
@@ -196,7 +205,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             network = await network_or_404(core, uuid)
-            await core.refuse_if_used("data_network", uuid, f"{NETWORK} {network['name']}")
+            await core.refuse_if_used(NETWORK_KIND, uuid, NETWORK.named(network['name']))
             subnets = await core.store.collection(schema.SUBNETS).find({"network_uuid": uuid}, sort=[("id", 1)])
             for subnet in subnets:
                 await subnet_in_use(core, subnet)
@@ -206,10 +215,11 @@ def register_routes(router: Router) -> None:
                 old = await dataplane.networks_of(core, switch["uuid"])
                 await dataplane.plan_networks(plan, switch, old, {k: v for k, v in old.items() if k != uuid})
             await plan.apply()
-            await delete_subnet_records(core, [s["uuid"] for s in subnets])
+            await delete_subnet_records(core, subnets)
             await core.store.collection(schema.NETWORKS).delete_one({"uuid": uuid})
             if switch is not None:
                 await plan.record_sync(switch["uuid"])
+            await core.deleted(NETWORK_KIND, network)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 
@@ -236,6 +246,7 @@ def register_routes(router: Router) -> None:
                 new_subnet(core.clock, network["uuid"], spec, req.body.desc))
         except DuplicateKeyError:
             raise ApiError(errors.ALREADY_EXISTS, resource=SUBNET, key=spec.name) from None
+        await core.created(SUBNET_KIND, created)
         return (await with_subnet_details(core, [created]))[0]
 
     @router.endpoint("PUT", sub + "/{subnet_uuid}", summary="Edit a subnet", body=SubnetEdit, tags=stags,
@@ -264,6 +275,7 @@ def register_routes(router: Router) -> None:
             updated = await subnets.find_one_and_update({"uuid": subnet["uuid"]}, {"$set": fields})
         except DuplicateKeyError:
             raise ApiError(errors.ALREADY_EXISTS, resource=SUBNET, key=spec.name) from None
+        await core.updated(SUBNET_KIND, updated, fields)
         return (await with_subnet_details(core, [updated]))[0]
 
     @router.endpoint("DELETE", sub, summary="Delete subnets (batch)", body=Uuids, tags=stags, oplog="删除子网")
@@ -276,7 +288,7 @@ def register_routes(router: Router) -> None:
             if subnet is None:
                 raise ApiError(errors.NOT_FOUND, resource=SUBNET, key=uuid)
             await subnet_in_use(core, subnet)
-            await delete_subnet_records(core, [uuid])
+            await delete_subnet_records(core, [subnet])
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 

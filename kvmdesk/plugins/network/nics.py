@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.ids import stable_uuid
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.plugins.network import addressing, agents, schema
@@ -26,10 +26,10 @@ from kvmdesk.plugins.network import errors as net_errors
 log = Logger(namespace="kvmdesk.network.nics")
 
 EXTENSION = "network"
-NODE = "节点"
-NIC = "网卡"
-IP_INFO = "IP"
-BOND = "bond"
+NODE = Resource("节点", "node")
+NIC = Resource("网卡", "NIC")
+IP_INFO = Resource("IP", "IP")
+BOND = Resource("bond", "bond")
 
 STATUS_UNKNOWN, STATUS_DOWN, STATUS_UP = 0, 1, 2
 TYPE_NIC, TYPE_BOND = 0, 1
@@ -76,7 +76,7 @@ class NodeNetworks:
             raise ApiError(errors.NOT_FOUND, resource=NODE, key=uuid)
         return node
 
-    async def nic_or_404(self, node: Mapping[str, Any], uuid: str, *, resource: str = NIC) -> dict:
+    async def nic_or_404(self, node: Mapping[str, Any], uuid: str, *, resource: Resource = NIC) -> dict:
         nic = await self.nics.find_one({"uuid": uuid, "node_uuid": node["uuid"]})
         if nic is None:
             raise ApiError(errors.NOT_FOUND, resource=resource, key=uuid)

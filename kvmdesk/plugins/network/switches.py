@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from kvmdesk.api.models import Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -25,7 +25,9 @@ from kvmdesk.plugins.network.models import SwitchCreate, SwitchEdit, Uplink
 
 log = Logger(namespace="kvmdesk.network.switches")
 
-RESOURCE = "虚拟交换机"
+RESOURCE = Resource("虚拟交换机", "virtual switch")
+#: The kind other plugins see in the lifecycle hooks.
+KIND = "vswitch"
 SEARCH_FIELDS = {"uuid": str, "name": str, "type": str, "desc": str, "default": int}
 DEFAULT_NAME = "default"
 
@@ -257,6 +259,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=body.name) from None
         await replace_uplinks(core, created["uuid"], resolved)
         await plan.record_sync(created["uuid"])
+        await core.created(KIND, created)
         return (await with_details(core, [created]))[0]
 
     @router.endpoint("PUT", base + "/{vswitch_uuid}", summary="Edit a virtual switch and its uplinks", body=SwitchEdit,
@@ -299,6 +302,10 @@ def register_routes(router: Router) -> None:
         if resolved is not None:
             await replace_uplinks(core, switch["uuid"], resolved)
         await plan.record_sync(switch["uuid"])
+        if resolved is not None:
+            changes["uplinks"] = [uplink.model_dump() for uplink in body.uplinks]
+        if changes:
+            await core.updated(KIND, updated, changes)
         return (await with_details(core, [updated]))[0]
 
     @router.endpoint("DELETE", base, summary="Delete virtual switches (batch)", body=Uuids, tags=tags,
@@ -323,6 +330,7 @@ def register_routes(router: Router) -> None:
             await plan.apply()
             await core.store.collection(schema.UPLINKS).delete_many({"vswitch_uuid": uuid})
             await core.store.collection(schema.SWITCHES).delete_one({"uuid": uuid})
+            await core.deleted(KIND, switch)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 

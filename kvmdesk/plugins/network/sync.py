@@ -67,6 +67,13 @@ class NodeSync(Service):
 
     async def _bring_in_step(self, node: dict) -> bool:
         label = agents.node_label(node)
+        # Hooks hand out node records without their agent secret: the agent is called with the stored one.
+        node = await self.core.store.collection(schema.NODES).find_one({"uuid": node["uuid"]})
+        if node is None or not node.get("agent_secret"):
+            # Deleted meanwhile, or not enrolled yet (the controller's own node at first start): its
+            # enrolment announces it and brings it in step then.
+            log.debug("node {node} is not enrolled: nothing to bring in step yet", node=label)
+            return False
         nics = self.core.extensions[NICS_EXTENSION]
         try:
             await nics.serialized(node["uuid"], lambda: nics.sync_node(node))
@@ -91,7 +98,8 @@ class NodeSync(Service):
     async def out_of_step(self) -> list[dict]:
         """Reachable nodes that were never synced, or have an uplink that missed a change."""
         store = self.core.store
-        nodes = await store.collection(schema.NODES).find({"state": {"$in": list(REACHABLE)}}, sort=[("id", 1)])
+        nodes = [n for n in await store.collection(schema.NODES).find({"state": {"$in": list(REACHABLE)}}, sort=[("id", 1)])
+                 if n.get("agent_secret")]  # one not enrolled yet has nothing to bring in step
         uuids = [n["uuid"] for n in nodes]
         synced = await store.collection(schema.NICS).count_by("node_uuid", {"node_uuid": {"$in": uuids}})
         behind = await store.collection(schema.UPLINKS).count_by("node_uuid", {"node_uuid": {"$in": uuids}, "synced": 0})

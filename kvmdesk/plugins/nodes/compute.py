@@ -9,18 +9,19 @@ from pydantic import AfterValidator, Field
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import agentauth, errors
-from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.errors import ApiError, Resource, define
 from kvmdesk.core.ids import stable_uuid
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import page_of, paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.nodes import pools
-from kvmdesk.plugins.nodes.manager import RESOURCE, NodeManager
+from kvmdesk.plugins.nodes.manager import KIND, RESOURCE, NodeManager
 from kvmdesk.plugins.nodes.views import check_view, render
 
 EVENTS_REFUSED = define(2025, 401, "节点事件的签名无效: {reason}", "the node event signature was refused: {reason}")
 UNKNOWN_INTERFACE = define(2026, 400, "节点 {ip} 没有网卡 {interface}", "node {ip} has no network interface {interface}")
 
+SERVICE = Resource("服务", "service")
 SEARCH_FIELDS = {"uuid": str, "name": str, "hostname": str, "ip": str, "status": int, "type": int, "state": str}
 
 #: Service ``status`` in the contract's service list: 0 running, 1 stopped, 2 failed, 3 unknown.
@@ -202,6 +203,7 @@ def register_routes(router: Router) -> None:
         )
         if updated is None:
             raise ApiError(errors.NOT_FOUND, resource=RESOURCE, key=node["uuid"])
+        await req.core.updated(KIND, updated, {"name": req.body.name})
         watcher = manager.watchers.watcher(node["uuid"])
         if watcher is not None:
             watcher.node["name"] = req.body.name
@@ -252,7 +254,7 @@ def register_routes(router: Router) -> None:
         services = service_rows(node["uuid"], await manager.call(node, "GET", "/services"))
         match = next((s for s in services if s["uuid"] == req.path["service_uuid"]), None)
         if match is None:
-            raise ApiError(errors.NOT_FOUND, resource="服务", key=req.path["service_uuid"])
+            raise ApiError(errors.NOT_FOUND, resource=SERVICE, key=req.path["service_uuid"])
         req.oplog_detail = f"{node.get('name')}: {match['name']}"
         return await manager.call(node, "POST", f"/services/{match['name']}/restart",
                                   headers={"Accept-Language": req.lang})

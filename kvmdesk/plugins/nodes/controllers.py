@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
@@ -35,6 +35,7 @@ from kvmdesk.plugins.nodes.views import (
 from kvmdesk.protocol import hostfacts
 
 log = Logger(namespace="kvmdesk.nodes.controllers")
+CONTROLLER = Resource("控制节点", "controller node")
 
 
 class ControllerEdit(Model):
@@ -114,7 +115,7 @@ def register_routes(router: Router) -> None:
             return [render(n, manager.live(n["uuid"]), controller_view=True) for n in nodes]
 
         return await paged_search(req, manager.nodes, SEARCH_FIELDS, fixed={"type": {"$in": list(CONTROLLER_TYPES)}},
-                                  sort=[("id", 1)], decorate=decorate, resource="控制节点")
+                                  sort=[("id", 1)], decorate=decorate, resource=CONTROLLER)
 
     @router.endpoint("PUT", base + "/{uuid}", summary="Rename a controller node; optionally add the compute role",
                      body=ControllerEdit, tags=tags, oplog="编辑控制节点")
@@ -136,7 +137,7 @@ def register_routes(router: Router) -> None:
             changes["updated_at"] = now_text(req.core.clock)
             node = await manager.nodes.find_one_and_update({"uuid": node["uuid"]}, {"$set": changes})
             if node is None:
-                raise ApiError(errors.NOT_FOUND, resource="控制节点", key=req.path["uuid"])
+                raise ApiError(errors.NOT_FOUND, resource=CONTROLLER, key=req.path["uuid"])
         return render(node, manager.live(node["uuid"]), controller_view=True)
 
     def power(action: str, agent_path: str, label: str) -> None:

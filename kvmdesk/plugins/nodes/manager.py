@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 from twisted.logger import Logger
 
 from kvmdesk.core import agentauth, errors
-from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.errors import ApiError, Resource, define
 from kvmdesk.core.plugins import gather_hook
 from kvmdesk.core.records import new_record, now_text, without
 from kvmdesk.core.store import DuplicateKeyError, Index
@@ -43,7 +43,9 @@ INDEXES = [
     Index(SETTINGS, ["key"], unique=True),
 ]
 
-RESOURCE = "节点"
+RESOURCE = Resource("节点", "node")
+#: The kind other plugins see in kvmdesk_usage and the lifecycle hooks.
+KIND = "node"
 #: Never handed to other plugins' hooks (they read the record from the store if they must call the agent).
 SECRET_FIELDS = ("agent_secret",)
 
@@ -219,6 +221,7 @@ class NodeManager:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip) from None
         await self.core.store.collection(ENROLMENTS).delete_many({"ip": ip})
         log.info("added node {name} ({ip}) to pool {pool}", name=created["name"], ip=ip, pool=pool_uuid)
+        await self.core.created(KIND, created)
         self.announce(created, None, ONLINE)
         if self.watchers.running:
             self.watchers.watch(created)
@@ -245,11 +248,11 @@ class NodeManager:
         if reason:
             raise ApiError(NODE_IN_USE, name=node.get("name"), reason=reason)
         if node.get("type") in WITHOUT_COMPUTE:
-            await self.nodes.update_one(
-                {"uuid": node["uuid"]},
-                {"$set": {"type": WITHOUT_COMPUTE[node["type"]], "resource_pool_uuid": None,
-                          "updated_at": now_text(self.core.clock)}},
-            )
+            changes = {"type": WITHOUT_COMPUTE[node["type"]], "resource_pool_uuid": None,
+                       "updated_at": now_text(self.core.clock)}
+            updated = await self.nodes.find_one_and_update({"uuid": node["uuid"]}, {"$set": changes})
+            if updated is not None:
+                await self.core.updated(KIND, updated, changes)
             return
         await self.watchers.forget(node["uuid"])
         released = False
@@ -270,6 +273,7 @@ class NodeManager:
         await self.nodes.delete_one({"uuid": node["uuid"]})
         log.info("deleted node {name} ({ip})", name=node.get("name"), ip=node.get("ip"))
         await gather_hook(self.core.plugins.hook.kvmdesk_node_removed(core=self.core, node=without(node, SECRET_FIELDS)))
+        await self.core.deleted(KIND, node)
 
     # -- status hook --
 

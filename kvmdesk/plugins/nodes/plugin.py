@@ -6,6 +6,7 @@ from importlib import resources
 from typing import Any, Optional
 
 from kvmdesk import hookimpl
+from kvmdesk.core.errors import Resource
 from kvmdesk.plugins.nodes import compute, controllers, manager, pools
 
 __all__ = [
@@ -70,8 +71,8 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str):
     if kind != "resource_pool":
         return None
 
-    async def nodes_in_pool() -> Optional[str]:
+    async def nodes_in_pool() -> Optional[Resource]:
         count = await core.store.collection(pools.NODES).count({"resource_pool_uuid": uuid})
-        return f"还有 {count} 个计算节点 ({count} nodes)" if count else None
+        return Resource(f"还有 {count} 个计算节点", f"{count} nodes in it") if count else None
 
     return nodes_in_pool()

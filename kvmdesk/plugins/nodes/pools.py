@@ -8,7 +8,7 @@ from pydantic import Field
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.errors import ApiError, Resource, define
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -16,7 +16,9 @@ from kvmdesk.core.store import DuplicateKeyError, Index
 
 POOLS = "resource_pools"
 NODES = "nodes"
-RESOURCE = "资源池"
+RESOURCE = Resource("资源池", "resource pool")
+#: The kind other plugins see in kvmdesk_usage and the lifecycle hooks.
+KIND = "resource_pool"
 SEARCH_FIELDS = {"uuid": str, "name": str, "desc": str, "status": int, "default": int}
 INDEXES = [Index(POOLS, ["name"], unique=True), Index(POOLS, ["uuid"], unique=True), Index(NODES, ["resource_pool_uuid"])]
 
@@ -79,6 +81,7 @@ def register_routes(router: Router) -> None:
             created = await req.core.store.collection(POOLS).insert_one(record)
         except DuplicateKeyError:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=req.body.name) from None
+        await req.core.created(KIND, created)
         created["host_count"] = 0
         return created
 
@@ -99,6 +102,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=changes["name"]) from None
         if updated is None:
             raise ApiError(errors.NOT_FOUND, resource=RESOURCE, key=pool["uuid"])
+        await req.core.updated(KIND, updated, changes)
         return (await with_host_counts(req.core, [updated]))[0]
 
     @router.endpoint("DELETE", base, summary="Delete resource pools (batch)", body=Uuids, tags=tags,
@@ -108,7 +112,8 @@ def register_routes(router: Router) -> None:
             pool = await pool_or_404(req.core, uuid)
             if pool.get("default"):
                 raise ApiError(DEFAULT_POOL_UNDELETABLE)
-            await req.core.refuse_if_used("resource_pool", uuid, f"{RESOURCE} {pool['name']}")
-            await req.core.store.collection(POOLS).delete_one({"uuid": uuid})
+            await req.core.refuse_if_used(KIND, uuid, RESOURCE.named(pool['name']))
+            if await req.core.store.collection(POOLS).delete_one({"uuid": uuid}):
+                await req.core.deleted(KIND, pool)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)

@@ -14,7 +14,7 @@ from kvmdesk.api.models import Model, Uuids, validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -36,7 +36,11 @@ from kvmdesk.plugins.storage.settings import distributor, settings
 from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload
 
 POOLS = "resource_pools"
-RESOURCE = "基础镜像"
+RESOURCE = Resource("基础镜像", "base image")
+#: The kind other plugins see in kvmdesk_usage and the lifecycle hooks.
+KIND = "base_image"
+POOL = Resource("资源池", "resource pool")
+NODE = Resource("节点", "node")
 SEARCH_FIELDS = {"uuid": str, "name": str, "os_type": str, "os_type_simple": str, "md5_sum": str}
 INDEXES = [
     Index(BASE_IMAGES, ["uuid"], unique=True),
@@ -72,7 +76,7 @@ class Resync(Model):
 async def pool_or_404(core: Any, uuid: str) -> dict:
     pool = await core.store.collection(POOLS).find_one({"uuid": uuid})
     if pool is None:
-        raise ApiError(core_errors.NOT_FOUND, resource="资源池", key=uuid)
+        raise ApiError(core_errors.NOT_FOUND, resource=POOL, key=uuid)
     return pool
 
 
@@ -180,6 +184,7 @@ def register_routes(router: Router) -> None:
             if isinstance(exc, DuplicateKeyError):
                 raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=fields.name) from None
             raise
+        await core.created(KIND, created)
         await distributor(core).add(Target.base_image(created))
         return (await with_sync_state(core, [created]))[0]
 
@@ -202,6 +207,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=req.body.name) from None
         if updated is None:
             raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=image["uuid"])
+        await req.core.updated(KIND, updated, changes)
         return (await with_sync_state(req.core, [updated]))[0]
 
     @router.endpoint("DELETE", base, summary="Delete base images (batch); removed from every node", tags=TAGS,
@@ -212,7 +218,7 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             image = await image_or_404(core, req.path["pool_uuid"], uuid)
-            await core.refuse_if_used("base_image", uuid, f"{RESOURCE} {image['name']}")
+            await core.refuse_if_used(KIND, uuid, RESOURCE.named(image['name']))
             await delete_base_image(core, image)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
@@ -224,7 +230,7 @@ def register_routes(router: Router) -> None:
         image = await image_or_404(core, req.path["pool_uuid"], req.path["image_uuid"])
         node = await core.store.collection(NODES).find_one({"uuid": req.body.node_uuid})
         if node is None:
-            raise ApiError(core_errors.NOT_FOUND, resource="节点", key=req.body.node_uuid)
+            raise ApiError(core_errors.NOT_FOUND, resource=NODE, key=req.body.node_uuid)
         if node.get("resource_pool_uuid") != image["resource_pool_uuid"]:
             raise ApiError(errors.NODE_NOT_IN_POOL, node=node.get("name") or node["uuid"])
         req.oplog_detail = f"{image['name']} -> {node.get('name') or node.get('ip')}"
@@ -237,6 +243,7 @@ async def delete_base_image(core: Any, image: dict) -> None:
     from pathlib import Path
 
     await core.store.collection(BASE_IMAGES).delete_one({"uuid": image["uuid"]})
+    await core.deleted(KIND, image)
     await distributor(core).remove_image("base", image["uuid"])
     path = Path(image["file"])
     await in_reactor_pool(core.reactor, path.unlink, True)

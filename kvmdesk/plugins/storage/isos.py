@@ -17,7 +17,7 @@ from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paginate
 from kvmdesk.core.records import new_record, now_text
@@ -30,7 +30,9 @@ from kvmdesk.plugins.storage.settings import settings, size_in_gb
 from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload
 
 ISOS = "isos"
-RESOURCE = "ISO"
+RESOURCE = Resource("ISO", "ISO")
+#: The kind other plugins see in kvmdesk_usage and the lifecycle hooks.
+KIND = "iso"
 TAGS = ("isos",)
 INDEXES = [Index(ISOS, ["uuid"], unique=True), Index(ISOS, ["type"])]
 ISO_TYPES = (1, 2, 3)  # 1 software, 2 tools, 3 operating system
@@ -139,6 +141,7 @@ def register_routes(router: Router) -> None:
         except BaseException:
             destination.unlink(missing_ok=True)
             raise
+        await core.created(KIND, created)
         return public(created)
 
     @router.endpoint("PUT", base + "/{iso_uuid}", summary="Edit an ISO's name, system type, type or description",
@@ -156,6 +159,7 @@ def register_routes(router: Router) -> None:
         updated = await req.core.store.collection(ISOS).find_one_and_update({"uuid": iso["uuid"]}, {"$set": changes})
         if updated is None:
             raise ApiError(core_errors.NOT_FOUND, resource=RESOURCE, key=iso["uuid"])
+        await req.core.updated(KIND, updated, changes)
         return public(updated)
 
     @router.endpoint("GET", base + "/{iso_uuid}", summary="Download an ISO (streamed; Range requests resume)",
@@ -185,8 +189,9 @@ def register_routes(router: Router) -> None:
 
         async def delete_one(uuid: str) -> None:
             iso = await iso_or_404(core, uuid)
-            await core.refuse_if_used("iso", uuid, f"{RESOURCE} {iso['name']}")
+            await core.refuse_if_used(KIND, uuid, RESOURCE.named(iso['name']))
             await core.store.collection(ISOS).delete_one({"uuid": uuid})
+            await core.deleted(KIND, iso)
             await in_reactor_pool(core.reactor, Path(iso["file"]).unlink, True)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)

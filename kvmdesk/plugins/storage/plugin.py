@@ -7,6 +7,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk import hookimpl
+from kvmdesk.core.errors import Resource
 from kvmdesk.plugins.storage import base_images, distribution, isos, template_images
 from kvmdesk.plugins.storage.settings import DEFAULTS, settings
 from kvmdesk.plugins.storage.uploads import sweep_temporaries
@@ -77,9 +78,9 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str):
     if kind != "resource_pool":
         return None
 
-    async def images_in_pool() -> Optional[str]:
+    async def images_in_pool() -> Optional[Resource]:
         count = await core.store.collection(distribution.BASE_IMAGES).count({"resource_pool_uuid": uuid})
-        return f"还有 {count} 个基础镜像 ({count} base images)" if count else None
+        return Resource(f"还有 {count} 个基础镜像", f"{count} base images in it") if count else None
 
     return images_in_pool()
 

@@ -15,7 +15,7 @@ from kvmdesk.protocol.storage import md5_file
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors as core_errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.paging import page_of
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
@@ -24,6 +24,8 @@ from kvmdesk.plugins.storage.distribution import NODES, TEMPLATE_IMAGES, TRANSFE
 from kvmdesk.plugins.storage.settings import distributor
 
 TAGS = ("nodes",)
+NODE = Resource("节点", "node")
+TEMPLATE_IMAGE = Resource("模板镜像", "template image")
 INDEXES = [Index(TEMPLATE_IMAGES, ["image_id"], unique=True), Index(TEMPLATE_IMAGES, ["template_uuid"])]
 ROLE_SYSTEM = 1
 ROLE_DATA = 2
@@ -125,7 +127,7 @@ def register_routes(router: Router) -> None:
         core = req.core
         node = await core.store.collection(NODES).find_one({"uuid": req.path["node_uuid"]})
         if node is None:
-            raise ApiError(core_errors.NOT_FOUND, resource="节点", key=req.path["node_uuid"])
+            raise ApiError(core_errors.NOT_FOUND, resource=NODE, key=req.path["node_uuid"])
         transfers = await core.store.collection(TRANSFERS).find({"kind": "template", "node_uuid": node["uuid"]},
                                                                  sort=[("id", 1)])
         roots = _role_paths(node)
@@ -146,10 +148,10 @@ def register_routes(router: Router) -> None:
         core = req.core
         node = await core.store.collection(NODES).find_one({"uuid": req.path["node_uuid"]})
         if node is None:
-            raise ApiError(core_errors.NOT_FOUND, resource="节点", key=req.path["node_uuid"])
+            raise ApiError(core_errors.NOT_FOUND, resource=NODE, key=req.path["node_uuid"])
         image = await core.store.collection(TEMPLATE_IMAGES).find_one({"image_id": req.path["image_uuid"]})
         if image is None:
-            raise ApiError(core_errors.NOT_FOUND, resource="模板镜像", key=req.path["image_uuid"])
+            raise ApiError(core_errors.NOT_FOUND, resource=TEMPLATE_IMAGE, key=req.path["image_uuid"])
         param = req.body.param or req.body.data or req.body
         if param.image_id and param.image_id != image["image_id"]:
             raise ApiError(core_errors.INVALID_PARAM, field="image_id", reason="does not match the path")

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Optional, Sequence
 from twisted.logger import Logger
 
 from kvmdesk.core import errors, group_names
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.passwords import DUMMY_HASH, HASHER, hash_password, verify_password
 from kvmdesk.core.records import now_text
 from kvmdesk.core.store import Index
@@ -17,10 +17,12 @@ USERS = "users"
 GROUPS = "user_groups"
 #: The kind of group in the shared name registry (:mod:`kvmdesk.core.group_names`).
 GROUP_KIND = "user_group"
+#: The kind other plugins see in the lifecycle hooks.
+USER_KIND = "user"
 #: The contract's ``group_type`` of a user group (1 is a teaching group).
 GROUP_TYPE = 2
-USER = "用户"
-GROUP = "用户分组"
+USER = Resource("用户", "user")
+GROUP = Resource("用户分组", "user group")
 
 INDEXES = [
     Index(USERS, ["uuid"], unique=True),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.plugins.users import codes
-from kvmdesk.plugins.users.accounts import USER, USERS, chunks, find_by
+from kvmdesk.plugins.users.accounts import USER, USER_KIND, USERS, chunks, find_by
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvmdesk.api.router import ApiRequest
@@ -62,17 +62,26 @@ async def resolve_users(req: "ApiRequest", refs: Sequence[Any], projection: Sequ
     return found, missing
 
 
-async def update_users(req: "ApiRequest", uuids: Sequence[str], changes: dict[str, Any]) -> None:
-    """``$set`` the same ``changes`` on every user of ``uuids``, a bounded chunk per write."""
+async def update_users(req: "ApiRequest", found: Sequence[dict[str, Any]], changes: dict[str, Any]) -> None:
+    """``$set`` the same ``changes`` on every user of ``found``, a bounded chunk per write.
+
+    Plugins hear ``kvmdesk_updated("user")`` for each, with the fields :func:`resolve_users` read plus
+    the changes (not the whole record: a batch of 10,000 is not read back).
+    """
     users = req.core.store.collection(USERS)
-    for part in chunks(list(uuids)):
-        await users.update_many({"uuid": {"$in": list(part)}}, {"$set": changes})
+    for part in chunks(list(found)):
+        await users.update_many({"uuid": {"$in": [u["uuid"] for u in part]}}, {"$set": changes})
+        for user in part:
+            await req.core.updated(USER_KIND, {**user, **changes}, changes)
 
 
-async def delete_users(req: "ApiRequest", uuids: Sequence[str]) -> None:
+async def delete_users(req: "ApiRequest", found: Sequence[dict[str, Any]]) -> None:
+    """Delete the users of ``found``; plugins hear ``kvmdesk_deleted("user")`` with the fields read."""
     users = req.core.store.collection(USERS)
-    for part in chunks(list(uuids)):
-        await users.delete_many({"uuid": {"$in": list(part)}})
+    for part in chunks(list(found)):
+        await users.delete_many({"uuid": {"$in": [u["uuid"] for u in part]}})
+        for user in part:
+            await req.core.deleted(USER_KIND, user)
 
 
 def describe_users(users: Sequence[dict[str, Any]], limit: int = 10) -> str:

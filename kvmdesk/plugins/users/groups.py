@@ -83,6 +83,7 @@ def register_routes(router: Router) -> None:
         except BaseException:
             await group_names.release(store, body.name, record["uuid"])
             raise
+        await req.core.created(GROUP_KIND, created)
         return (await with_users(req.core, [created]))[0]
 
     @router.endpoint("PUT", BASE, summary="Edit a user group (name, desc)", body=GroupEdit, tags=TAGS,
@@ -115,6 +116,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(errors.NOT_FOUND, resource=GROUP, key=group["uuid"])
         if renamed:
             await group_names.release(store, group["name"], group["uuid"])
+        await req.core.updated(GROUP_KIND, updated, changes)
         return (await with_users(req.core, [updated]))[0]
 
     @router.endpoint("DELETE", BASE, summary="Delete user groups (batch); a group that has users is refused",
@@ -127,9 +129,10 @@ def register_routes(router: Router) -> None:
             count = await store.collection(USERS).count({"group": group["uuid"]})
             if count:
                 raise ApiError(codes.GROUP_HAS_USERS, name=group["name"], count=count)
-            await req.core.refuse_if_used(GROUP_KIND, group["uuid"], f"{GROUP} {group['name']}")
+            await req.core.refuse_if_used(GROUP_KIND, group["uuid"], GROUP.named(group['name']))
             await store.collection(GROUPS).delete_one({"uuid": group["uuid"]})
             await group_names.release(store, group["name"], group["uuid"])
+            await req.core.deleted(GROUP_KIND, group)
 
         refs = list({g.uuid: {"uuid": g.uuid, "name": g.name} for g in req.body.groups}.values())
         req.oplog_detail = ", ".join(r["name"] or r["uuid"] for r in refs[:10])

@@ -33,7 +33,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.passwords import hash_password
 from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.users import codes, sheet_jobs, sheets
-from kvmdesk.plugins.users.accounts import GROUP, GROUPS, USER, USERS, find_by
+from kvmdesk.plugins.users.accounts import GROUP, GROUPS, USER, USER_KIND, USERS, find_by
 from kvmdesk.plugins.users.models import ImportRow
 from kvmdesk.plugins.users.users import INSERT_CHUNK, user_record
 
@@ -247,6 +247,7 @@ async def import_users(req: ApiRequest, upload: Upload, enable: bool) -> dict[st
                 failures.append((number, row.user_name, ApiError(errors.ALREADY_EXISTS, resource=USER, key=row.user_name)))
             else:
                 created += 1
+                await core.created(USER_KIND, outcome)
     finished = time.monotonic()
     log.info(
         "imported {created} users from {filename!r}, {failed} rows failed; read {read:.2f}s, checks {checks:.2f}s, "

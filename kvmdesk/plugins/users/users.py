@@ -16,6 +16,7 @@ from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.users import codes, exports
 from kvmdesk.plugins.users.accounts import (
     USER,
+    USER_KIND,
     USER_SEARCH_FIELDS,
     USERS,
     chunks,
@@ -59,6 +60,7 @@ async def single_create(req: ApiRequest) -> dict:
         created = await req.core.store.collection(USERS).insert_one(record)
     except DuplicateKeyError:
         raise ApiError(errors.ALREADY_EXISTS, resource=USER, key=body.user_name) from None
+    await req.core.created(USER_KIND, created)
     return public_user(created)
 
 
@@ -85,6 +87,7 @@ async def multi_create(req: ApiRequest) -> dict:
                 failures.append({"user_name": name, "code": exc.error.code, "msg": exc.message(req.lang)})
             else:
                 created += 1
+                await req.core.created(USER_KIND, outcome)
     return {"success_num": created, "failed_num": len(failures), "failures": failures}
 
 
@@ -92,7 +95,7 @@ async def set_enabled(req: ApiRequest, enabled: bool) -> dict:
     body: UsersParam = req.body
     found, failures = await resolve_users(req, body.users, ["enabled"])
     req.oplog_detail = describe_users(found or [f[0] for f in failures])
-    await update_users(req, [u["uuid"] for u in found], {"enabled": enabled, "updated_at": now_text(req.core.clock)})
+    await update_users(req, found, {"enabled": enabled, "updated_at": now_text(req.core.clock)})
     return batch_answer(req, len(found) + len(failures), failures)
 
 
@@ -109,7 +112,7 @@ async def move(req: ApiRequest) -> dict:
     group = await group_or_404(req.core, body.group_uuid)
     found, failures = await resolve_users(req, body.users, ["group"])
     req.oplog_detail = f"{describe_users(found or [f[0] for f in failures])} -> {group['name']}"
-    await update_users(req, [u["uuid"] for u in found], {"group": group["uuid"], "updated_at": now_text(req.core.clock)})
+    await update_users(req, found, {"group": group["uuid"], "updated_at": now_text(req.core.clock)})
     return batch_answer(req, len(found) + len(failures), failures)
 
 
@@ -131,7 +134,7 @@ def register_routes(router: Router) -> None:
     async def delete(req: ApiRequest) -> dict:
         found, failures = await resolve_users(req, req.body.users, [])
         req.oplog_detail = describe_users(found or [f[0] for f in failures])
-        await delete_users(req, [u["uuid"] for u in found])
+        await delete_users(req, found)
         return batch_answer(req, len(found) + len(failures), failures)
 
     @router.endpoint("PUT", BASE + "/", summary="Update a user (rename, move, details, password)", body=UserUpdate,
@@ -156,6 +159,7 @@ def register_routes(router: Router) -> None:
             raise ApiError(errors.ALREADY_EXISTS, resource=USER, key=value.user_name) from None
         if updated is None:
             raise ApiError(errors.NOT_FOUND, resource=USER, key=user["uuid"])
+        await req.core.updated(USER_KIND, updated, changes)
         return public_user(updated)
 
     @router.endpoint("GET", BASE + "/", summary="Query users, paged (filter by group and any field)", tags=TAGS,

@@ -10,30 +10,33 @@ from typing import Any, AsyncIterator
 import orjson
 from twisted.internet.task import Clock
 
-from kvmdesk.core.plugins import make_plugin_manager
 from kvmdesk.testing.api import ApiClient, api_client
+from kvmdesk.testing.plugins import plugin_manager
 
-EXAMPLE_PLUGIN = Path(__file__).resolve().parents[2] / "plugins_example" / "kvmdesk_example.py"
+PLUGINS_EXAMPLE = Path(__file__).resolve().parents[2] / "plugins_example"
+EXAMPLE_PLUGIN = PLUGINS_EXAMPLE / "kvmdesk_example.py"
 POOLS = "/resource_mgr/resource_pools"
 
 
-def load_example_plugin() -> Any:
-    """Import ``tests/plugins_example/kvmdesk_example.py`` as the module ``kvmdesk_example`` (once)."""
-    module = sys.modules.get("kvmdesk_example")
+def load_plugin_module(name: str) -> Any:
+    """Import ``tests/plugins_example/<name>.py`` as the module ``name`` (once), as an installed package would be."""
+    module = sys.modules.get(name)
     if module is None:
-        spec = importlib.util.spec_from_file_location("kvmdesk_example", EXAMPLE_PLUGIN)
+        spec = importlib.util.spec_from_file_location(name, PLUGINS_EXAMPLE / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["kvmdesk_example"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
     return module
 
 
+def load_example_plugin() -> Any:
+    """Import ``tests/plugins_example/kvmdesk_example.py`` as the module ``kvmdesk_example`` (once)."""
+    return load_plugin_module("kvmdesk_example")
+
+
 def plugins_with(*extra: tuple[Any, str]) -> Any:
     """The production plugin manager (entry points) plus ``(plugin, name)`` pairs registered by hand."""
-    manager = make_plugin_manager(load_entry_points=True)
-    for plugin, name in extra:
-        manager.register(plugin, name=name)
-    return manager
+    return plugin_manager(*extra)
 
 
 @contextlib.asynccontextmanager

@@ -136,3 +136,28 @@ def test_message_with_a_missing_placeholder_never_raises():
     assert entry.message("zh", {"thing": "名称"}) == "缺少 名称"
     exc = ApiError(entry, thing="x")
     assert (exc.message("en"), exc.message()) == ("missing x", "缺少 x")
+
+
+def test_resources_are_named_in_the_language_of_the_answer():
+    from kvmdesk.core.errors import ALREADY_EXISTS, IN_USE, ApiError, Resource
+
+    pool = Resource("资源池", "resource pool")
+    error = ApiError(ALREADY_EXISTS, resource=pool, key="lab")
+    assert (error.message("zh"), error.message("en")) == ("资源池已存在: lab", "resource pool already exists: lab")
+    in_use = ApiError(IN_USE, resource=pool.named("lab"), reason=Resource("还有 2 个计算节点", "2 nodes in it"))
+    assert in_use.message("en") == "resource pool lab is in use and cannot be deleted: 2 nodes in it"
+    assert in_use.message("zh") == "资源池 lab正在使用中, 不能删除: 还有 2 个计算节点"
+
+
+def test_no_plugin_names_a_resource_in_one_language_only():
+    """Every ``resource=`` given to an error is a Resource (both languages), never a bare string."""
+    import re
+    from pathlib import Path
+
+    import kvmdesk
+
+    root = Path(kvmdesk.__file__).parent
+    offenders = [f"{path.relative_to(root)}:{number}" for path in root.rglob("*.py")
+                 for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                 if re.search(r"""resource=f?["']""", line) or re.search(r"""^[A-Z_]*RESOURCE = ["']""", line)]
+    assert offenders == []

@@ -151,3 +151,86 @@ async def test_usage_hook_reports_the_first_reason(tmp_path, clock):
     async with running_api(tmp_path, clock, plugins=plugins_with((InUse(), "in-use"))) as api:
         assert await api.core.usage("thing", "x") == "used by a test"
         assert await api.core.usage("resource_pool", "x") is None
+
+
+def _install_fake_plugin(site, name: str, code: int, message: str) -> None:
+    """A plugin package as pip would leave it: a module and a dist-info with the entry point."""
+    (site / f"kvmdesk_fake_{name}.py").write_text(
+        "from kvmdesk.core.errors import define\n"
+        f"MINE = define({code}, 409, {message!r}, {message!r})\n")
+    info = site / f"kvmdesk_fake_{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: kvmdesk-fake-{name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{name} = kvmdesk_fake_{name}\n")
+
+
+def test_an_error_code_clash_names_both_plugins(tmp_path, monkeypatch):
+    import sys
+
+    from kvmdesk.core.plugins import PluginConflict
+
+    _install_fake_plugin(tmp_path, "alpha", 9990, "alpha's message")
+    _install_fake_plugin(tmp_path, "beta", 9990, "beta's message")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(PluginConflict) as caught:
+            make_plugin_manager()
+        message = str(caught.value)
+        assert "'alpha' (kvmdesk_fake_alpha)" in message and "'beta' (kvmdesk_fake_beta)" in message, message
+        assert "error code 9990" in message and "\n" not in message
+    finally:
+        errors.CATALOGUE.pop(9990, None)
+        errors.DEFINED_BY.pop(9990, None)
+        for name in ("kvmdesk_fake_alpha", "kvmdesk_fake_beta"):
+            sys.modules.pop(name, None)
+
+
+def test_define_names_the_first_module_in_a_clash():
+    errors.define(9991, 400, "一", "one", module="first.module")
+    try:
+        with pytest.raises(errors.CodeClash, match="already defined by first.module .* second.module defines it"):
+            errors.define(9991, 400, "二", "two", module="second.module")
+        assert errors.define(9991, 400, "一", "one") == errors.CATALOGUE[9991]  # the same definition again is fine
+    finally:
+        errors.CATALOGUE.pop(9991, None)
+        errors.DEFINED_BY.pop(9991, None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_start_up_logs_loaded_and_blocked_plugins(tmp_path, clock):
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        async with running_api(tmp_path, clock, config={"plugins": {"blocked": ["storage"]}}):
+            pass
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [e for e in seen if e.get("log_format", "").startswith("plugins loaded")]
+    assert len(lines) == 1
+    loaded, blocked = lines[0]["loaded"].split(", "), lines[0]["blocked"]
+    assert {"admin", "nodes", "network", "users"} <= set(loaded) and "storage" not in loaded
+    assert blocked == "storage"
+
+
+def test_testing_helpers_leave_the_environment_alone(tmp_path):
+    import os
+
+    from kvmdesk.testing.plugins import plugin_manager
+
+    before = dict(os.environ)
+    manager = plugin_manager(only=["admin"], blocked=["nodes"])
+    assert {name for name, plugin in manager.list_name_plugin() if plugin} == {"admin"}
+    assert manager.is_blocked("nodes")
+    assert dict(os.environ) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_make_core_sets_the_admin_password_without_the_environment(tmp_path, clock, monkeypatch):
+    import os
+
+    monkeypatch.delenv("KVMDESK_ADMIN_PASSWORD", raising=False)
+    async with running_api(tmp_path, clock) as api:  # logs in with kvmdesk.testing's password
+        assert api.token
+    assert "KVMDESK_ADMIN_PASSWORD" not in os.environ

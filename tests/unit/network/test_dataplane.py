@@ -140,7 +140,7 @@ async def test_a_new_node_gets_its_nics_and_the_uplinks_it_was_added_with(tmp_pa
         agents.add("10.0.0.7", net)
         # what the nodes plugin stores when a node is added (#29)
         node = await api.core.store.collection(schema.NODES).insert_one({
-            "uuid": "node-7", "name": "n7", "ip": "10.0.0.7", "resource_pool_uuid": None, "type": 5,
+            "uuid": "node-7", "name": "n7", "ip": "10.0.0.7", "resource_pool_uuid": None, "type": 5, "agent_secret": "s",
             "uplinks": [{"switch_uuid": default["uuid"], "interface": "eth1"}], "image_interface": "eth0"})
         api.core.plugins.hook.kvmdesk_node_status_changed(core=api.core, node=node, old=None, new="online")
         await api.core.extensions["network.sync"].settled()
@@ -198,7 +198,7 @@ async def test_the_sweep_brings_new_and_lagging_nodes_in_step(tmp_path):
         agents.add("10.0.0.7", net)
         # just added by the nodes plugin: its watcher starts out "online", so no status change is announced
         node = await api.core.store.collection(schema.NODES).insert_one({
-            "uuid": "node-7", "name": "n7", "ip": "10.0.0.7", "type": 5, "state": "online",
+            "uuid": "node-7", "name": "n7", "ip": "10.0.0.7", "type": 5, "state": "online", "agent_secret": "s",
             "uplinks": [{"switch_uuid": default["uuid"], "interface": "eth1"}]})
         sync = api.core.extensions["network.sync"]
         assert sync.interval == 30.0

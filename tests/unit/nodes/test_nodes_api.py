@@ -11,6 +11,7 @@ from kvmdesk.nodeaccess import client as agentclient
 from kvmdesk.plugins.nodes import manager
 from kvmdesk.core.ids import stable_uuid
 from kvmdesk.testing.agents import AGENT_PASSWORD, AgentProcess, nodes_controller
+from kvmdesk.testing.plugins import LifecycleRecorder, plugin_manager
 
 POOLS = "/resource_mgr/resource_pools"
 
@@ -211,3 +212,19 @@ async def test_controller_nodes(agents, api):
     node = await add(api, pool, "127.0.0.2")
     status, body = await api.call("POST", f"/resource_mgr/controller_nodes/{node['uuid']}/shutdown")
     assert status == 404 and body["code"] == manager.NOT_CONTROLLER.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_nodes_announce_create_rename_delete_without_their_secret(tmp_path, agent_port, agent):
+    recorder = LifecycleRecorder()
+    async with nodes_controller(tmp_path / "controller", agent_port, plugins=plugin_manager(recorder)) as api:
+        node = await add(api, await default_pool(api), "127.0.0.2")
+        status, body = await api.call("PUT", f"/resource_mgr/nodes/{node['uuid']}", {"name": "renamed"})
+        assert status == 200, body
+        status, body = await api.call("DELETE", "/resource_mgr/nodes", {"uuids": [node["uuid"]]})
+        assert status == 200, body
+        events = recorder.of("node")
+        assert [(e.hook, e.record["uuid"]) for e in events] == [("created", node["uuid"]), ("updated", node["uuid"]),
+                                                                 ("deleted", node["uuid"])]
+        assert events[1].changes == {"name": "renamed"} and events[2].record["name"] == "renamed"
+        assert all("agent_secret" not in e.record for e in events)

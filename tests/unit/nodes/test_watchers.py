@@ -54,6 +54,13 @@ async def rounds(clock: Clock, watchers: list[NodeWatcher], seconds: float) -> N
     await defer.gatherResults(waits)
 
 
+async def settled(*watchers: NodeWatcher) -> None:
+    """Wait out rounds in progress: the shared clock may have started another watcher's round too."""
+    for watcher in watchers:
+        while watcher._round is not None:
+            await watcher.wait_round()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_killed_agent_goes_offline_within_two_intervals_and_comes_back(tmp_path: Path, agent_port: int):
     clock = Clock()
@@ -115,6 +122,7 @@ async def test_a_killed_agent_goes_offline_within_two_intervals_and_comes_back(t
             assert body["data"]["status"] == 0
 
             # stopService waits for a round in progress.
+            await settled(wa, wb)
             clock.advance(max(wa._call.getTime(), wb._call.getTime()) - clock.seconds())
             assert wa._round is not None or wb._round is not None
             await api.core.services.stopService()

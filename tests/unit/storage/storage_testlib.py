@@ -20,16 +20,14 @@ from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
-import kvmdesk.plugins.admin
-import kvmdesk.plugins.storage
 from kvmdesk import hookimpl
 from kvmdesk.agent.images.routes import register_routes as register_agent_routes
 from kvmdesk.api.router import Router
 from kvmdesk.api.streaming import install_streaming
-from kvmdesk.core.plugins import make_plugin_manager
 from kvmdesk.core.records import new_record
 from kvmdesk.plugins.storage.producers import FileRangeProducer
 from kvmdesk.testing.api import ApiClient, make_core
+from kvmdesk.testing.plugins import plugin_manager as chosen_plugins
 
 #: Real-time bound on any wait; reaching it fails the test (it is never slept).
 TIMEOUT = 60.0
@@ -49,11 +47,7 @@ class UsagePlugin:
 
 def plugin_manager(usage: UsagePlugin) -> Any:
     """admin + storage + the usage stand-in (the nodes plugin is left out: nodes are inserted by hand)."""
-    manager = make_plugin_manager(load_entry_points=False)
-    manager.register(kvmdesk.plugins.admin, name="admin")
-    manager.register(kvmdesk.plugins.storage, name="storage")
-    manager.register(usage, name="usage")
-    return manager
+    return chosen_plugins((usage, "usage"), only=["admin", "storage"])
 
 
 def with_timeout(d: defer.Deferred, seconds: float = TIMEOUT, what: str = "event") -> defer.Deferred:

@@ -103,7 +103,7 @@ async def test_delete_is_refused_while_a_template_uses_the_image(tmp_path, clock
         assert status == 400 and body["code"] == 1018
         # The pool cannot go while it still has base images.
         reason = await api.core.usage("resource_pool", api.pool)
-        assert reason and "1" in reason
+        assert (reason.text("zh"), reason.text("en")) == ("还有 1 个基础镜像", "1 base images in it")
 
 
 @pytest_twisted.ensureDeferred
