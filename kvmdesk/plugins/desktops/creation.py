@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.records import new_record
+from kvmdesk.core.records import new_record, without
 from kvmdesk.plugins.desktops import codes, planner, provisioning, schema
 from kvmdesk.plugins.desktops.domain_ops import DomainOps, network_nic, random_mac, vnc_password
 from kvmdesk.plugins.desktops.power import busy
@@ -77,6 +77,8 @@ async def make_desktops(core: Any, group: Mapping[str, Any], template: Mapping[s
         await desktops.delete_many({"uuid": {"$in": uuids}})
         await provisioning.release_addresses(core, uuids)
         raise
+    for record in records:
+        await core.created(schema.DESKTOP_KIND, without(record, schema.HIDDEN_FIELDS))
     return records
 
 

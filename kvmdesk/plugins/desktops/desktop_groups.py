@@ -69,6 +69,7 @@ async def create(req: ApiRequest) -> dict:
     except BaseException:
         await groups.delete_one({"uuid": record["uuid"]})
         raise
+    await core.created(schema.DESKTOP_GROUP_KIND, record)
     return (await with_counts(core, [record]))[0]
 
 
@@ -105,19 +106,19 @@ async def group_desktops(core: Any, group_uuid: str) -> list[dict]:
     return await core.store.collection(schema.DESKTOPS).find({"desktop_uuid": group_uuid}, sort=[("id", 1)])
 
 
-async def on_every_desktop(req: ApiRequest, group: dict, operation: str) -> None:
+async def on_every_desktop(core: Any, group: dict, operation: str, lang: str = "zh") -> None:
     """Run ``operation`` on every desktop of the group; the group fails if any desktop did (the others
     went on), with the count and the first reason."""
-    desktops = await group_desktops(req.core, group["uuid"])
+    desktops = await group_desktops(core, group["uuid"])
     if not desktops:
         return
-    ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops}))
+    ctx = await power.Context.load(core, group, sorted({d["node"] for d in desktops}))
     failures = await power.each(ctx, desktops, operation)
     if failures:
         first, exc = failures[0]
         raise ApiError(codes.DESKTOPS_FAILED, data={"failures": [
-            {"uuid": d["uuid"], "name": d["name"], "code": e.error.code, "msg": e.message(req.lang)} for d, e in failures]},
-            name=group["name"], failed=len(failures), total=len(desktops), example=f"{first['name']}: {exc.message(req.lang)}")
+            {"uuid": d["uuid"], "name": d["name"], "code": e.error.code, "msg": e.message(lang)} for d, e in failures]},
+            name=group["name"], failed=len(failures), total=len(desktops), example=f"{first['name']}: {exc.message(lang)}")
 
 
 async def usable_group(req: ApiRequest, uuid: str, *, starting: bool = False) -> dict:
@@ -140,7 +141,7 @@ def power_action(operation: str) -> Any:
     async def handler(req: ApiRequest) -> dict:
         async def one(ref: dict) -> None:
             group = await usable_group(req, ref["uuid"], starting=operation in ("start", "reboot"))
-            await on_every_desktop(req, group, operation)
+            await on_every_desktop(req.core, group, operation, req.lang)
 
         return await run_batch(req, _refs(req), one)
 
@@ -152,8 +153,11 @@ def activation(active: bool) -> Any:
     async def handler(req: ApiRequest) -> dict:
         async def one(ref: dict) -> None:
             await record_or_404(req.core, schema.DESKTOP_GROUPS, ref["uuid"])
-            await req.core.store.collection(schema.DESKTOP_GROUPS).update_one(
-                {"uuid": ref["uuid"]}, {"$set": {"active": active, "updated_at": now_text(req.core.clock)}})
+            changes = {"active": active, "updated_at": now_text(req.core.clock)}
+            updated = await req.core.store.collection(schema.DESKTOP_GROUPS).find_one_and_update(
+                {"uuid": ref["uuid"]}, {"$set": changes})
+            if updated is not None:
+                await req.core.updated(schema.DESKTOP_GROUP_KIND, updated, changes)
 
         return await run_batch(req, _refs(req), one)
 
@@ -163,9 +167,10 @@ def activation(active: bool) -> Any:
 async def delete(req: ApiRequest) -> dict:
     async def one(ref: dict) -> None:
         group = await usable_group(req, ref["uuid"])
-        await on_every_desktop(req, group, "delete")
-        await req.core.refuse_if_used("desktop_uuid", group["uuid"], f"{GROUP} {group['name']}")
+        await on_every_desktop(req.core, group, "delete", req.lang)
+        await req.core.refuse_if_used(schema.DESKTOP_GROUP_KIND, group["uuid"], GROUP.named(group["name"]))
         await req.core.store.collection(schema.DESKTOP_GROUPS).delete_one({"uuid": group["uuid"]})
+        await req.core.deleted(schema.DESKTOP_GROUP_KIND, group)
 
     return await run_batch(req, _refs(req), one)
 
@@ -184,6 +189,7 @@ async def edit(req: ApiRequest) -> dict:
         raise ApiError(errors.ALREADY_EXISTS, resource=GROUP, key=changes.get("name")) from None
     if updated is None:
         raise ApiError(errors.NOT_FOUND, resource=GROUP, key=group["uuid"])
+    await core.updated(schema.DESKTOP_GROUP_KIND, updated, changes)
     if restores(updated) != restores(group):
         await redefine_all(req, updated)
     return (await with_counts(core, [updated]))[0]

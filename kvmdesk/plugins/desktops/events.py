@@ -35,12 +35,27 @@ async def on_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str
         return
     group = await core.store.collection(schema.DESKTOP_GROUPS).find_one({"uuid": desktop.get("desktop_uuid")})
     if group is not None and restores(group) and desktop.get("power") == "on" and group.get("active"):
-        ctx = await power.Context.load(core, group, [desktop["node"]])
-        try:
-            await power.start(ctx, desktop)
-        except ApiError as exc:
-            log.warn("desktop {name} stopped by its guest could not be restored and started: {why}",
-                     name=desktop["name"], why=exc.message("en"))
+        await power.locks(core).run(desktop["uuid"], lambda: restart(core, group, desktop["uuid"]))
         return
     await core.store.collection(schema.DESKTOPS).update_one({"uuid": desktop["uuid"]}, {"$set": {
         "status": "inactive", "power": "off", "up_time": None, "updated_at": stamp}})
+
+
+async def restart(core: Any, group: Mapping[str, Any], uuid: str) -> None:
+    """Restore and start a desktop its guest stopped, unless it was stopped or deleted meanwhile."""
+    desktop = await core.store.collection(schema.DESKTOPS).find_one({"uuid": uuid})
+    if desktop is None or desktop.get("power") != "on":
+        return
+    ctx = await power.Context.load(core, group, [desktop["node"]])
+    marks = power.busy(core)
+    marks.add(uuid)
+    try:
+        node = ctx.node_of(desktop)
+        if await ctx.ops.state(node, desktop) != "active":
+            await power.boot(ctx, node, desktop)
+    except ApiError as exc:
+        await ctx.update(desktop, status="error", message=exc.message("en"))
+        log.warn("desktop {name} stopped by its guest could not be restored and started: {why}",
+                 name=desktop["name"], why=exc.message("en"))
+    finally:
+        marks.discard(uuid)

@@ -59,15 +59,21 @@ def answer(req: ApiRequest, total: int, failures: list[tuple[dict, ApiError]]) -
                          for d, e in failures]}
 
 
+async def on_members(req: ApiRequest, group: dict, refs: list, operation: str) -> dict:
+    """``operation`` on the named desktops of ``group``: each one's result, the others going on."""
+    desktops, failures = await members(req, group, refs)
+    total = len(desktops) + len(failures)
+    if desktops:
+        ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops}))
+        failures += await power.each(ctx, desktops, operation)
+    return answer(req, total, failures)
+
+
 def power_action(operation: str) -> Any:
     async def handler(req: ApiRequest) -> dict:
         body = req.body
         group = await usable_group(req, body.desktop_uuid, starting=operation in ("start", "reboot"))
-        desktops, failures = await members(req, group, body.instances)
-        if desktops:
-            ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops}))
-            failures += await power.each(ctx, desktops, operation)
-        return answer(req, len(desktops) + len(failures), failures)
+        return await on_members(req, group, body.instances, operation)
 
     handler.__name__ = f"{operation}_desktops"
     return handler
@@ -99,11 +105,7 @@ GROUP_NUMBERS = "桌面编号 (another add is under way)"
 async def delete(req: ApiRequest) -> dict:
     body: DesktopsDelete = req.body
     group = await usable_group(req, body.desktop_uuid)
-    desktops, failures = await members(req, group, body.instances)
-    if desktops:
-        ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops}))
-        failures += await power.each(ctx, desktops, "delete")
-    return answer(req, len(desktops) + len(failures), failures)
+    return await on_members(req, group, body.instances, "delete")
 
 
 async def get_console(req: ApiRequest) -> dict:

@@ -4,19 +4,19 @@ from __future__ import annotations
 from typing import Any
 
 from kvmdesk.core import errors
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.plugins.desktops import schema
 
 #: How answers name each kind of record (the contract's language).
 NAMES = {
-    schema.TEACHING_GROUPS: "教学分组",
-    schema.DESKTOP_GROUPS: "教学桌面组",
-    schema.DESKTOPS: "教学桌面",
-    schema.NETWORKS: "数据网络",
-    schema.SUBNETS: "子网",
-    schema.NODES: "节点",
-    schema.POOLS: "资源池",
-    schema.TEMPLATES: "模板",
+    schema.TEACHING_GROUPS: Resource("教学分组", "teaching group"),
+    schema.DESKTOP_GROUPS: Resource("教学桌面组", "teaching desktop group"),
+    schema.DESKTOPS: Resource("教学桌面", "teaching desktop"),
+    schema.NETWORKS: Resource("数据网络", "data network"),
+    schema.SUBNETS: Resource("子网", "subnet"),
+    schema.NODES: Resource("节点", "node"),
+    schema.POOLS: Resource("资源池", "resource pool"),
+    schema.TEMPLATES: Resource("模板", "template"),
 }
 
 

@@ -7,11 +7,12 @@ from twisted.logger import Logger
 
 from kvmdesk import hookimpl
 from kvmdesk.core import group_names
+from kvmdesk.core.errors import Resource
 from kvmdesk.plugins.desktops import admission, desktop_groups, events, instances, reconcile, schema, teaching_groups
 from kvmdesk.plugins.desktops.loads import NodeLoads
 from kvmdesk.plugins.desktops import broker, personal_groups, personal_schema, portal, portal_auth, random_bindings
 
-__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
+__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
 log = Logger(namespace="kvmdesk.desktops")
 
@@ -112,7 +113,7 @@ async def startup(core: Any) -> None:
 
 #: What desktop groups and desktops refer to, by the kind other plugins ask about.
 _GROUP_FIELDS = {"template": "template", "subnet": "subnet", "data_network": "network", "resource_pool": "pool",
-                 "teaching_group": "group"}
+                 schema.TEACHING_KIND: "group"}
 
 
 @hookimpl
@@ -120,7 +121,7 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str) -> Optional[Any]:
     return usage(core, kind, uuid)
 
 
-async def usage(core: Any, kind: str, uuid: str) -> Optional[str]:
+async def usage(core: Any, kind: str, uuid: str) -> Optional[Resource]:
     """Teaching groups hold networks and subnets; desktop groups hold templates, subnets, networks,
     pools and teaching groups; desktops hold nodes."""
     reason = await teaching_groups.usage(core, kind, uuid)
@@ -128,13 +129,34 @@ async def usage(core: Any, kind: str, uuid: str) -> Optional[str]:
         return reason
     if kind == "node":
         count = await core.store.collection(schema.DESKTOPS).count({"node": uuid})
-        return f"还有 {count} 个教学桌面 ({count} teaching desktops)" if count else None
+        return Resource(f"还有 {count} 个教学桌面", f"{count} teaching desktops on it") if count else None
     field = _GROUP_FIELDS.get(kind)
     if field is None:
         return None
     found = await core.store.collection(schema.DESKTOP_GROUPS).find({field: uuid}, projection=["name"], limit=3)
     names = ", ".join(g["name"] for g in found)
-    return f"教学桌面组 {names} 正在使用 (used by teaching desktop groups {names})" if found else None
+    return Resource(f"教学桌面组 {names} 正在使用", f"used by teaching desktop groups {names}") if found else None
+
+
+@hookimpl
+def kvmdesk_reconcile(core: Any):
+    return forget_missing_nodes(core)
+
+
+async def forget_missing_nodes(core: Any) -> None:
+    """Desktops whose node was deleted while this plugin was blocked are marked ``error`` (kept: their
+    addresses and names stay taken until an administrator deletes them)."""
+    placed = await core.store.collection(schema.DESKTOPS).find({}, projection=["uuid", "node"])
+    nodes = {n["uuid"] for n in await core.store.collection(schema.NODES).find({}, projection=["uuid"])}
+    lost = sorted({d["uuid"] for d in placed if d.get("node") not in nodes})
+    for start in range(0, len(lost), 500):
+        await core.store.collection(schema.DESKTOPS).update_many(
+            {"uuid": {"$in": lost[start : start + 500]}}, {"$set": {"status": "error", "message": NODE_GONE}})
+    if lost:
+        log.warn("{n} teaching desktops are on nodes that no longer exist", n=len(lost))
+
+
+NODE_GONE = "the desktop's node was deleted"
 
 
 @hookimpl

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.records import now_text
+from kvmdesk.core.records import now_text, without
 from kvmdesk.plugins.desktops import codes, planner, schema
 from kvmdesk.plugins.desktops.domain_ops import DomainOps, network_nic, restores
 from kvmdesk.plugins.desktops.provisioning import release_addresses
@@ -27,8 +27,33 @@ BUSY = "desktops.busy"
 USABLE_STATES = ("online", "warning")
 
 
+LOCKS = "desktops.locks"
+
+
 def busy(core: Any) -> set[str]:
     return core.extensions.setdefault(BUSY, set())
+
+
+class DesktopLocks:
+    """One lock per desktop: its operations (an administrator's, a restart after a guest reboot) never
+    overlap; the entry goes when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, defer.DeferredLock] = {}
+
+    async def run(self, uuid: str, work: Callable[[], Awaitable[Any]]) -> Any:
+        lock = self._locks.setdefault(uuid, defer.DeferredLock())
+        await lock.acquire()
+        try:
+            return await work()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(uuid, None)
+
+
+def locks(core: Any) -> DesktopLocks:
+    return core.extensions.setdefault(LOCKS, DesktopLocks())
 
 
 @attrs.define(eq=False)
@@ -73,16 +98,20 @@ class Context:
 
 
 async def _guarded(ctx: Context, desktop: dict, work: Callable[[], Awaitable[None]]) -> None:
-    """Run ``work`` with the desktop marked busy; a failure leaves the desktop in ``error`` saying why."""
-    marks = busy(ctx.core)
-    marks.add(desktop["uuid"])
-    try:
-        await work()
-    except ApiError as exc:
-        await ctx.update(desktop, status="error", message=exc.message("en"))
-        raise
-    finally:
-        marks.discard(desktop["uuid"])
+    """Run ``work`` under the desktop's lock, marked busy (its lifecycle events are then our own doing);
+    a failure leaves the desktop in ``error`` saying why."""
+    async def locked() -> None:
+        marks = busy(ctx.core)
+        marks.add(desktop["uuid"])
+        try:
+            await work()
+        except ApiError as exc:
+            await ctx.update(desktop, status="error", message=exc.message("en"))
+            raise
+        finally:
+            marks.discard(desktop["uuid"])
+
+    await locks(ctx.core).run(desktop["uuid"], locked)
 
 
 async def boot(ctx: Context, node: dict, desktop: dict) -> None:
@@ -117,9 +146,9 @@ async def start(ctx: Context, desktop: dict) -> None:
 async def stop(ctx: Context, desktop: dict) -> None:
     """Restore desktops are destroyed (their disks are thrown away anyway); others shut down cleanly."""
     node = ctx.node_of(desktop)
+    await ctx.update(desktop, power="off")  # before the lock: a restart waiting for it gives up
 
     async def work() -> None:
-        await ctx.update(desktop, power="off")
         if await ctx.ops.state(node, desktop) != "active":
             return await ctx.update(desktop, status="inactive", up_time=None, message="")
         info = await ctx.ops.power(node, desktop, "destroy" if restores(ctx.group) else "shutdown")
@@ -152,17 +181,22 @@ async def delete(ctx: Context, desktop: dict) -> None:
     """Deleting a running desktop stops it first (not refused: a class's desktops are disposable);
     its domain, overlays, address and record go."""
     node = ctx.nodes.get(desktop.get("node"))
-    if node is None or node.get("state") in USABLE_STATES:
+    if node is not None and node.get("state") not in USABLE_STATES:
+        raise ApiError(codes.DESKTOP_OFFLINE_NODE, name=desktop["name"], ip=desktop.get("node_ip"), state=node.get("state"))
+    await ctx.update(desktop, power="off")  # before the lock: a restart waiting for it gives up
+
+    async def work() -> None:
         if node is not None:
             busy(ctx.core).add(desktop["uuid"])
             try:
                 await ctx.ops.remove(node, desktop, ctx.template)
             finally:
                 busy(ctx.core).discard(desktop["uuid"])
-    else:
-        raise ApiError(codes.DESKTOP_OFFLINE_NODE, name=desktop["name"], ip=desktop.get("node_ip"), state=node.get("state"))
-    await release_addresses(ctx.core, [desktop["uuid"]])
-    await ctx.core.store.collection(schema.DESKTOPS).delete_one({"uuid": desktop["uuid"]})
+        await release_addresses(ctx.core, [desktop["uuid"]])
+        await ctx.core.store.collection(schema.DESKTOPS).delete_one({"uuid": desktop["uuid"]})
+        await ctx.core.deleted(schema.DESKTOP_KIND, without(desktop, schema.HIDDEN_FIELDS))
+
+    await locks(ctx.core).run(desktop["uuid"], work)
 
 
 OPERATIONS: dict[str, Callable[[Context, dict], Awaitable[None]]] = {

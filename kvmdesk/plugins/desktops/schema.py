@@ -20,6 +20,11 @@ TEMPLATES = "templates"
 
 #: The kind of a teaching group in the shared name registry (:mod:`kvmdesk.core.group_names`).
 TEACHING_KIND = "teaching_group"
+#: The kinds of ``kvmdesk_usage`` and of the lifecycle hooks for desktop groups and desktops.
+DESKTOP_GROUP_KIND = "desktop_group"
+DESKTOP_KIND = "desktop"
+#: Never announced to other plugins (the VNC password of a desktop's console).
+HIDDEN_FIELDS = ("vnc_password",)
 #: The contract's ``group_type`` of a teaching group (2 is a user group).
 TEACHING_TYPE = 1
 

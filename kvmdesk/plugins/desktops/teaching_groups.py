@@ -13,7 +13,7 @@ from twisted.internet import defer
 
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors, group_names
-from kvmdesk.core.errors import ApiError
+from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
@@ -114,6 +114,7 @@ async def create(req: ApiRequest) -> dict:
     except BaseException:
         await group_names.release(store, body.name, record["uuid"])
         raise
+    await req.core.created(schema.TEACHING_KIND, created)
     return (await with_counts(req.core, [created]))[0]
 
 
@@ -152,6 +153,7 @@ async def edit(req: ApiRequest) -> dict:
         raise ApiError(errors.NOT_FOUND, resource=GROUP, key=group["uuid"])
     if renamed:
         await group_names.release(store, group["name"], group["uuid"])
+    await req.core.updated(schema.TEACHING_KIND, updated, changes)
     return (await with_counts(req.core, [updated]))[0]
 
 
@@ -163,22 +165,23 @@ async def delete(req: ApiRequest) -> dict:
         count = await store.collection(schema.DESKTOP_GROUPS).count({"group": group["uuid"]})
         if count:
             raise ApiError(codes.GROUP_HAS_DESKTOPS, name=group["name"], count=count)
-        await req.core.refuse_if_used(schema.TEACHING_KIND, group["uuid"], f"{GROUP} {group['name']}")
+        await req.core.refuse_if_used(schema.TEACHING_KIND, group["uuid"], GROUP.named(group["name"]))
         await store.collection(schema.TEACHING_GROUPS).delete_one({"uuid": group["uuid"]})
         await group_names.release(store, group["name"], group["uuid"])
+        await req.core.deleted(schema.TEACHING_KIND, group)
 
     refs = list({g.uuid: {"uuid": g.uuid, "name": g.name} for g in req.body.groups}.values())
     req.oplog_detail = ", ".join(r["name"] or r["uuid"] for r in refs[:10])
     return await run_batch(req, refs, delete_one)
 
 
-async def usage(core: Any, kind: str, uuid: str) -> Optional[str]:
+async def usage(core: Any, kind: str, uuid: str) -> Optional[Resource]:
     """``kvmdesk_usage`` for the data networks and subnets teaching groups name."""
     field = {"data_network": "network", "subnet": "subnet"}.get(kind)
     if field is None:
         return None
     count = await core.store.collection(schema.TEACHING_GROUPS).count({field: uuid})
-    return f"还有 {count} 个教学分组使用 ({count} teaching groups use it)" if count else None
+    return Resource(f"还有 {count} 个教学分组使用", f"{count} teaching groups use it") if count else None
 
 
 def register_routes(router: Router) -> None:

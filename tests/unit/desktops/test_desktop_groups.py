@@ -256,3 +256,15 @@ async def test_console_of_a_running_desktop(api):
     token = parse_qs(urlsplit(url).query)["token"][0]
     grant = await console.check(api.core, token, consume=False)
     assert (grant.node_uuid, grant.domain_uuid, grant.holder_kind) == (w["n1"]["uuid"], running["uuid"], "admin")
+
+
+@pytest_twisted.ensureDeferred
+async def test_desktops_on_a_node_deleted_meanwhile_are_marked_at_start_up(api):
+    from kvmdesk.plugins.desktops import plugin
+
+    w = await world(api)
+    _, (first, second) = await stored_group(api, w)
+    await api.core.store.collection("nodes").delete_one({"uuid": w["n1"]["uuid"]})
+    await plugin.kvmdesk_reconcile(api.core)
+    found = {d["name"]: (d["status"], d["message"]) for d in await api.core.store.collection(schema.DESKTOPS).find({})}
+    assert found == {first["name"]: ("error", plugin.NODE_GONE), second["name"]: ("error", plugin.NODE_GONE)}

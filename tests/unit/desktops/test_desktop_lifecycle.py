@@ -198,3 +198,37 @@ async def test_a_create_that_fails_on_one_node_leaves_nothing_anywhere(tmp_path)
         assert await world.core.extensions["ipam"].allocations(world.subnet["uuid"]) == before_alloc
         assert await world.core.store.collection(schema.DESKTOPS).count({}) == 0
         assert await world.core.store.collection(schema.DESKTOP_GROUPS).count({}) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_offline_or_unreachable_fails_its_desktops_and_the_others_go_on(tmp_path):
+    clock = Clock()
+    async with world_of(tmp_path, clock) as world:
+        template = await saved_template(world)
+        teaching = await teaching_group(world)
+        group = ok(*await world.api.call("POST", DESKTOP_GROUPS, create_body(world, teaching, template,
+                                                                            create_info={HOSTS[0]: 2, HOSTS[1]: 2})))
+        desktops = await desktops_of(world, group["uuid"])
+        param = {"desktop_uuid": group["uuid"], "desktop_name": "dg1", "desktop_type": 1,
+                 "instances": [{"uuid": d["uuid"], "name": d["name"]} for d in desktops]}
+        nodes = world.core.store.collection("nodes")
+        second = next(n for n in world.nodes if n["ip"] == HOSTS[1])
+
+        # the watchers saw the second node go offline: its desktops fail at once, clearly
+        await nodes.update_one({"uuid": second["uuid"]}, {"$set": {"state": "offline"}})
+        answer = ok(*await world.api.call("POST", INSTANCES, {"action": "start", "param": param}, headers=EN))
+        assert (answer["success_num"], answer["failed_num"]) == (2, 2)
+        assert {f["code"] for f in answer["failures"]} == {6048} and all(HOSTS[1] in f["msg"] for f in answer["failures"])
+        assert await domain_states(world) == {"dg1pc01": "running", "dg1pc02": "running", "dg1pc03": "shutoff",
+                                              "dg1pc04": "shutoff"}
+
+        # the store still says online, but its agent is gone: the calls fail, named, and the others run
+        await nodes.update_one({"uuid": second["uuid"]}, {"$set": {"state": "online"}})
+        await world.agents[1].stopService()
+        answer = ok(*await world.api.call("POST", INSTANCES, {"action": "reboot", "param": param}, headers=EN))
+        assert (answer["success_num"], answer["failed_num"]) == (2, 2)
+        assert {f["code"] for f in answer["failures"]} == {6040} and all(HOSTS[1] in f["msg"] for f in answer["failures"])
+        running = {d["name"]: d["status"] for d in await desktops_of(world, group["uuid"])}
+        assert running == {"dg1pc01": "active", "dg1pc02": "active", "dg1pc03": "error", "dg1pc04": "error"}
+        page = ok(*await world.api.call("GET", INSTANCES, params={"desktop_uuid": group["uuid"], "status": "error"}))
+        assert page["count"] == 2 and all(HOSTS[1] in d["message"] for d in page["results"])

@@ -145,3 +145,36 @@ async def test_subnets_and_networks_in_use_cannot_be_deleted(api):
     assert answer["code"] != 0, answer
     ok(*await api.call("DELETE", TEACHING, {"groups": [{"uuid": group["uuid"], "name": "c1"}]}))
     ok(*await api.call("DELETE", f"{NETS}/{network['uuid']}/sub_networks", {"uuids": [subnet["uuid"]]}))
+
+
+@pytest_twisted.ensureDeferred
+async def test_teaching_and_desktop_groups_announce_their_changes(tmp_path, clock):
+    from kvmdesk.testing.api import api_client
+    from kvmdesk.testing.plugins import LifecycleRecorder, plugin_manager
+
+    recorder = LifecycleRecorder()
+    async with api_client(tmp_path, clock=clock, plugins=plugin_manager(recorder)) as api:
+        network, subnet = await make_network(api)
+        group = await create_teaching_group(api, "c1", network, subnet)
+        ok(*await api.call("PUT", TEACHING, {"uuid": group["uuid"], "name": "c1", "value": {"name": "c2"}}))
+        status, answer = await api.call("PUT", TEACHING, {"uuid": group["uuid"], "name": "c2", "value": {"name": "c2",
+                                                                                                        "end_ip": "x"}})
+        assert status == 400  # refused: announces nothing
+        ok(*await api.call("DELETE", TEACHING, {"groups": [{"uuid": group["uuid"], "name": "c2"}]}))
+        events = recorder.of("teaching_group")
+        assert [e.hook for e in events] == ["created", "updated", "deleted"]
+        assert events[1].changes["name"] == "c2" and events[2].record["name"] == "c2"
+
+        holder = await create_teaching_group(api, "c3", network, subnet)
+        desktop_group = await api.core.store.collection(schema.DESKTOP_GROUPS).insert_one(new_record(
+            api.core.clock, name="dg", group=holder["uuid"], template="t", pool="p", network=network["uuid"],
+            subnet=subnet["uuid"], active=True, sys_restore=0, data_restore=0, order_num=0))
+        ref = {"desktops": [{"uuid": desktop_group["uuid"], "name": "dg"}]}
+        ok(*await api.call("POST", "/education/desktop", {"action": "inactive", "param": ref}))
+        ok(*await api.call("PUT", "/education/desktop", {"uuid": desktop_group["uuid"], "name": "dg",
+                                                         "value": {"order_num": 3}}))
+        ok(*await api.call("DELETE", "/education/desktop", ref))
+        events = recorder.of("desktop_group")
+        assert [e.hook for e in events] == ["updated", "updated", "deleted"]
+        assert events[0].changes["active"] is False and events[1].changes["order_num"] == 3
+    assert clock.getDelayedCalls() == []
