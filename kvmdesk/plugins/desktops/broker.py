@@ -30,6 +30,8 @@ log = Logger(namespace="kvmdesk.desktops.broker")
 HOLD_FIELDS = ("holder", "holder_session", "held_at")
 #: Desktop states a claim may take (an ``error`` desktop would fail its user).
 CLAIMABLE = ("active", "inactive")
+#: Seconds the broker trusts the random groups it read for a user group.
+GROUPS_TTL = 2.0
 
 
 async def random_groups(core: Any, user: dict) -> list[dict]:
@@ -63,6 +65,22 @@ class Broker:
     core: Any
     #: One request per user at a time: a user's second concurrent request waits and gets the same desktop.
     _locks: dict[str, defer.DeferredLock] = attrs.field(factory=dict)
+    #: The random groups of each user group, for ``GROUPS_TTL`` seconds: a login rush reads them once.
+    #: Changes made here (bindings, maintenance) call :meth:`forget`; another controller's within the TTL.
+    _groups: dict[str, tuple[list[dict], float]] = attrs.field(factory=dict)
+
+    async def random_groups(self, user: dict) -> list[dict]:
+        now = self.core.clock.seconds()
+        cached = self._groups.get(user.get("group") or "")
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        found = await random_groups(self.core, user)
+        self._groups[user.get("group") or ""] = (found, now + GROUPS_TTL)
+        return found
+
+    def forget(self) -> None:
+        """Bindings or groups changed: read them again at the next request."""
+        self._groups.clear()
 
     @property
     def desktops(self) -> Any:
@@ -103,8 +121,10 @@ class Broker:
                 self._locks.pop(user["uuid"], None)
 
     async def _choose(self, user: dict, group_uuid: Optional[str]) -> tuple[dict, dict]:
-        statics = await static_desktops(self.core, user)
-        randoms = await random_groups(self.core, user)
+        # One query for both: the desktops bound to the user and the one they hold.
+        mine = await self.desktops.find({"$or": [{"user_uuid": user["uuid"]}, {"holder": user["uuid"]}]}, sort=[("name", 1)])
+        statics = [d for d in mine if d.get("user_uuid") == user["uuid"]]
+        randoms = await self.random_groups(user)
         owners = await groups_by_uuid(self.core, {d["desktop_uuid"] for d in statics})
         groups = randoms + [g for g in owners.values() if g not in randoms]
         if not groups:
@@ -121,7 +141,7 @@ class Broker:
             return static, owners[static["desktop_uuid"]]
         random_usable = [g for g in usable if g.get("desktop_type") == RANDOM]
         by_uuid = {g["uuid"]: g for g in random_usable}
-        held = await self.desktops.find_one({"holder": user["uuid"], "desktop_uuid": {"$in": list(by_uuid)}})
+        held = next((d for d in mine if d.get("holder") == user["uuid"] and d["desktop_uuid"] in by_uuid), None)
         if held is not None:
             return held, by_uuid[held["desktop_uuid"]]
         claimed = await self.desktops.find_one_and_update(

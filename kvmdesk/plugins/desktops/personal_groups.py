@@ -15,6 +15,7 @@ from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.desktops import personal_codes as codes
+from kvmdesk.plugins.desktops.broker import EXTENSION as BROKER
 from kvmdesk.plugins.desktops import schema
 from kvmdesk.plugins.desktops.personal_models import PersonalGroups
 from kvmdesk.plugins.desktops.personal_schema import PERSONAL_GROUPS, RANDOM_BINDINGS
@@ -37,8 +38,11 @@ def set_maintenance(on: bool) -> Any:
             if not changed and await groups.find_one({"uuid": ref.uuid}) is None:
                 raise ApiError(errors.NOT_FOUND, resource=codes.PERSONAL_GROUP, key=ref.name or ref.uuid)
 
-        return await run_batch(req, [{"uuid": g.uuid, "name": g.name, "ref": g} for g in body.desktops],
-                               lambda item: one(item["ref"]))
+        try:
+            return await run_batch(req, [{"uuid": g.uuid, "name": g.name, "ref": g} for g in body.desktops],
+                                   lambda item: one(item["ref"]))
+        finally:
+            req.core.extensions[BROKER].forget()
 
     handler.__name__ = "enter_maintenance" if on else "exit_maintenance"
     return handler

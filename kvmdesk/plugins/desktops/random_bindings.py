@@ -16,6 +16,7 @@ from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record
 from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.desktops import personal_codes as codes
+from kvmdesk.plugins.desktops.broker import EXTENSION as BROKER
 from kvmdesk.plugins.desktops.personal_models import BindGroups, UnbindGroups
 from kvmdesk.plugins.desktops.personal_schema import PERSONAL_GROUPS, RANDOM, RANDOM_BINDINGS, USER_GROUPS, USERS
 
@@ -51,8 +52,11 @@ async def add_group(req: ApiRequest) -> dict:
         except DuplicateKeyError:
             raise ApiError(codes.ALREADY_BOUND, group=user_group["name"], desktop=group["name"]) from None
 
-    return await run_batch(req, [{"uuid": g.group_uuid, "name": g.group_name, "ref": g} for g in body.groups],
-                           lambda item: bind(item["ref"]))
+    try:
+        return await run_batch(req, [{"uuid": g.group_uuid, "name": g.group_name, "ref": g} for g in body.groups],
+                               lambda item: bind(item["ref"]))
+    finally:
+        core.extensions[BROKER].forget()
 
 
 async def delete_group(req: ApiRequest) -> dict:
@@ -65,8 +69,11 @@ async def delete_group(req: ApiRequest) -> dict:
         if not await core.store.collection(RANDOM_BINDINGS).delete_one({"uuid": ref.uuid, "desktop": group["uuid"]}):
             raise ApiError(codes.NOT_BOUND, group=ref.group_name or ref.uuid, desktop=group["name"])
 
-    return await run_batch(req, [{"uuid": g.uuid, "name": g.group_name, "ref": g} for g in body.groups],
-                           lambda item: unbind(item["ref"]))
+    try:
+        return await run_batch(req, [{"uuid": g.uuid, "name": g.group_name, "ref": g} for g in body.groups],
+                               lambda item: unbind(item["ref"]))
+    finally:
+        core.extensions[BROKER].forget()
 
 
 async def with_user_counts(core: Any, bindings: list[dict]) -> list[dict]:
