@@ -56,5 +56,18 @@ Decisions where the contract is silent:
   (code 6045, the count and the first reason; every desktop's failure in ``data.failures``); the
   other desktops went on.  A desktop batch reports each desktop.
 - ``active_time`` is the seconds since the desktop's ``up_time`` while it runs, 0 otherwise.
+
+Personal desktops and the desktop users' portal (issue 17; built so far: #119-#124 and the portal):
+
+- ``/personal/desktop/`` (maintenance on/off, paged query), ``/personal/desktop/random/`` (user
+  groups bound to a random group), ``/portal/...`` (:mod:`.portal`, :mod:`.portal_auth`,
+  :mod:`.broker`).  Personal desktops are records of the ``desktops`` collection like teaching ones
+  (power, events and reconcile act on them unchanged); their groups are ``personal_groups``.
+- A random desktop is claimed with one atomic ``find_one_and_update`` (``holder: None`` -> the user);
+  a user holds at most one desktop per group and gets it again on the next request; it is freed on
+  logout or when the session has seen no request for ``[desktops.portal] idle_timeout`` seconds (the
+  desktop stays as it is: it is not stopped or restored on release).
+- Entering maintenance does not take desktops from users who hold them; it refuses new requests.
+- ``websockify_url`` is ``null`` with ``console_error`` where the controller has no console module.
 """
 from kvmdesk.plugins.desktops.plugin import *  # noqa: F401,F403  (the hook implementations)

@@ -39,3 +39,26 @@ NOT_BOUND = define(
 NOT_RANDOM = define(
     6512, 400, "desktop_uuid: 桌面组 {name} 不是随机桌面组", "desktop_uuid: desktop group {name} is not a random desktop group"
 )
+FIXED_OUTSIDE_SUBNET = define(
+    6513, 400, "allocate_start: 地址 {start}-{end} 不在子网 {subnet} 的范围 {first}-{last} 内",
+    "allocate_start: the addresses {start}-{end} are not inside the range {first}-{last} of subnet {subnet}",
+)
+FIXED_TAKEN = define(
+    6514, 409, "allocate_start: 地址 {ip} 已被占用", "allocate_start: the address {ip} is already taken"
+)
+USER_OTHER_GROUP = define(
+    6515, 400, "{field}: 用户 {user} 不属于用户分组 {group}", "{field}: user {user} is not in user group {group}"
+)
+UNKNOWN_DESKTOP_NAME = define(
+    6516, 400, "allocates: 桌面组中没有名为 {name} 的桌面", "allocates: the group has no desktop named {name}"
+)
+DUPLICATE_ALLOCATION = define(
+    6517, 400, "allocates: {what} {value} 出现了两次", "allocates: {what_en} {value} appears twice"
+)
+NOT_STATIC = define(
+    6518, 400, "桌面组 {name} 不是静态桌面组", "desktop group {name} is not a static desktop group"
+)
+NO_USER_GROUP = define(
+    6519, 409, "静态桌面组 {name} 还没有绑定用户分组, 请先修改绑定的用户分组",
+    "static desktop group {name} has no user group yet: set one with change_group first",
+)

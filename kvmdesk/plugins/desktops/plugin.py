@@ -10,7 +10,8 @@ from kvmdesk.core import group_names
 from kvmdesk.core.errors import Resource
 from kvmdesk.plugins.desktops import admission, desktop_groups, events, instances, reconcile, schema, teaching_groups
 from kvmdesk.plugins.desktops.loads import NodeLoads
-from kvmdesk.plugins.desktops import broker, personal_groups, personal_schema, portal, portal_auth, random_bindings
+from kvmdesk.plugins.desktops import (broker, personal_groups, personal_instances, personal_schema, portal, portal_auth,
+                                      random_bindings, static_bindings)
 
 __all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
@@ -95,6 +96,8 @@ def kvmdesk_routes(router, core) -> None:
     instances.register_routes(router)
     personal_groups.register_routes(router)
     random_bindings.register_routes(router)
+    static_bindings.register_routes(router)
+    personal_instances.register_routes(router)
     portal.register_routes(router)
 
 
@@ -124,7 +127,7 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str) -> Optional[Any]:
 async def usage(core: Any, kind: str, uuid: str) -> Optional[Resource]:
     """Teaching groups hold networks and subnets; desktop groups hold templates, subnets, networks,
     pools and teaching groups; desktops hold nodes."""
-    reason = await teaching_groups.usage(core, kind, uuid)
+    reason = await teaching_groups.usage(core, kind, uuid) or await personal_groups.usage(core, kind, uuid)
     if reason:
         return reason
     if kind == "node":
