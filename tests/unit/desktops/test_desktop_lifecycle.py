@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 pytest.importorskip("kvmdesk.protocol.domains")
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "storage"))
 
 from templates_testlib import HOSTS, T, world_of  # noqa: E402
 
-from kvmdesk.plugins.desktops import schema  # noqa: E402
+from kvmdesk.plugins.desktops import power, schema  # noqa: E402
 
 from .conftest import DESKTOP_GROUPS, EN, INSTANCES, failed, ok  # noqa: E402
 
@@ -70,6 +71,9 @@ async def guest_stops(world, desktop: dict) -> None:
     await world.core.extensions["nodes"].receive_events(stored, [{"uuid": desktop["uuid"], "name": desktop["name"],
                                                                   "event": "stopped", "detail": "destroyed", "seq": 1,
                                                                   "at": 0}])
+    # The agent posts the same event over HTTP too: whichever came first is handled, the other finds the
+    # desktop busy or back on; wait for the desktop's operation in progress, if any.
+    await power.locks(world.core).run(desktop["uuid"], lambda: defer.succeed(None))
 
 
 def overlay_files(world) -> list[list[str]]:
@@ -179,6 +183,13 @@ async def test_a_group_without_restore_keeps_its_disks(tmp_path):
         assert marked(world) == kept
         (desktop,) = await desktops_of(world, group["uuid"])
         assert (desktop["status"], desktop["power"]) == ("inactive", "off")
+
+        # restore turned on: the domain is defined again, ending in destroy at a guest reboot
+        agent = world.agents[0]
+        assert "<on_reboot>restart</on_reboot>" in await agent.hypervisor.domain_xml(desktop["uuid"])
+        ok(*await world.api.call("PUT", DESKTOP_GROUPS, {"uuid": group["uuid"], "name": "keep",
+                                                          "value": {"sys_restore": 1}}))
+        assert "<on_reboot>destroy</on_reboot>" in await agent.hypervisor.domain_xml(desktop["uuid"])
 
 
 @pytest_twisted.ensureDeferred
