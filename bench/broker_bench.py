@@ -23,6 +23,7 @@ assignments/s, p99 < 100 ms.  Asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -107,6 +108,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     print(f"no desktop went to two users: answers {len(won) == len(set(won))} ({len(set(won))} distinct of {len(won)}), "
           f"store {len(held) == len(won) and len({d['holder'] for d in held}) == len(held)} "
           f"({len(held)} desktops held by {len({d['holder'] for d in held})} users)")
+    print("load average of this machine (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+          + f" on {os.cpu_count()} CPUs (the figures above are this host's, shared)")
     await core.store.close()
 
 

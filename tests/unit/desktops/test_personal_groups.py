@@ -192,3 +192,22 @@ async def test_personal_desktops_batches_and_query(api):
                                                                                         {"uuid": desktops[0]["uuid"], "name": "pd001"}]}))
     assert (deleted["success_num"], deleted["failures"][0]["code"]) == (1, 6046)
     assert await api.core.store.collection("desktops").count({"uuid": gone[0]["uuid"]}) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_restore_desktop_is_restarted_by_the_lifecycle_event(api):
+    """The teaching events module finds personal groups too: a restore desktop that its guest stopped
+    while meant to be on is started again (here its node is offline, so the attempt is recorded as an
+    error saying so); a desktop without restore just turns inactive."""
+    from kvmdesk.plugins.desktops.events import on_domain_event
+
+    down = await seed_node(api.core, "down", "192.0.2.13", state="offline")
+    _, (restoring,) = await seed_personal_group(api.core, "rst", 1, node=down, sys_restore=1)
+    _, (keeping,) = await seed_personal_group(api.core, "keep", 1, node=down)
+    for desktop in (restoring, keeping):
+        await on_domain_event(api.core, down, {"event": "stopped", "uuid": desktop["uuid"]})
+    desktops = api.core.store.collection("desktops")
+    restored = await desktops.find_one({"uuid": restoring["uuid"]})
+    assert (restored["status"], restored["power"]) == ("error", "on") and "offline" in restored["message"]
+    kept = await desktops.find_one({"uuid": keeping["uuid"]})
+    assert (kept["status"], kept["power"]) == ("inactive", "off")
