@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.desktops import power, schema
+from kvmdesk.plugins.desktops.domain_ops import restores
 from kvmdesk.plugins.desktops import personal_codes as codes
 from kvmdesk.plugins.desktops.personal_schema import PERSONAL_GROUPS, RANDOM, RANDOM_BINDINGS, STATIC
 from kvmdesk.plugins.desktops.portal_auth import EXTENSION as AUTH
@@ -32,6 +33,8 @@ HOLD_FIELDS = ("holder", "holder_session", "held_at")
 CLAIMABLE = ("active", "inactive")
 #: Seconds the broker trusts the random groups it read for a user group.
 GROUPS_TTL = 2.0
+#: The holder of a released restore desktop while it is being restored.
+RESTORING = "(restoring)"
 
 
 async def random_groups(core: Any, user: dict) -> list[dict]:
@@ -68,6 +71,8 @@ class Broker:
     #: The random groups of each user group, for ``GROUPS_TTL`` seconds: a login rush reads them once.
     #: Changes made here (bindings, maintenance) call :meth:`forget`; another controller's within the TTL.
     _groups: dict[str, tuple[list[dict], float]] = attrs.field(factory=dict)
+    #: Restores of released desktops in progress.
+    restoring: set[defer.Deferred] = attrs.field(factory=set)
 
     async def random_groups(self, user: dict) -> list[dict]:
         now = self.core.clock.seconds()
@@ -167,9 +172,49 @@ class Broker:
         return desktop
 
     async def release(self, filter: dict) -> int:
-        """Free the random desktops matching ``filter`` (held ones only); returns how many."""
-        return await self.desktops.update_many({"$and": [filter, {"holder": {"$ne": None}}]},
-                                               {"$set": {**dict.fromkeys(HOLD_FIELDS), "user_name": ""}})
+        """Free the random desktops matching ``filter`` (held ones only); returns how many.
+
+        A running desktop of a restore group is restored first (off, fresh overlays, on: the power
+        module's reboot) so the next user never sees the last one's data; until that is done it is
+        held by :data:`RESTORING`, and if it fails the desktop is left in ``error``, which no claim takes.
+        """
+        held = await self.desktops.find({"$and": [filter, {"holder": {"$ne": None}}]})
+        if not held:
+            return 0
+        groups = await groups_by_uuid(self.core, {d["desktop_uuid"] for d in held})
+        dirty = [d for d in held if d.get("status") == "active" and restores(groups.get(d["desktop_uuid"], {}))]
+        clean = [d["uuid"] for d in held if d not in dirty]
+        if clean:
+            await self.desktops.update_many({"uuid": {"$in": clean}, "holder": {"$ne": None}},
+                                            {"$set": {**dict.fromkeys(HOLD_FIELDS), "user_name": ""}})
+        for desktop in dirty:
+            await self.desktops.update_one({"uuid": desktop["uuid"]}, {"$set": {
+                "holder": RESTORING, "holder_session": None, "user_name": ""}})
+            work = defer.ensureDeferred(self._restore(groups[desktop["desktop_uuid"]], desktop))
+            self.restoring.add(work)
+            work.addBoth(lambda result, work=work: (self.restoring.discard(work), result)[1])
+        return len(held)
+
+    async def _restore(self, group: dict, desktop: dict) -> None:
+        try:
+            ctx = await power.Context.load(self.core, group, [desktop["node"]])
+            await power.reboot(ctx, desktop)
+        except ApiError as exc:
+            log.warn("desktop {name} could not be restored after its user left: {why}", name=desktop["name"],
+                     why=exc.message("en"))
+            # Not given to anyone until an administrator has seen to it (the next user would get the
+            # last one's disk).
+            await self.desktops.update_one({"uuid": desktop["uuid"]}, {"$set": {
+                "status": "error", "message": "not restored after its user left: " + exc.message("en")}})
+        except Exception:
+            log.failure("desktop {name}: restore after release failed", name=desktop["name"])
+        finally:
+            await self.desktops.update_one({"uuid": desktop["uuid"], "holder": RESTORING},
+                                           {"$set": dict.fromkeys(HOLD_FIELDS)})
+
+    async def settled(self) -> None:
+        """Wait for the restores in progress (tests, shutdown)."""
+        await defer.gatherResults(list(self.restoring), consumeErrors=True)
 
     async def logout(self, user: dict) -> int:
         """End the user's portal session and free what it held."""

@@ -273,3 +273,20 @@ async def test_random_binding_bad_input(api):
     failed(*await api.call("GET", RANDOM_API), 400, errors.INVALID_PARAM.code, "desktop")
     failed(*await api.call("GET", RANDOM_API, params={"desktop": static["uuid"]}), 400, codes.NOT_RANDOM.code)
     assert await api.core.store.collection("random_bindings").count({}) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_released_restore_desktop_is_restored_before_anyone_gets_it(api):
+    """Logout frees a running restore desktop through the power module's reboot (fresh overlays); here
+    its node is offline, so the restore fails and the desktop stays out of reach (``error``)."""
+    node = await seed_node(api.core, "n1", "10.0.0.1", state="offline")
+    group, (desktop,) = await seed_personal_group(api.core, "rst", 1, node=node, sys_restore=1)
+    users_group, _ = await user_group(api, "class", 2, "u")
+    await bind(api, group, users_group)
+    first = await user_token(api, "u001")
+    ok(*await connect(api, first))
+    assert ok(*await as_user(api, first, "POST", "/portal/logout", {})) == {"released": 1}
+    await api.core.extensions["desktops.broker"].settled()
+    stored = await api.core.store.collection("desktops").find_one({"uuid": desktop["uuid"]})
+    assert (stored["holder"], stored["status"]) == (None, "error") and "offline" in stored["message"]
+    failed(*await connect(api, await user_token(api, "u002")), 409, codes.NONE_FREE.code)
