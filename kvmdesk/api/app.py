@@ -22,12 +22,14 @@ def make_router(core: "Core") -> Router:
 
     # The API's description is public (no token), like the login: it holds no data, and a client
     # needs it before it has a token.  README.md "API conventions" says so.
-    @router.endpoint("GET", "/openapi.json", summary="OpenAPI 3 document of this API", auth=False, tags=("meta",))
+    @router.endpoint("GET", "/openapi.json", summary="OpenAPI 3 document of this API (the document, not an envelope)",
+                     auth=False, tags=("meta",), produces=("application/json",), file_only=True)
     async def openapi(req: ApiRequest) -> bytes:
         req.http.setHeader(b"content-type", b"application/json; charset=utf-8")
         return router.render_json(req.http, openapi_document(router))
 
-    @router.endpoint("GET", "/docs", summary="The OpenAPI document as a browsable page", auth=False, tags=("meta",))
+    @router.endpoint("GET", "/docs", summary="The OpenAPI document as a browsable page", auth=False, tags=("meta",),
+                     produces=("text/html",), file_only=True)
     async def docs(req: ApiRequest) -> bytes:
         req.http.setHeader(b"content-type", b"text/html; charset=utf-8")
         return DOCS_PAGE.read_bytes()

@@ -1,11 +1,11 @@
 """Base classes for request models: unknown fields are rejected, JSON types are taken as they are."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvmdesk.core.errors import INVALID_PARAM, ApiError
+from kvmdesk.core.errors import BATCH_EMPTY, INVALID_PARAM, ApiError
 
 
 class Model(BaseModel):
@@ -17,10 +17,19 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _BatchItems:
+    """Marks the list of a batch's items: empty, it is refused with the catalogue's ``BATCH_EMPTY``."""
+
+
+def batch_of(item: Any) -> Any:
+    """The type of a batch's items: a list of ``item``, at least one (the document says ``minItems: 1``)."""
+    return Annotated[list[item], Field(min_length=1), _BatchItems()]
+
+
 class Uuids(Model):
     """The contract's delete body: ``{"uuids": [...]}``."""
 
-    uuids: list[str]
+    uuids: batch_of(str)
 
 
 def field_name(loc: tuple[Any, ...]) -> str:
@@ -36,8 +45,31 @@ def validate(model: type[BaseModel], data: Any, prefix: tuple = (), *, strict: O
     :param strict: ``False`` converts text to the field's type (query strings are all text).
     """
     try:
-        return model.model_validate(data, strict=strict)
+        return model.model_validate(_integral(data), strict=strict)
     except ValidationError as exc:
-        problems = [{"field": field_name(prefix + tuple(err["loc"])), "reason": err["msg"]} for err in exc.errors()]
+        found = exc.errors()
+        problems = [{"field": field_name(prefix + tuple(err["loc"])), "reason": err["msg"]} for err in found]
+        if _empty_batch(model, found[0]):
+            # a batch's list of items, empty (``min_length=1`` of the model): the catalogue's own code
+            raise ApiError(BATCH_EMPTY, data=problems) from None
         first = problems[0]
         raise ApiError(INVALID_PARAM, data=problems, field=first["field"], reason=first["reason"]) from None
+
+
+def _integral(data: Any) -> Any:
+    """JSON numbers with no fraction (``5.0``) as integers: JSON Schema counts them as integers, and
+    so does the OpenAPI document (strict models would refuse them for an ``int`` field)."""
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    if isinstance(data, dict):
+        return {k: _integral(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_integral(v) for v in data]
+    return data
+
+
+def _empty_batch(model: type[BaseModel], error: Any) -> bool:
+    loc = error["loc"]
+    if error["type"] != "too_short" or len(loc) != 1 or loc[0] not in getattr(model, "model_fields", {}):
+        return False
+    return any(isinstance(mark, _BatchItems) for mark in model.model_fields[loc[0]].metadata)

@@ -106,6 +106,10 @@ class Endpoint:
     paged: bool = False
     #: Streams the body into a sink (see :mod:`kvmdesk.api.streaming`); the handler gets ``req.stream``.
     stream: Optional[Callable[..., Any]] = None
+    #: Media types of a success answer that is a file rather than the JSON envelope (OpenAPI says so).
+    produces: tuple[str, ...] = ()
+    #: The success answer is only the file (never the envelope), e.g. a download path.
+    file_only: bool = False
 
     @property
     def records_operation(self) -> bool:
@@ -206,6 +210,8 @@ class Router(Klein):
         search_fields: Optional[Mapping[str, type]] = None,
         paged: bool = False,
         stream: Optional[Callable[..., Any]] = None,
+        produces: tuple[str, ...] = (),
+        file_only: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register ``handler`` for ``method path`` (``{name}`` marks path parameters).
 
@@ -224,11 +230,14 @@ class Router(Klein):
         :param stream: a factory ``(StreamContext) -> BodySink``: the body is streamed into the sink as
             it arrives, never buffered (uploads); the handler gets what the sink made of it in
             ``req.stream``.  Implies ``raw_body``; ``body`` may then describe the form for OpenAPI.
+        :param produces: media types of files the handler may answer with instead of the envelope.
+        :param file_only: a success is always one of ``produces`` (errors are still envelopes).
         """
 
         def register(handler: Handler) -> Handler:
             self._add(Endpoint(method.upper(), path, handler, summary, body, query, auth, tuple(tags), oplog,
-                               raw_body or stream is not None, None, search_fields, paged, stream=stream))
+                               raw_body or stream is not None, None, search_fields, paged, stream=stream,
+                               produces=tuple(produces), file_only=file_only))
             return handler
 
         return register

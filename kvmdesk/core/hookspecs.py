@@ -161,6 +161,17 @@ def kvmdesk_node_status_changed(core: "Core", node: Mapping[str, Any], old: Opti
 
 
 @hookspec
+def kvmdesk_node_removing(core: "Core", node: Mapping[str, Any]) -> Optional[Awaitable[Optional[list]]]:
+    """A node is being deleted and its agent is still enrolled: remove what the plugin made on the node
+    (bridges, ports, files) through the agent, where it can be reached.
+
+    :param node: the node record (without its agent secret; read it from the store to call the agent).
+    :returns: ``None``, or (possibly through an awaitable) a list of what could not be removed, each a
+        dict with a ``reason``; the delete answer reports them. Not firstresult: all are awaited.
+    """
+
+
+@hookspec
 def kvmdesk_node_removed(core: "Core", node: Mapping[str, Any]) -> Optional[Awaitable[None]]:
     """A node was deleted from the controller: forget what other plugins keep about it.
 

@@ -1,7 +1,8 @@
 """Batch operations: run one operation per item and report per-item results, as the contract asks.
 
 With one item, a failure is the answer itself (its code and message); with several, the answer is
-``{"success_num", "failed_num", "failures": [{"uuid", "name", "code", "msg"}]}``.
+``{"success_num", "failed_num", "failures": [{"uuid", "name", "code", "msg"}]}``.  Items whose operation
+succeeded with something to say (a mapping) are listed in ``results`` (``[{"uuid", "name", ...}]``).
 """
 from __future__ import annotations
 
@@ -40,10 +41,13 @@ async def run_batch(
         raise ApiError(errors.BATCH_EMPTY)
     semaphore = defer.DeferredSemaphore(max(1, concurrency))
     failures: list[tuple[Any, ApiError]] = []
+    results: list[dict[str, Any]] = []
 
     async def one(item: Any) -> None:
         try:
-            await operation(item)
+            said = await operation(item)
+            if isinstance(said, Mapping) and said:
+                results.append({**_identity(item), **said})
         except ApiError as exc:
             failures.append((item, exc))
         except Exception:
@@ -55,10 +59,13 @@ async def run_batch(
     )
     if len(items) == 1 and failures:
         raise failures[0][1]
-    return {
+    answer: dict[str, Any] = {
         "success_num": len(items) - len(failures),
         "failed_num": len(failures),
         "failures": [
             {**_identity(item), "code": exc.error.code, "msg": exc.message(req.lang)} for item, exc in failures
         ],
     }
+    if results:
+        answer["results"] = results
+    return answer

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional, Sequence, Union
+from typing import Collection as Collection_
+
+import attrs
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import RECORD, ApiError, Resource
@@ -16,6 +19,25 @@ RESERVED = frozenset({"page", "page_size", "searchtype", "ordering"})
 SEARCH_TYPES = ("all", "contain", "single")
 
 Decorate = Callable[[list[dict]], Awaitable[list[dict]]]
+
+
+@attrs.frozen
+class Choice:
+    """A filter field that takes one of a few values (the OpenAPI document lists them as an ``enum``).
+
+    :param kind: ``int`` or ``str``.
+    :param values: the values accepted.
+    """
+
+    kind: type
+    values: tuple
+
+    def coerce(self, field: str, raw: str) -> Any:
+        value = _coerce(field, raw, self.kind)
+        if value not in self.values:
+            raise ApiError(errors.INVALID_PARAM, field=field,
+                           reason="expected one of " + ", ".join(str(v) for v in self.values))
+        return value
 
 
 def _coerce(field: str, raw: str, kind: type) -> Any:
@@ -38,7 +60,7 @@ def _coerce(field: str, raw: str, kind: type) -> Any:
     return raw
 
 
-def _positive_int(args: Mapping[str, str], name: str, default: int) -> int:
+def _positive_int(args: Mapping[str, str], name: str, default: int, limit: Optional[int] = None) -> int:
     raw = args.get(name)
     if raw is None or raw == "":
         return default
@@ -48,15 +70,19 @@ def _positive_int(args: Mapping[str, str], name: str, default: int) -> int:
         raise ApiError(errors.INVALID_PARAM, field=name, reason="expected a positive integer") from None
     if value < 1:
         raise ApiError(errors.INVALID_PARAM, field=name, reason="expected a positive integer")
+    if limit is not None and value > limit:
+        raise ApiError(errors.INVALID_PARAM, field=name, reason=f"at most {limit}")
     return value
 
 
-def search_filter(args: Mapping[str, str], fields: Mapping[str, type], fixed: Optional[Filter] = None) -> tuple[str, dict]:
+def search_filter(args: Mapping[str, str], fields: Mapping[str, type], fixed: Optional[Filter] = None,
+                  substring: Collection_[str] = ()) -> tuple[str, dict]:
     """Build the store filter of a generic search.
 
     :param args: the query parameters.
     :param fields: the filterable fields and their types (``str``, ``int``, ``bool``).
     :param fixed: conditions the endpoint itself imposes (e.g. the pool of the path).
+    :param substring: text fields the contract always matches by substring (e.g. the ISO list's ``name``).
     :returns: ``(searchtype, filter)``.
     :raises ApiError: unknown searchtype, unknown field, bad value, or no filter where one is needed.
     """
@@ -69,8 +95,9 @@ def search_filter(args: Mapping[str, str], fields: Mapping[str, type], fixed: Op
             continue
         if name not in fields:
             raise ApiError(errors.UNKNOWN_FILTER, data={"fields": sorted(fields)}, field=name)
-        value = _coerce(name, raw, fields[name])
-        if searchtype == "contain" and isinstance(value, str):
+        kind = fields[name]
+        value = kind.coerce(name, raw) if isinstance(kind, Choice) else _coerce(name, raw, kind)
+        if (searchtype == "contain" or name in substring) and isinstance(value, str):
             conditions[name] = {"$regex": re.escape(value), "$options": "i"}
         else:
             conditions[name] = value
@@ -83,25 +110,66 @@ def search_filter(args: Mapping[str, str], fields: Mapping[str, type], fixed: Op
 
 async def paged_search(
     req: "RequestLike",
-    collection: Collection,
+    source: Union[Collection, Sequence[Mapping[str, Any]], Callable[[], Awaitable[Sequence[Mapping[str, Any]]]]],
     fields: Mapping[str, type],
     *,
     fixed: Optional[Filter] = None,
     sort: Sort = (("id", -1),),
     decorate: Optional[Decorate] = None,
     resource: Resource = RECORD,
+    substring: Collection_[str] = (),
 ) -> Any:
     """Answer a list endpoint: a page (``count/next/previous/results``) or, for ``single``, one record.
 
+    Every list endpoint answers through here, so every one takes the generic search the same way.
+
+    :param source: a store collection, or records in memory (their order is kept, ``sort`` is not used),
+        or an async function that fetches them (e.g. from an agent): called once the query is known to
+        be valid, so bad parameters are refused without asking anyone.
+    :param fields: the filterable fields and their types; any other query parameter is refused.
     :param decorate: adds derived fields (counts, names) to the records of the page, in one go.
+    :param substring: see :func:`search_filter`.
     """
-    searchtype, filter = search_filter(req.args, fields, fixed)
+    searchtype, filter = search_filter(req.args, fields, fixed, substring)
+    if callable(source):
+        source = list(await source())
+    if isinstance(source, (list, tuple)):
+        found = [record for record in source if matches(record, filter)]
+        if searchtype == "single":
+            if not found:
+                raise ApiError(errors.NOT_FOUND, resource=resource, key=_describe(req.args))
+            return (await decorate(found[:1]))[0] if decorate else found[0]
+        page = page_of(req, found)
+        if decorate and page["results"]:
+            page["results"] = await decorate(page["results"])
+        return page
     if searchtype == "single":
-        found = await collection.find(filter, sort=sort, limit=1)
+        found = await source.find(filter, sort=sort, limit=1)
         if not found:
             raise ApiError(errors.NOT_FOUND, resource=resource, key=_describe(req.args))
         return (await decorate(found))[0] if decorate else found[0]
-    return await paginate(req, collection, filter, sort=sort, decorate=decorate)
+    return await paginate(req, source, filter, sort=sort, decorate=decorate)
+
+
+def matches(record: Mapping[str, Any], filter: Mapping[str, Any]) -> bool:
+    """Whether an in-memory record matches a filter made by :func:`search_filter` (equality, ``$regex``
+    with ``$options``, ``$in``, ``$and``)."""
+    for key, condition in filter.items():
+        if key == "$and":
+            if not all(matches(record, sub) for sub in condition):
+                return False
+            continue
+        value = record.get(key)
+        if isinstance(condition, Mapping):
+            if "$regex" in condition:
+                flags = re.IGNORECASE if "i" in condition.get("$options", "") else 0
+                if not isinstance(value, str) or re.search(condition["$regex"], value, flags) is None:
+                    return False
+            if "$in" in condition and value not in condition["$in"]:
+                return False
+        elif value != condition or isinstance(value, bool) != isinstance(condition, bool):
+            return False
+    return True
 
 
 async def paginate(
@@ -115,10 +183,8 @@ async def paginate(
     """One page of ``collection`` matching ``filter``, with full-URL ``next``/``previous`` links."""
     config = req.core.config
     page = _positive_int(req.args, "page", 1)
-    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10))
-    limit = config.get("api.max_page_size", 1000)
-    if size > limit:
-        raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
+    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10),
+                         config.get("api.max_page_size", 1000))
     # A page past the last record reads nothing, so a huge page number never reaches SQL (SQLite
     # refuses offsets beyond 64 bits: that was a 500).
     count, results = await collection.find_page(filter, sort=sort, skip=(page - 1) * size, limit=size)
@@ -143,10 +209,8 @@ def page_of(req: "RequestLike", items: Sequence[Any]) -> dict:
     """Page a list already in memory (e.g. facts an agent returned)."""
     config = req.core.config
     page = _positive_int(req.args, "page", 1)
-    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10))
-    limit = config.get("api.max_page_size", 1000)
-    if size > limit:
-        raise ApiError(errors.INVALID_PARAM, field="page_size", reason=f"at most {limit}")
+    size = _positive_int(req.args, "page_size", config.get("api.default_page_size", 10),
+                         config.get("api.max_page_size", 1000))
     return page_envelope(req, len(items), page, size, items[(page - 1) * size : page * size])
 
 

@@ -235,3 +235,48 @@ async def _reconcile(core: Any, node: Mapping[str, Any]) -> bool:
     except agents.AgentUnreachable:
         return False
     return True
+
+
+async def remove_node_bridges(core: Any, node: Mapping[str, Any]) -> list[dict]:
+    """Remove every kvmdesk bridge (and with it its ports) from a node that is being deleted.
+
+    The bridges are the ones the node's agent reports as kvmdesk's (``GET /net/switches``); where the
+    agent cannot be asked, the ones the store says the node has (its uplinks).
+
+    :param node: the node record (read again from the store: the agent secret signs the calls).
+    :returns: what could not be removed: ``[{"bridge", "switch_uuid", "reason"}]``.
+    """
+    return await lock_of(core).run(lambda: defer.ensureDeferred(_remove_node_bridges(core, node)))
+
+
+async def _remove_node_bridges(core: Any, node: Mapping[str, Any]) -> list[dict]:
+    store = core.store
+    record = await store.collection(schema.NODES).find_one({"uuid": node["uuid"]}) or node
+    client = agents.client(core)
+    uplinks = await store.collection(schema.UPLINKS).find({"node_uuid": node["uuid"]})
+    known = {s["uuid"]: s["bridge"] for s in await store.collection(schema.SWITCHES).find(
+        {"uuid": {"$in": [u["vswitch_uuid"] for u in uplinks]}})}
+
+    def stored(reason: str) -> list[dict]:
+        return [{"bridge": bridge, "switch_uuid": uuid, "reason": reason} for uuid, bridge in known.items()]
+
+    if client is None:
+        return stored("no agent client")
+    try:
+        present = await client.call(record, "GET", "/net/switches") or []
+    except agents.AgentUnreachable as exc:
+        return stored(f"the node's agent cannot be reached: {exc.reason}")
+    except agents.AgentError as exc:
+        # an agent without Open vSwitch has no bridge of ours, unless the store says it should
+        return stored(f"the node's agent could not list its bridges: {exc.msg}")
+    left = []
+    for bridge in present:
+        try:
+            await client.call(record, "DELETE", f"/net/switches/{bridge['switch_uuid']}")
+        except agents.AgentUnreachable as exc:
+            left.append({"bridge": bridge.get("bridge"), "switch_uuid": bridge["switch_uuid"], "reason": exc.reason})
+        except agents.AgentError as exc:
+            left.append({"bridge": bridge.get("bridge"), "switch_uuid": bridge["switch_uuid"], "reason": exc.msg})
+        else:
+            log.info("node {node}: removed bridge {bridge}", node=agents.node_label(record), bridge=bridge.get("bridge"))
+    return left

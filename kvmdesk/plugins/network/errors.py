@@ -127,3 +127,7 @@ BOND_IS_UPLINK = define(
 SLAVE_HAS_NO_ADDRESS = define(
     3050, 409, "网卡 {nic} 是bond {bond} 的成员, 不能配置IP地址", "NIC {nic} is a slave of bond {bond} and cannot carry addresses"
 )
+UPLINK_NIC_UNKNOWN = define(
+    3600, 400, "{field}: 节点 {node} 没有可作为上联的网卡 {nic}", "{field}: node {node} has no NIC {nic} to be an uplink"
+)
+UPLINK_SWITCH_UNKNOWN = define(3601, 400, "{field}: 虚拟交换机不存在: {switch}", "{field}: no such virtual switch: {switch}")

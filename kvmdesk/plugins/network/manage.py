@@ -15,12 +15,16 @@ from typing import Any
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.paging import paginate
+from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.network import agents, schema
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network.models import RoleMoves
-from kvmdesk.plugins.network.nics import EXTENSION, IP_INFO, ROLES
+from kvmdesk.plugins.network.nics import EXTENSION, IP_INFO, NODE, ROLES
+
+
+#: Filters of the list: fields of the node records it shows (``uuid`` is the rows' ``node_uuid``).
+NODE_FIELDS = {"uuid": str, "name": str, "hostname": str, "ip": str, "type": int}
 
 
 async def with_roles(core: Any, nodes: list[dict]) -> list[dict]:
@@ -98,10 +102,10 @@ def register_routes(router: Router) -> None:
     tags = ("manage_networks",)
 
     @router.endpoint("GET", base, summary="Per node: the NIC/address of the management and image networks, paged",
-                     tags=tags)
+                     tags=tags, search_fields=NODE_FIELDS)
     async def list_roles(req: ApiRequest) -> dict:
-        return await paginate(req, req.core.store.collection(schema.NODES), {}, sort=[("id", 1)],
-                              decorate=lambda nodes: with_roles(req.core, nodes))
+        return await paged_search(req, req.core.store.collection(schema.NODES), NODE_FIELDS, sort=[("id", 1)],
+                                  decorate=lambda nodes: with_roles(req.core, nodes), resource=NODE)
 
     @router.endpoint("PUT", base + "/mn_node_map", summary="Move a node's management role to another of its addresses",
                      body=RoleMoves, tags=tags, oplog="修改管理网络")

@@ -141,7 +141,7 @@ BOND_MODES = {0: "balance-rr", 1: "active-backup", 6: "balance-alb"}
 
 
 class _BondFields(Model):
-    mode: int
+    mode: int = Field(json_schema_extra={"enum": list(BOND_MODES)})
     slaves: list[str] = Field(min_length=1)
     ip_list: list[BondAddress]
     gate_info: GateInfo = GateInfo()

@@ -181,6 +181,36 @@ class NodeNetworks:
             if holder is not None:
                 await self.ips.update_one({"uuid": holder["uuid"]}, {"$set": {role: 1}})
 
+    async def check_new_uplinks(self, node: Mapping[str, Any], uplinks: list[dict], field: str = "network") -> None:
+        """Check the uplinks a node is being added with (``{"switch_uuid", "interface"}``, the NIC by name)
+        before anything is stored: each switch exists, each NIC is one the node's agent reports and can
+        carry an uplink (not a bond's slave), no switch or NIC twice.  Called by the nodes plugin.
+
+        :param node: ``ip`` and ``agent_secret`` of the node being added (its agent is asked for its NICs).
+        :raises ApiError: 400 naming the field and the switch or NIC.
+        """
+        if not uplinks:
+            return
+        switches = self.core.store.collection(schema.SWITCHES)
+        for i, uplink in enumerate(uplinks):
+            if await switches.find_one({"uuid": uplink.get("switch_uuid")}) is None:
+                raise ApiError(net_errors.UPLINK_SWITCH_UNKNOWN, field=f"{field}.{i}.switch_uuid",
+                               switch=uplink.get("switch_uuid"))
+        reported = {nic["name"]: nic for nic in await agents.call(self.core, node, "GET", "/net/nics")}
+        switches_seen: set[str] = set()
+        nics_seen: set[str] = set()
+        for i, uplink in enumerate(uplinks):
+            name = uplink.get("interface")
+            nic = reported.get(name) if name else None
+            if nic is None or nic.get("master"):
+                raise ApiError(net_errors.UPLINK_NIC_UNKNOWN, field=f"{field}.{i}.interface", node=agents.node_label(node),
+                               nic=name or "-")
+            if uplink["switch_uuid"] in switches_seen or name in nics_seen:
+                raise ApiError(errors.INVALID_PARAM, field=f"{field}.{i}",
+                               reason="a node has one uplink per switch, and a NIC is the uplink of one switch")
+            switches_seen.add(uplink["switch_uuid"])
+            nics_seen.add(name)
+
     async def refresh(self, node: Mapping[str, Any]) -> None:
         """Sync when the agent can be asked; otherwise the stored view is served (logged).
 
@@ -204,6 +234,11 @@ class NodeNetworks:
         self._locks.pop(node_uuid, None)
 
     # -- views ----------------------------------------------------------------------------------------------
+
+    async def nic_ids(self, node_uuids: list[str]) -> dict[str, int]:
+        """NIC uuid -> record ``id`` for every NIC of ``node_uuids`` (the node list's ``network_interfaces[].id``)."""
+        records = await self.nics.find({"node_uuid": {"$in": list(node_uuids)}}, projection=["uuid", "id"])
+        return {r["uuid"]: r["id"] for r in records}
 
     def ip_view(self, record: Mapping[str, Any]) -> dict:
         return {k: record.get(k) for k in IP_FIELDS}

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from kvmdesk import hookimpl
-from kvmdesk.plugins.network import ipam, manage, networks, nics, node_routes, schema, switches, sync
+from kvmdesk.plugins.network import dataplane, ipam, manage, networks, nics, node_routes, schema, switches, sync
 
-__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_node_removed", "kvmdesk_node_status_changed", "kvmdesk_routes",
+__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_node_removed", "kvmdesk_node_removing", "kvmdesk_node_status_changed", "kvmdesk_routes",
            "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes"]
 
 
@@ -44,6 +44,12 @@ def kvmdesk_startup(core):
 @hookimpl
 def kvmdesk_services(core):
     return [core.extensions[sync.EXTENSION]]
+
+
+@hookimpl
+def kvmdesk_node_removing(core, node):
+    # the node's bridges (and their ports) go while its agent still answers the controller
+    return dataplane.remove_node_bridges(core, node)
 
 
 @hookimpl

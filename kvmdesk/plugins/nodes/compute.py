@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Mapping, Optional
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, WithJsonSchema
 
 from kvmdesk.api.models import Model, Uuids
 from kvmdesk.api.router import ApiRequest, Router
@@ -12,17 +12,18 @@ from kvmdesk.core import agentauth, errors
 from kvmdesk.core.errors import ApiError, Resource, define
 from kvmdesk.core.ids import stable_uuid
 from kvmdesk.core.jobs import run_batch
-from kvmdesk.core.paging import page_of, paged_search
+from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.manager import KIND, RESOURCE, NodeManager
-from kvmdesk.plugins.nodes.views import check_view, render
+from kvmdesk.plugins.nodes.views import check_view
 
 EVENTS_REFUSED = define(2025, 401, "节点事件的签名无效: {reason}", "the node event signature was refused: {reason}")
 UNKNOWN_INTERFACE = define(2026, 400, "节点 {ip} 没有网卡 {interface}", "node {ip} has no network interface {interface}")
 
 SERVICE = Resource("服务", "service")
 SEARCH_FIELDS = {"uuid": str, "name": str, "hostname": str, "ip": str, "status": int, "type": int, "state": str}
+SERVICE_FIELDS = {"uuid": str, "name": str, "status": int, "state": str, "sub_state": str}
 
 #: Service ``status`` in the contract's service list: 0 running, 1 stopped, 2 failed, 3 unknown.
 SERVICE_STATUS = {"active": 0, "reloading": 0, "activating": 0, "inactive": 1, "deactivating": 1, "failed": 2}
@@ -30,12 +31,13 @@ SERVICE_STATUS = {"active": 0, "reloading": 0, "activating": 0, "inactive": 1, "
 
 def _ip(value: str) -> str:
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        return str(ipaddress.IPv4Address(value.strip()))
     except ValueError:
-        raise ValueError("not an IP address") from None
+        raise ValueError("not an IPv4 address") from None
 
 
-IpAddress = Annotated[str, AfterValidator(_ip)]
+#: Nodes are reached over IPv4 (their networks, the IPAM and the agents' addresses are IPv4).
+IpAddress = Annotated[str, AfterValidator(_ip), WithJsonSchema({"type": "string", "format": "ipv4"})]
 
 
 class CheckNode(Model):
@@ -129,8 +131,7 @@ def register_routes(router: Router) -> None:
     tags = ("nodes",)
 
     async def decorate(req: ApiRequest, nodes: list[dict]) -> list[dict]:
-        manager = manager_of(req)
-        return [render(node, manager.live(node["uuid"])) for node in nodes]
+        return await manager_of(req).render(nodes)
 
     @router.endpoint("POST", "/resource_mgr/check_node_virt", summary="Check a prospective node through its agent",
                      body=CheckNode, tags=tags, oplog="检测节点")
@@ -184,13 +185,13 @@ def register_routes(router: Router) -> None:
             return extra
 
         created = await manager.add_node(body.ip, body.password, pool["uuid"], prepare=prepare)
-        return render(created, manager.live(created["uuid"]))
+        return (await manager.render([created]))[0]
 
     @router.endpoint("GET", "/resource_mgr/nodes/{node_uuid}", summary="Node detail", tags=tags)
     async def node_detail(req: ApiRequest) -> dict:
         manager = manager_of(req)
         node = await manager.node_or_404(req.path["node_uuid"])
-        return render(node, manager.live(node["uuid"]))
+        return (await manager.render([node]))[0]
 
     @router.endpoint("PUT", "/resource_mgr/nodes/{node_uuid}", summary="Rename a node", body=Rename, tags=tags,
                      oplog="修改节点名称")
@@ -207,7 +208,7 @@ def register_routes(router: Router) -> None:
         watcher = manager.watchers.watcher(node["uuid"])
         if watcher is not None:
             watcher.node["name"] = req.body.name
-        return render(updated, manager.live(node["uuid"]))
+        return (await manager.render([updated]))[0]
 
     def power_endpoint(action: str, agent_path: str, label: str) -> None:
         @router.endpoint("POST", "/resource_mgr/nodes/{node_uuid}/" + action, summary=f"{action.capitalize()} nodes",
@@ -232,19 +233,22 @@ def register_routes(router: Router) -> None:
     async def delete_nodes(req: ApiRequest) -> dict:
         manager = manager_of(req)
 
-        async def delete_one(uuid: str) -> None:
+        async def delete_one(uuid: str) -> Optional[dict]:
             node = await manager.node_or_404(uuid)
-            await manager.remove_node(node)
+            return await manager.remove_node(node)
 
         return await run_batch(req, list(dict.fromkeys(req.body.uuids)), delete_one)
 
     @router.endpoint("GET", "/resource_mgr/nodes/{node_uuid}/services", summary="A node's services, paged",
-                     tags=tags, paged=True)
+                     tags=tags, search_fields=SERVICE_FIELDS, paged=True)
     async def list_services(req: ApiRequest) -> dict:
         manager = manager_of(req)
         node = await manager.node_or_404(req.path["node_uuid"])
-        services = await manager.call(node, "GET", "/services")
-        return page_of(req, service_rows(node["uuid"], services))
+
+        async def services() -> list[dict]:
+            return service_rows(node["uuid"], await manager.call(node, "GET", "/services"))
+
+        return await paged_search(req, services, SERVICE_FIELDS, resource=SERVICE)
 
     @router.endpoint("POST", "/resource_mgr/nodes/{node_uuid}/services/{service_uuid}/reboot",
                      summary="Restart one of a node's services", tags=tags, oplog="重启节点服务")

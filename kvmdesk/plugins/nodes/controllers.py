@@ -30,7 +30,6 @@ from kvmdesk.plugins.nodes.views import (
     STATUS_CODES,
     TYPE_MASTER,
     WITH_COMPUTE,
-    render,
 )
 from kvmdesk.protocol import hostfacts
 
@@ -112,7 +111,7 @@ def register_routes(router: Router) -> None:
         manager = manager_of(req)
 
         async def decorate(nodes: list[dict]) -> list[dict]:
-            return [render(n, manager.live(n["uuid"]), controller_view=True) for n in nodes]
+            return await manager.render(nodes, controller_view=True)
 
         return await paged_search(req, manager.nodes, SEARCH_FIELDS, fixed={"type": {"$in": list(CONTROLLER_TYPES)}},
                                   sort=[("id", 1)], decorate=decorate, resource=CONTROLLER)
@@ -138,7 +137,7 @@ def register_routes(router: Router) -> None:
             node = await manager.nodes.find_one_and_update({"uuid": node["uuid"]}, {"$set": changes})
             if node is None:
                 raise ApiError(errors.NOT_FOUND, resource=CONTROLLER, key=req.path["uuid"])
-        return render(node, manager.live(node["uuid"]), controller_view=True)
+        return (await manager.render([node], controller_view=True))[0]
 
     def power(action: str, agent_path: str, label: str) -> None:
         @router.endpoint("POST", base + "/{uuid}/" + action, summary=f"{action.capitalize()} a controller node",

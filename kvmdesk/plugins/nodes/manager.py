@@ -21,6 +21,7 @@ from kvmdesk.nodeaccess.client import AgentClient, AgentError
 from kvmdesk.plugins.nodes.views import (
     COMPUTE_TYPES,
     NODES,
+    render,
     ONLINE,
     STATUS_CODES,
     TYPE_COMPUTE,
@@ -132,6 +133,16 @@ class NodeManager:
     def live(self, uuid: str) -> Optional[dict]:
         return self.latest.get(uuid)
 
+    async def render(self, nodes: list[dict], *, controller_view: bool = False) -> list[dict]:
+        """The contract's view of ``nodes`` (see :func:`~kvmdesk.plugins.nodes.views.render`).
+
+        A NIC's ``id`` is the id of its record in the network plugin (``core.extensions["network"]``,
+        the same NIC that ``/nodes/{uuid}/nics`` lists), looked up once for the whole page.
+        """
+        network = self.core.extensions.get("network")
+        nic_ids = await network.nic_ids([n["uuid"] for n in nodes]) if network is not None and nodes else {}
+        return [render(n, self.live(n["uuid"]), controller_view=controller_view, nic_ids=nic_ids) for n in nodes]
+
     # -- agent calls that answer with API errors --
 
     async def call(self, node: Mapping[str, Any], method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
@@ -206,6 +217,7 @@ class NodeManager:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip)
         answer, facts = await self.probe(ip, password)
         extra = prepare(facts) if prepare else {}
+        await self._check_uplinks(ip, answer, (extra or {}).get("uplinks"))
         record = new_record(
             self.core.clock,
             name=facts.get("hostname") or ip,
@@ -227,6 +239,14 @@ class NodeManager:
             self.watchers.watch(created)
         return created
 
+    async def _check_uplinks(self, ip: str, answer: Mapping[str, Any], uplinks: Optional[list[dict]]) -> None:
+        """Uplinks on a switch or NIC that does not exist are refused before the node is stored (the network
+        plugin, ``core.extensions["network"]``, knows switches and asks the agent for its NICs)."""
+        network = self.core.extensions.get("network")
+        if uplinks and network is not None:
+            await network.check_new_uplinks({"ip": ip, "agent_secret": answer["secret"], "agent_id": answer["agent_id"]},
+                                            uplinks)
+
     async def attach_agent(self, node: Mapping[str, Any], ip: str, password: str, changes: Mapping[str, Any]) -> dict:
         """Enrol the agent at ``ip`` for an existing record (the controller's own node)."""
         answer, facts = await self.probe(ip, password, require_virt=False)
@@ -239,9 +259,12 @@ class NodeManager:
                 self.watchers.watch(updated)
         return updated
 
-    async def remove_node(self, node: Mapping[str, Any]) -> None:
+    async def remove_node(self, node: Mapping[str, Any]) -> Optional[dict]:
         """Delete a compute node (a controller node only loses its compute role).
 
+        Before its agent is released, plugins remove what they made on the node (``kvmdesk_node_removing``).
+
+        :returns: ``{"not_removed": [...]}`` when something stayed on the node (each with a ``reason``).
         :raises ApiError: the node still hosts something (``core.usage("node", uuid)``).
         """
         reason = await self.core.usage("node", node["uuid"])
@@ -255,6 +278,10 @@ class NodeManager:
                 await self.core.updated(KIND, updated, changes)
             return
         await self.watchers.forget(node["uuid"])
+        not_removed = [item for found in await gather_hook(self.core.plugins.hook.kvmdesk_node_removing(
+            core=self.core, node=without(node, SECRET_FIELDS))) for item in found or []]
+        for item in not_removed:
+            log.warn("node {name} ({ip}): left on the node: {item!r}", name=node.get("name"), ip=node.get("ip"), item=item)
         released = False
         if node.get("agent_secret"):
             try:
@@ -274,6 +301,7 @@ class NodeManager:
         log.info("deleted node {name} ({ip})", name=node.get("name"), ip=node.get("ip"))
         await gather_hook(self.core.plugins.hook.kvmdesk_node_removed(core=self.core, node=without(node, SECRET_FIELDS)))
         await self.core.deleted(KIND, node)
+        return {"not_removed": not_removed} if not_removed else None
 
     # -- status hook --
 

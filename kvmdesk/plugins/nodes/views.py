@@ -88,11 +88,16 @@ def _sum_distinct(views: Mapping[str, dict], roles: tuple[str, ...], key: str) -
     return sum(int(v.get(key) or 0) for v in seen.values())
 
 
-def network_interfaces(node: Mapping[str, Any], facts: Mapping[str, Any]) -> list[dict]:
+def network_interfaces(node: Mapping[str, Any], facts: Mapping[str, Any],
+                       nic_ids: Optional[Mapping[str, int]] = None) -> list[dict]:
     """NICs with their IPs (``ip_info``) as the contract shows them; loopback is left out.
 
     ``status``: 2 link up, 0 down (the contract's examples show 2 for a working NIC).
+
+    :param nic_ids: NIC uuid -> the ``id`` of its record (the network plugin's); ``id`` is null for a NIC
+        not recorded yet (a node whose NICs were not synced, or no network plugin).
     """
+    nic_ids = nic_ids or {}
     node_uuid = node["uuid"]
     manage = node.get("manage_interface")
     image = node.get("image_interface")
@@ -107,6 +112,7 @@ def network_interfaces(node: Mapping[str, Any], facts: Mapping[str, Any]) -> lis
         is_image = int(name == image or nic_uuid == image or (image is None and _has_ip(nic, node.get("ip"))))
         result.append(
             {
+                "id": nic_ids.get(nic_uuid),
                 "uuid": nic_uuid,
                 "nic": name,
                 "mac": nic.get("mac"),
@@ -160,11 +166,13 @@ def _server_text(facts: Mapping[str, Any]) -> Optional[str]:
     return " ".join(p for p in (os_info.get("pretty_name"), os_info.get("kernel"), os_info.get("arch")) if p) or None
 
 
-def render(node: Mapping[str, Any], live: Optional[Mapping[str, Any]] = None, *, controller_view: bool = False) -> dict:
+def render(node: Mapping[str, Any], live: Optional[Mapping[str, Any]] = None, *, controller_view: bool = False,
+           nic_ids: Optional[Mapping[str, int]] = None) -> dict:
     """The contract's view of a node record.
 
     :param live: the watcher's latest sample (``{"metrics", "hypervisor"}``), newer than the record's.
     :param controller_view: the controller-node list (``status`` as ``active``/``shutdown``).
+    :param nic_ids: NIC uuid -> record id (see :func:`network_interfaces`).
     """
     facts: Mapping[str, Any] = node.get("facts") or {}
     hypervisor: Mapping[str, Any] = (live or {}).get("hypervisor") or node.get("hypervisor") or {}
@@ -203,7 +211,7 @@ def render(node: Mapping[str, Any], live: Optional[Mapping[str, Any]] = None, *,
                                                                                               total_mem_bytes),
             "total_vm": int(hypervisor.get("domains_total") or 0),
             "running_vm": int(hypervisor.get("domains_running") or 0),
-            "network_interfaces": network_interfaces(node, facts),
+            "network_interfaces": network_interfaces(node, facts, nic_ids),
             "storages": storage_list,
             "TEMPLATE_SYS": views.get("TEMPLATE_SYS"),
             "TEMPLATE_DATA": views.get("TEMPLATE_DATA"),

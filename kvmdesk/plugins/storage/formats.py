@@ -18,6 +18,21 @@ ISO_SIGNATURE = b"CD001"
 ISO_SIGNATURE_OFFSET = 0x8001
 ISO_MIN_SIZE = ISO_SIGNATURE_OFFSET + len(ISO_SIGNATURE)
 SECTOR = 512
+#: Signatures of files that qemu-img would call "raw" but are no disk: (offset, magic, what).
+NOT_A_DISK = (
+    (0, b"\x1f\x8b", "a gzip archive"),
+    (0, b"PK\x03\x04", "a zip archive"),
+    (0, b"\xfd7zXZ\x00", "an xz archive"),
+    (0, b"BZh", "a bzip2 archive"),
+    (0, b"\x28\xb5\x2f\xfd", "a zstd archive"),
+    (0, b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+    (0, b"Rar!\x1a\x07", "a rar archive"),
+    (257, b"ustar", "a tar archive"),
+    (0, b"\x7fELF", "an executable"),
+    (0, b"%PDF-", "a PDF document"),
+)
+#: How much of the head decides "text": a disk's first sectors hold binary (boot code, zeros, tables).
+TEXT_PROBE = 4096
 QEMU_IMG_TIMEOUT = 60.0
 
 
@@ -81,7 +96,8 @@ def image_problem(info: dict, size: int, head: bytes) -> Optional[str]:
     - a qcow2 image must be self-contained: no backing file, no external data file (either would make
       the hypervisor open a path of the uploader's choosing on every node);
     - qemu-img calls anything it does not recognise "raw", so a raw image must at least be a whole
-      number of 512-byte sectors and must not be an ISO (those belong in the ISO library).
+      number of 512-byte sectors and must not be an ISO (those belong in the ISO library), an archive
+      (or another file with a known signature) or text.
     """
     fmt = info.get("format")
     if fmt not in IMAGE_FORMATS:
@@ -97,7 +113,30 @@ def image_problem(info: dict, size: int, head: bytes) -> Optional[str]:
         return f"{size} bytes is not a whole number of {SECTOR}-byte sectors"
     if looks_like_iso(head):
         return "an ISO image (upload it to the ISO library)"
+    for offset, magic, what in NOT_A_DISK:
+        if head[offset : offset + len(magic)] == magic:
+            return f"{what}, not a disk image"
+    if looks_like_text(head[:TEXT_PROBE]):
+        return "a text file, not a disk image"
     return None
+
+
+def looks_like_text(sample: bytes) -> bool:
+    """Whether bytes read as text: no NUL, valid UTF-8, and (almost) nothing but printable characters.
+
+    An empty sample is not text (an all-zero disk has NULs anyway).
+    """
+    if not sample or b"\0" in sample:
+        return False
+    try:
+        decoded = sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # a multi-byte character cut off at the end of the sample is still text
+        if exc.start < len(sample) - 3:
+            return False
+        decoded = sample[: exc.start].decode("utf-8")
+    control = sum(1 for c in decoded if not c.isprintable() and c not in "\t\r\n\f\v\x1b")
+    return control <= len(decoded) // 100
 
 
 def looks_like_iso(head: bytes) -> bool:

@@ -19,7 +19,7 @@ from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError, Resource
 from kvmdesk.core.jobs import run_batch
-from kvmdesk.core.paging import paginate
+from kvmdesk.core.paging import Choice, paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
 from kvmdesk.core.threadpools import in_reactor_pool
@@ -37,6 +37,9 @@ TAGS = ("isos",)
 INDEXES = [Index(ISOS, ["uuid"], unique=True), Index(ISOS, ["type"])]
 ISO_TYPES = (1, 2, 3)  # 1 software, 2 tools, 3 operating system
 HIDDEN = ("file",)
+ISO_MEDIA = "application/x-iso9660-image"
+#: What a client asks for in ``Accept`` to be given the file at the detail path (the contract's download).
+FILE_MEDIA = (ISO_MEDIA, "application/octet-stream")
 
 
 class IsoForm(Model):
@@ -65,6 +68,29 @@ async def iso_or_404(core: Any, uuid: str) -> dict:
     return iso
 
 
+def wants_file(accept: Optional[bytes]) -> bool:
+    """Whether an ``Accept`` header asks for the ISO file rather than its JSON detail.
+
+    The file when it names one of :data:`FILE_MEDIA` and JSON is neither named nor ranked higher;
+    no header, ``*/*`` or JSON first: the detail.
+    """
+    ranked: dict[str, float] = {}
+    for part in (accept or b"").decode("latin-1").lower().split(","):
+        media, _, params = part.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if media:
+            ranked[media.strip()] = max(quality, ranked.get(media.strip(), 0.0))
+    best_file = max((ranked.get(m, 0.0) for m in FILE_MEDIA), default=0.0)
+    return best_file > 0 and best_file > ranked.get("application/json", 0.0)
+
+
 def _sniff_iso(head: bytes) -> None:
     if len(head) < ISO_MIN_SIZE or not looks_like_iso(head):
         raise ApiError(errors.NOT_AN_ISO)
@@ -88,34 +114,22 @@ def _parse_type(raw: Optional[str], field: str) -> int:
     return value
 
 
-def _list_filter(args: dict[str, str]) -> dict:
-    """``name`` is a substring (case-insensitive), ``type`` and ``os_type`` are exact; nothing else is a filter."""
-    allowed = {"name", "type", "os_type", "uuid", "page", "page_size", "searchtype"}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ApiError(core_errors.UNKNOWN_FILTER, data={"fields": sorted(allowed - {"page", "page_size"})},
-                       field=unknown[0])
-    conditions: dict[str, Any] = {}
-    if args.get("name"):
-        conditions["name"] = {"$regex": re.escape(args["name"]), "$options": "i"}
-    if args.get("type"):
-        conditions["type"] = _parse_type(args["type"], "type")
-    if args.get("os_type"):
-        conditions["os_type"] = args["os_type"]
-    if args.get("uuid"):
-        conditions["uuid"] = args["uuid"]
-    return conditions
+#: Filters of the list; ``name`` is matched by substring whatever the searchtype (the contract's
+#: "ISO文件名字模糊查询").
+SEARCH_FIELDS = {"uuid": str, "name": str, "type": Choice(int, ISO_TYPES), "os_type": str, "desc": str, "status": int}
 
 
 def register_routes(router: Router) -> None:
     base = "/resource_mgr/isos"
 
-    @router.endpoint("GET", base, summary="List ISOs, paged; name (substring) and type filters", tags=TAGS, paged=True)
+    @router.endpoint("GET", base, summary="List ISOs, paged; name (substring) and type filters", tags=TAGS,
+                     search_fields=SEARCH_FIELDS, paged=True)
     async def list_isos(req: ApiRequest) -> Any:
-        conditions = _list_filter(req.args)
-        page = await paginate(req, req.core.store.collection(ISOS), conditions, sort=[("id", -1)])
-        page["results"] = [public(i) for i in page["results"]]
-        return page
+        async def shown(isos: list[dict]) -> list[dict]:
+            return [public(i) for i in isos]
+
+        return await paged_search(req, req.core.store.collection(ISOS), SEARCH_FIELDS, sort=[("id", -1)],
+                                  decorate=shown, resource=RESOURCE, substring=("name",))
 
     @router.endpoint("POST", base, summary="Upload an ISO (multipart form: file, iso_type, os_type)", tags=TAGS,
                      body=IsoForm, stream=_upload_sink, oplog="上传ISO")
@@ -162,9 +176,7 @@ def register_routes(router: Router) -> None:
         await req.core.updated(KIND, updated, changes)
         return public(updated)
 
-    @router.endpoint("GET", base + "/{iso_uuid}", summary="Download an ISO (streamed; Range requests resume)",
-                     tags=TAGS)
-    async def download_iso(req: ApiRequest) -> Any:
+    async def download(req: ApiRequest) -> Any:
         iso = await iso_or_404(req.core, req.path["iso_uuid"])
         path = Path(iso["file"])
         try:
@@ -179,8 +191,19 @@ def register_routes(router: Router) -> None:
             f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename)}".encode("latin-1"),
         )
         # The type is fixed, so a stored file name never decides the type or a content-encoding.
-        return FileDownload(path, found.st_size, b"application/x-iso9660-image", wanted=wanted,
+        return FileDownload(path, found.st_size, ISO_MEDIA.encode(), wanted=wanted,
                             reactor=req.core.reactor, direct=settings(req.core).direct_io, modified=found.st_mtime)
+
+    @router.endpoint("GET", base + "/{iso_uuid}", tags=TAGS, produces=FILE_MEDIA,
+                     summary="An ISO's detail (JSON); the file itself when Accept asks for "
+                             f"{' or '.join(FILE_MEDIA)} and not for JSON (same as .../download)")
+    async def iso_detail(req: ApiRequest) -> Any:
+        if wants_file(req.http.getHeader(b"accept")):
+            return await download(req)
+        return public(await iso_or_404(req.core, req.path["iso_uuid"]))
+
+    router.endpoint("GET", base + "/{iso_uuid}/download", tags=TAGS, produces=FILE_MEDIA, file_only=True,
+                    summary="Download an ISO (streamed; Range requests resume)")(download)
 
     @router.endpoint("DELETE", base, summary="Delete ISOs (batch); refused while attached to a template", tags=TAGS,
                      body=Uuids, oplog="删除ISO")

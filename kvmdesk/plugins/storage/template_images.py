@@ -16,7 +16,7 @@ from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError, Resource
-from kvmdesk.core.paging import page_of
+from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
 from kvmdesk.core.threadpools import in_reactor_pool
@@ -26,6 +26,7 @@ from kvmdesk.plugins.storage.settings import distributor
 TAGS = ("nodes",)
 NODE = Resource("节点", "node")
 TEMPLATE_IMAGE = Resource("模板镜像", "template image")
+TEMPLATE = Resource("模板", "template")
 INDEXES = [Index(TEMPLATE_IMAGES, ["image_id"], unique=True), Index(TEMPLATE_IMAGES, ["template_uuid"])]
 ROLE_SYSTEM = 1
 ROLE_DATA = 2
@@ -118,11 +119,15 @@ def _role_paths(node: dict) -> dict[int, Optional[str]]:
             for role, key in keys.items()}
 
 
+#: Filters of the per-node template image list (one row per template).
+TEMPLATE_FIELDS = {"uuid": str, "name": str}
+
+
 def register_routes(router: Router) -> None:
     base = "/resource_mgr/nodes/{node_uuid}/template_images"
 
     @router.endpoint("GET", base, summary="Template disk images on a node, per storage role, with version and status",
-                     tags=TAGS, paged=True)
+                     tags=TAGS, search_fields=TEMPLATE_FIELDS, paged=True)
     async def list_template_images(req: ApiRequest) -> dict:
         core = req.core
         node = await core.store.collection(NODES).find_one({"uuid": req.path["node_uuid"]})
@@ -140,7 +145,7 @@ def register_routes(router: Router) -> None:
             root = roots.get(t["role"]) or (str(Path(node_path).parents[2]) if node_path else None)
             entry["storages"].append({"role": t["role"], "path": root, "image_id": t["image_uuid"],
                                       "version": t.get("version"), "status": t["status"]})
-        return page_of(req, list(templates.values()))
+        return await paged_search(req, list(templates.values()), TEMPLATE_FIELDS, resource=TEMPLATE)
 
     @router.endpoint("POST", base + "/{image_uuid}/resync", summary="Send one template disk image to the node again",
                      tags=TAGS, body=TemplateResync, oplog="重传模板镜像")

@@ -6,13 +6,21 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, batch_of
 
-_USER_NAME = re.compile(r"^[^\s\x00-\x1f\x7f/\\]+$")
+#: What Python's ``\s`` matches, spelt out: the OpenAPI document's patterns are read by other regex
+#: dialects (JSON Schema's is ECMA's, whose ``\s`` differs), and must refuse exactly what the code refuses.
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_USER_NAME = re.compile(rf"^[^{_SPACE}\x00-\x1f\x7f/\\]+$")
 _PHONE = re.compile(r"^[0-9+\-() ]*$")
-_EMAIL = re.compile(r"^$|^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_EMAIL = re.compile(rf"^$|^[^@{_SPACE}]+@[^@{_SPACE}]+\.[^@{_SPACE}]+$")
 #: Argon2 handles any length; the bound only keeps a request from being a hashing load test.
 PASSWORD_MAX = 128
+
+
+def _shown(pattern: re.Pattern) -> Any:
+    """The OpenAPI document shows a rule of :func:`_matching` as the field's ``pattern``."""
+    return Field(json_schema_extra={"pattern": pattern.pattern})
 
 
 def _matching(pattern: re.Pattern, reason: str) -> AfterValidator:
@@ -39,15 +47,19 @@ def _blank(value: Any) -> Any:
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
 _NAME_RULE = _matching(_USER_NAME, "must not contain spaces, control characters, / or \\")
-UserName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), _NAME_RULE]
-Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), _NAME_RULE]
-GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+UserName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), _NAME_RULE,
+                     _shown(_USER_NAME)]
+Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), _NAME_RULE,
+                   _shown(_USER_NAME)]
+#: Something else than spaces (they are stripped, and the name must not be empty then).
+_NOT_BLANK = re.compile(rf"[^{_SPACE}]")
+GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), _shown(_NOT_BLANK)]
 Password = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX)]
 PersonName = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=64)]
 Phone = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=32),
-                 _matching(_PHONE, "only digits, spaces and + - ( ) are allowed")]
+                 _matching(_PHONE, "only digits, spaces and + - ( ) are allowed"), _shown(_PHONE)]
 Email = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=128),
-                 _matching(_EMAIL, "not an e-mail address")]
+                 _matching(_EMAIL, "not an e-mail address"), _shown(_EMAIL)]
 Desc = Annotated[str, BeforeValidator(_blank), StringConstraints(max_length=1024)]
 
 
@@ -68,7 +80,7 @@ class GroupRef(Model):
 
 
 class GroupDelete(Model):
-    groups: list[GroupRef]
+    groups: batch_of(GroupRef)
 
 
 class GroupValue(Model):
@@ -113,18 +125,18 @@ class MultiCreate(Model):
 
 
 class UsersParam(Model):
-    users: list[UserRef]
+    users: batch_of(UserRef)
 
 
 class MoveParam(Model):
     group_uuid: str
     group_name: Optional[str] = None
-    users: list[UserRef]
+    users: batch_of(UserRef)
 
 
 class ExportParam(Model):
     filename: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
-    users: list[UserRef]
+    users: batch_of(UserRef)
 
 
 class UserValue(Model):

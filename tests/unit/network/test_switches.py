@@ -43,8 +43,12 @@ async def test_create_list_and_node_map(tmp_path):
 
         status, body = await api.call("GET", f"{BASE}/{created['uuid']}/node_map")
         assert status == 200
+        # the rule for every answer (README, API conventions): the fields the contract's example shows
+        # beside code/msg are in data
+        assert set(body) == {"code", "msg", "data"}
         data = body["data"]
         assert (data["name"], data["type"]) == ("sw1", "vlan")
+        assert all({"node_name", "node_uuid", "nic_name", "nic_uuid"} <= set(u) for u in data["uplinks"])
         assert {(u["node_uuid"], u["nic_uuid"], u["resource_pool_name"]) for u in data["uplinks"]} == {
             (n1["uuid"], n1["nics"]["eth1"]["uuid"], "default"), (n2["uuid"], n2["nics"]["eth1"]["uuid"], "default")}
 

@@ -10,6 +10,7 @@ from kvmdesk.core import errors
 from kvmdesk.nodeaccess import client as agentclient
 from kvmdesk.plugins.nodes import manager
 from kvmdesk.core.ids import stable_uuid
+from kvmdesk.testing.network import InProcessAgents, memory_node_net
 from kvmdesk.testing.agents import AGENT_PASSWORD, AgentProcess, nodes_controller
 from kvmdesk.testing.plugins import LifecycleRecorder, plugin_manager
 
@@ -89,10 +90,16 @@ async def test_add_list_detail_rename_reboot_delete(agents, api):
     # check first (as the UI does), then add: the add re-enrols with the check's secret.
     status, body = await api.call("POST", "/resource_mgr/check_node_virt", {"ip": "127.0.0.2", "root_pwd": AGENT_PASSWORD})
     eth = body["data"]["interface_list"][0]
+    # The uplink's switch and NIC must exist: the network side of node-a is in memory (no bridge on the host).
+    network_agents = InProcessAgents()
+    network_agents.add("127.0.0.2", memory_node_net(nics=[i["interface"] for i in body["data"]["interface_list"]],
+                                                    ip="127.0.0.2"))
+    api.core.extensions["agents"] = network_agents
+    switch = body["data"]["virtual_switch_list"]["uuid"]
     node_a = await add(api, pool, "127.0.0.2", manage_interface_uuid=eth["uuid"], image_interface=eth["interface"],
-                       network=[{"switch_uuid": "sw-1", "interface": eth["interface"]}])
+                       network=[{"switch_uuid": switch, "interface": eth["interface"]}])
     node_b = await add(api, pool, "127.0.0.3")
-    assert node_a["uplinks"] == [{"switch_uuid": "sw-1", "interface": eth["interface"]}]
+    assert node_a["uplinks"] == [{"switch_uuid": switch, "interface": eth["interface"]}]
 
     status, body = await api.call("POST", f"{POOLS}/{pool}/nodes", {"ip": "127.0.0.2", "password": AGENT_PASSWORD})
     assert status == 409 and body["code"] == errors.ALREADY_EXISTS.code

@@ -137,7 +137,7 @@ async def test_download_streams_with_headers_and_ranges(tmp_path, clock):
         iso = body["data"]
         async with listening_api(api.core) as base_url:
             headers = {"Authorization": f"Bearer {api.token}"}
-            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}", headers=headers)
+            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}/download", headers=headers)
             assert response.code == 200
             assert await treq.content(response) == ISO
             assert response.length == len(ISO)  # Content-Length (the client keeps it out of .headers)
@@ -146,27 +146,49 @@ async def test_download_streams_with_headers_and_ranges(tmp_path, clock):
             assert response.headers.getRawHeaders("accept-ranges") == ["bytes"]
 
             # A client resuming after 0x8000 bytes gets the rest, 206.
-            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}",
+            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}/download",
                                                headers={**headers, "Range": "bytes=32768-"})
             assert response.code == 206
             assert await treq.content(response) == ISO[0x8000:]
             assert response.headers.getRawHeaders("content-range") == [f"bytes 32768-{len(ISO) - 1}/{len(ISO)}"]
 
-            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}",
+            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}/download",
                                                headers={**headers, "Range": f"bytes={len(ISO) + 10}-"})
             assert response.code == 416
             envelope = await response.json()
             assert envelope["code"] == 4009 and str(len(ISO)) in envelope["msg"]
 
-            response = await http_client().get(f"{base_url}{ISOS}/no-such-iso", headers=headers)
+            response = await http_client().get(f"{base_url}{ISOS}/no-such-iso/download", headers=headers)
             assert response.code == 404 and (await response.json())["code"] == 1012
-            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}")
+            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}/download")
             assert response.code == 401 and (await response.json())["code"] == 1008
 
             # The file vanished from disk: an envelope, not twisted.web's HTML page.
             (iso_dir(api) / f"{iso['uuid']}.iso").unlink()
-            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}", headers=headers)
+            response = await http_client().get(f"{base_url}{ISOS}/{iso['uuid']}/download", headers=headers)
             assert response.code == 410 and (await response.json())["code"] == 4011
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_detail_path_answers_json_and_gives_the_file_when_accept_asks_for_it(tmp_path, clock):
+    async with controller(tmp_path, clock) as api:
+        status, body = await upload(api, "tools.iso")
+        iso = body["data"]
+        status, body = await api.call("GET", f"{ISOS}/{iso['uuid']}")
+        assert status == 200 and body["code"] == 0 and body["data"] == iso
+        status, body = await api.call("GET", f"{ISOS}/{iso['uuid']}", headers={"Accept": "application/json, */*"})
+        assert status == 200 and body["data"]["uuid"] == iso["uuid"]
+        for accept in ("application/octet-stream", "application/x-iso9660-image",
+                       "application/json;q=0.5, application/octet-stream"):
+            response = await api.raw("GET", f"{ISOS}/{iso['uuid']}", headers={"Accept": accept})
+            assert response.code == 200 and await response.content() == ISO, accept
+        status, body = await api.call("GET", f"{ISOS}/ghost")
+        assert status == 404 and body["code"] == 1012
+        status, doc = await api.call("GET", "/openapi.json", auth=False)
+        detail = doc["paths"]["/api/v1.0/resource_mgr/isos/{iso_uuid}"]["get"]["responses"]["200"]["content"]
+        assert {"application/json", "application/octet-stream"} <= set(detail)
+        download = doc["paths"]["/api/v1.0/resource_mgr/isos/{iso_uuid}/download"]["get"]["responses"]["200"]["content"]
+        assert "application/json" not in download and "application/x-iso9660-image" in download
 
 
 @pytest.mark.parametrize("header, size, expected", [
@@ -206,7 +228,7 @@ async def test_downloads_read_the_file_off_the_reactor_and_answer_single_ranges(
     monkeypatch.setattr(producers, "RangeReader", Recording)
     async with controller(tmp_path, clock) as api:
         status, body = await upload(api)
-        url = f"{ISOS}/{body['data']['uuid']}"
+        url = f"{ISOS}/{body['data']['uuid']}/download"
         async with listening_api(api.core) as base_url:
             headers = {"Authorization": f"Bearer {api.token}"}
             for asked, code, expected in [
@@ -251,7 +273,7 @@ async def test_a_client_leaving_mid_download_stops_the_reads_and_closes_the_file
             where = urlsplit(base_url)
             client = await RawHTTP().connect(where.hostname, where.port)
             client.protocol.transport.pauseProducing()  # reads nothing: the server's socket fills up
-            client.send(f"GET {where.path}{ISOS}/{body['data']['uuid']} HTTP/1.1\r\nHost: x\r\n"
+            client.send(f"GET {where.path}{ISOS}/{body['data']['uuid']}/download HTTP/1.1\r\nHost: x\r\n"
                         f"Authorization: Bearer {api.token}\r\n\r\n".encode())
             await with_timeout(first_read)
             client.abort()

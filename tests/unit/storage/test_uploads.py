@@ -5,7 +5,12 @@ still sending) run over a real loopback port with a bare TCP client; the rest go
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import subprocess
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -131,10 +136,44 @@ async def test_a_file_name_with_a_path_is_refused(tmp_path, clock, filename):
         await nothing_left(api)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_raw_disk_image_is_accepted(tmp_path, clock):
+    # a boot sector (binary code, the 0x55AA signature) and binary data: what a raw disk looks like
+    disk = bytes(range(256)) * 2
+    disk = disk[:510] + b"\x55\xaa" + hashlib.sha256(b"disk").digest() * 128
+    async with controller(tmp_path, clock) as api:
+        status, body = await api.upload(upload_path(api), {"name": "raw-disk", "os_type": "win7"},
+                                        {"file": ("disk.img", disk)})
+        assert status == 200 and body["data"]["format"] == "raw", body
+
+
+def tar_bytes() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        info = tarfile.TarInfo("disk.img")
+        info.size = 1024
+        archive.addfile(info, io.BytesIO(b"\0" * 1024))
+    return out.getvalue()
+
+
+def zip_bytes() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("disk.img", b"\1" * 4000)
+    data = out.getvalue()
+    return data + b"\0" * (-len(data) % 512)
+
+
 @pytest.mark.parametrize("content, reason", [
     (b"just some text\n" * 100, "sectors"),
     (iso_bytes(0x9000 + 512 * 8), "ISO"),
     (b"\x00" * 0, None),
+    # qemu-img calls each of these "raw"; each is a whole number of sectors
+    (b"# not a disk\n" + b"x" * 498 + b"\n" * 1, "text"),
+    ("Notizen: Größe, 大小\n".encode() * 512, "text"),
+    (gzip.compress(b"\0" * 100000, mtime=0).ljust(1024, b"\0"), "gzip"),
+    (tar_bytes(), "tar"),
+    (zip_bytes(), "zip"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_a_non_image_is_refused(tmp_path, clock, content, reason):
