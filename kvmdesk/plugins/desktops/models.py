@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, WithJsonSchema
 
 from kvmdesk.api.models import Model
 
@@ -35,8 +35,11 @@ Desc = Annotated[str, BeforeValidator(_blank), StringConstraints(max_length=1024
 Uuid = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 #: Desktop names become libvirt domain names: a prefix of safe characters.
-Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), AfterValidator(_restricted)]
-Flag = Annotated[int, BeforeValidator(_flag)]
+Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), AfterValidator(_restricted),
+                  Field(json_schema_extra={"pattern": _NAME.pattern})]  # the rule, shown in the OpenAPI document
+#: Documented as what it takes (0/1 or a boolean), so the OpenAPI document promises no other integer.
+Flag = Annotated[int, BeforeValidator(_flag),
+                 WithJsonSchema({"anyOf": [{"type": "integer", "enum": [0, 1]}, {"type": "boolean"}]})]
 
 
 class Ref(Model):

@@ -101,11 +101,10 @@ def register_routes(router: Router) -> None:
     @router.endpoint("GET", BASE + "/", summary="Query a personal group's desktops, paged, with the bound user "
                      "(?desktop_uuid=<group>)", tags=TAGS, search_fields=SEARCH_FIELDS)
     async def list_personal_desktops(req: ApiRequest) -> Any:
-        group_uuid = req.args.get("desktop_uuid")
-        if not group_uuid:
-            raise ApiError(errors.INVALID_PARAM, field="desktop_uuid", reason="required")
-        await personal_group(req.core, group_uuid)
-        return await paged_search(req, req.core.store.collection(schema.DESKTOPS), SEARCH_FIELDS, sort=[("name", 1)],
+        # ?desktop_uuid=<group>: one group's desktops (the contract's use); without it, every personal desktop.
+        groups = await req.core.store.collection(PERSONAL_GROUPS).find({}, projection=["uuid"])
+        return await paged_search(req, req.core.store.collection(schema.DESKTOPS), SEARCH_FIELDS,
+                                  fixed={"desktop_uuid": {"$in": [g["uuid"] for g in groups]}}, sort=[("name", 1)],
                                   decorate=lambda ds: _shown(req.core, ds), resource=codes.PERSONAL_DESKTOP)
 
 

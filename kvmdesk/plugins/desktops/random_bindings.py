@@ -89,10 +89,8 @@ async def with_user_counts(core: Any, bindings: list[dict]) -> list[dict]:
 
 
 async def list_bindings(req: ApiRequest) -> Any:
-    desktop = req.args.get("desktop")
-    if not desktop:
-        raise ApiError(errors.INVALID_PARAM, field="desktop", reason="required")
-    await random_group(req.core, desktop)
+    """``?desktop=<group>`` lists one group's bindings (the contract's use); like every list it takes
+    the generic search, and without ``desktop`` it lists every binding."""
     return await paged_search(req, req.core.store.collection(RANDOM_BINDINGS), SEARCH_FIELDS, sort=[("id", 1)],
                               decorate=lambda bs: with_user_counts(req.core, bs), resource=BINDING)
 

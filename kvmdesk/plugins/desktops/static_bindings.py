@@ -97,16 +97,16 @@ async def change_group(req: ApiRequest) -> dict:
 
 
 async def list_bindings(req: ApiRequest) -> Any:
-    group_uuid = req.args.get("desktop_uuid")
-    if not group_uuid:
-        raise ApiError(errors.INVALID_PARAM, field="desktop_uuid", reason="required")
-    await static_group(req.core, group_uuid)
+    """``?desktop_uuid=<group>`` lists one static group's desktops (the contract's use); like every list
+    it takes the generic search, and without it lists the desktops of every static group."""
+    statics = await req.core.store.collection(PERSONAL_GROUPS).find({"desktop_type": STATIC}, projection=["uuid"])
 
     async def rows(desktops: list[dict]) -> list[dict]:
         return [{"bind_uuid": d.get("bind_uuid") or "", "user_uuid": d.get("user_uuid") or "", "user_name": d.get("user_name") or "",
-                 "instance_uuid": d["uuid"], "instance_name": d["name"]} for d in desktops]
+                 "instance_uuid": d["uuid"], "instance_name": d["name"], "desktop_uuid": d["desktop_uuid"]} for d in desktops]
 
-    return await paged_search(req, req.core.store.collection(schema.DESKTOPS), SEARCH_FIELDS, sort=[("name", 1)],
+    return await paged_search(req, req.core.store.collection(schema.DESKTOPS), SEARCH_FIELDS,
+                              fixed={"desktop_uuid": {"$in": [g["uuid"] for g in statics]}}, sort=[("name", 1)],
                               decorate=rows, resource=codes.PERSONAL_DESKTOP)
 
 
