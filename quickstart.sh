@@ -48,8 +48,12 @@ install_python() {
   .venv/bin/python -m pip install -q -e ".${extras}" --config-settings editable_mode=compat
 }
 
+# A daemon runs when the pid in its pidfile is alive. Not pgrep: in a container or chroot that shares the
+# host's pid namespace, pgrep sees the host's daemons, whose sockets this root cannot reach.
+RUN_DIR=${RUN_DIR:-/run}
 running() {
-  pgrep -x "$1" >/dev/null 2>&1
+  local pid
+  pid=$(cat "$RUN_DIR/$1.pid" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
 # Packages are installed with their services held back (policy-rc.d); `run` starts what it needs here,
@@ -88,8 +92,8 @@ start_ovs() {
     systemctl start openvswitch-switch
   else
     local ctl=/usr/share/openvswitch/scripts/ovs-ctl
-    running ovsdb-server || "$ctl" --no-ovs-vswitchd --system-id=random start
-    if ! running ovs-vswitchd; then
+    running openvswitch/ovsdb-server || "$ctl" --no-ovs-vswitchd --system-id=random start
+    if ! running openvswitch/ovs-vswitchd; then
       if [ "$datapath" = system ]; then
         "$ctl" --no-ovsdb-server start
       else

@@ -4,26 +4,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, WithJsonSchema
+from pydantic import BeforeValidator, Field, StringConstraints
 
 from kvmdesk.api.models import Model
 
+#: Desktop names are domain names: letters, digits and _ . - , starting with a letter or digit.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _restricted(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError("letters, digits and _ . - only (a domain name), starting with a letter or digit")
-    return value
-
-
-def _flag(value: Any) -> Any:
-    """The contract sends restore flags as 1/0; take true/false as well, nothing else."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int) and value in (0, 1):
-        return value
-    raise ValueError("expected 1/0 or true/false")
 
 
 def _blank(value: Any) -> Any:
@@ -35,11 +21,9 @@ Desc = Annotated[str, BeforeValidator(_blank), StringConstraints(max_length=1024
 Uuid = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 #: Desktop names become libvirt domain names: a prefix of safe characters.
-Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), AfterValidator(_restricted),
-                  Field(json_schema_extra={"pattern": _NAME.pattern})]  # the rule, shown in the OpenAPI document
-#: Documented as what it takes (0/1 or a boolean), so the OpenAPI document promises no other integer.
-Flag = Annotated[int, BeforeValidator(_flag),
-                 WithJsonSchema({"anyOf": [{"type": "integer", "enum": [0, 1]}, {"type": "boolean"}]})]
+Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48, pattern=_NAME.pattern)]
+#: The contract's restore flags: 1 or 0 (a limit the OpenAPI document states).
+Flag = Annotated[int, Field(ge=0, le=1)]
 
 
 class Ref(Model):

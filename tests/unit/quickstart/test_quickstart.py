@@ -26,7 +26,7 @@ def shell(tmp_path: Path, code: str, commands: dict[str, int], systemd: bool = F
     systemd_dir = tmp_path / "systemd"
     if systemd:
         systemd_dir.mkdir(exist_ok=True)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SYSTEMD_DIR": str(systemd_dir)}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SYSTEMD_DIR": str(systemd_dir), "RUN_DIR": str(tmp_path / "run")}
     done = subprocess.run(["bash", "-c", f"source {script}; {code}"], env=env, capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0, done.stderr
@@ -52,12 +52,28 @@ def test_the_ovs_datapath_follows_the_kernel_module(tmp_path, module_loads, data
     assert Path(written.strip()).read_text().splitlines()[1:] == ["[network]", f'ovs_datapath = "{datapath}"']
 
 
+def running_daemon(tmp_path: Path, name: str, pid: int) -> None:
+    """A pidfile for ``name`` under the script's RUN_DIR."""
+    pidfile = tmp_path / "run" / f"{name}.pid"
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(f"{pid}\n")
+
+
 def test_without_systemd_the_daemons_are_started_by_hand(tmp_path):
-    _, calls = shell(tmp_path, "start_libvirt", {"pgrep": 1, "virtlogd": 0, "libvirtd": 0, "systemctl": 0})
-    assert calls == ["pgrep -x virtlogd", "virtlogd -d", "pgrep -x libvirtd", "libvirtd -d"]
+    _, calls = shell(tmp_path, "start_libvirt", {"pgrep": 0, "virtlogd": 0, "libvirtd": 0, "systemctl": 0})
+    # No pidfile: started, even though pgrep (which sees a host's daemons from a chroot) would say running.
+    assert calls == ["virtlogd -d", "libvirtd -d"]
     (tmp_path / "calls").unlink()
-    _, calls = shell(tmp_path, "start_libvirt", {"pgrep": 0, "virtlogd": 0, "libvirtd": 0})
-    assert calls == ["pgrep -x virtlogd", "pgrep -x libvirtd"]  # already running: left alone
+    running_daemon(tmp_path, "virtlogd", os.getpid())
+    running_daemon(tmp_path, "libvirtd", os.getpid())
+    _, calls = shell(tmp_path, "start_libvirt", {"virtlogd": 0, "libvirtd": 0})
+    assert calls == []  # alive pids in their pidfiles: left alone
+    # A stale pidfile (no such process) does not count as running.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    running_daemon(tmp_path, "libvirtd", dead.pid)
+    _, calls = shell(tmp_path, "start_libvirt", {"virtlogd": 0, "libvirtd": 0})
+    assert calls == ["libvirtd -d"]
 
 
 def test_with_systemd_the_units_are_started(tmp_path):
@@ -75,8 +91,8 @@ def test_userspace_ovs_runs_vswitchd_without_the_kernel_module(tmp_path):
     ctl = ctl_dir / "ovs-ctl"
     ctl.write_text(f'#!/bin/sh\necho "ovs-ctl $*" >> {calls}\n')
     ctl.chmod(0o755)
-    _, seen = shell(tmp_path, "start_ovs netdev", {"pgrep": 1, "ovs-vswitchd": 0, "mkdir": 0}, script=patched)
-    assert seen[1] == "ovs-ctl --no-ovs-vswitchd --system-id=random start"
+    _, seen = shell(tmp_path, "start_ovs netdev", {"ovs-vswitchd": 0, "mkdir": 0}, script=patched)
+    assert seen[0] == "ovs-ctl --no-ovs-vswitchd --system-id=random start"
     assert seen[-1].startswith("ovs-vswitchd unix:/var/run/openvswitch/db.sock --pidfile --detach")
     assert not any("--no-ovsdb-server" in call for call in seen)
 
