@@ -12,6 +12,10 @@ RUN_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev libvir
 # curl is also what bench/transfer_bench.py uploads with, as an administrator's script would.
 # systemd's runtime directory: present on a booted system, absent in containers and chroots.
 SYSTEMD_DIR=${SYSTEMD_DIR:-/run/systemd/system}
+# novnc: the console page's VNC viewer, served by the controller from /usr/share/novnc.
+RUN_PACKAGES+=(novnc)
+# chromium + chromium-driver: the console page's real-browser test (headless, driven by selenium).
+TEST_PACKAGES=(chromium chromium-driver)
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
@@ -135,7 +139,7 @@ main() {
       ;;
     test)
       need_root
-      install_packages "${RUN_PACKAGES[@]}"
+      install_packages "${RUN_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
       install_python "[test]"
       echo "== running the test suite"
       exec .venv/bin/python -m pytest -q -rs "$@"

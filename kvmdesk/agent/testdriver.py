@@ -14,7 +14,7 @@ import re
 import uuid as uuidlib
 from pathlib import Path
 from typing import Iterable, Mapping
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, quoteattr
 
 import attrs
 
@@ -36,6 +36,9 @@ class DomainSpec:
     :param memory_kib: memory in KiB.
     :param state: ``running``, ``paused`` or ``shutoff``.
     :param uuid: fixed UUID; a random one when omitted.
+    :param vnc_port: a VNC display on ``127.0.0.1:vnc_port`` (the test driver runs nothing there: a
+        test's own VNC server can listen on it, see :mod:`kvmdesk.testing.vnc`).
+    :param vnc_password: that display's password.
     """
 
     name: str
@@ -43,6 +46,8 @@ class DomainSpec:
     memory_kib: int = 524288
     state: str = attrs.field(default="shutoff", validator=attrs.validators.in_(RUNSTATES))
     uuid: str = attrs.field(factory=lambda: str(uuidlib.uuid4()))
+    vnc_port: int | None = None
+    vnc_password: str | None = None
 
 
 def domain_xml(name: str, *, vcpus: int = 1, memory_kib: int = 524288, uuid: str | None = None) -> str:
@@ -62,6 +67,14 @@ def domain_xml(name: str, *, vcpus: int = 1, memory_kib: int = 524288, uuid: str
     )
 
 
+def _graphics(domain: DomainSpec) -> str:
+    if domain.vnc_port is None:
+        return ""
+    password = f" passwd={quoteattr(domain.vnc_password)}" if domain.vnc_password else ""
+    return (f"    <devices><graphics type='vnc' port='{int(domain.vnc_port)}' autoport='no' listen='127.0.0.1'"
+            f"{password}/></devices>\n")
+
+
 def _preloaded_domain(domain: DomainSpec) -> str:
     return (
         f"  <domain type='test' xmlns:test='{TEST_NS}'>\n"
@@ -70,6 +83,7 @@ def _preloaded_domain(domain: DomainSpec) -> str:
         f"    <memory unit='KiB'>{int(domain.memory_kib)}</memory>\n"
         f"    <vcpu>{int(domain.vcpus)}</vcpu>\n"
         "    <os><type>hvm</type></os>\n"
+        f"{_graphics(domain)}"
         f"    <test:runstate>{RUNSTATES[domain.state]}</test:runstate>\n"
         "  </domain>\n"
     )

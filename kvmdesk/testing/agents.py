@@ -236,10 +236,21 @@ async def nodes_controller(
         await core.store.close()
 
 
+async def added_node(api: ApiClient, ip: str, password: str = AGENT_PASSWORD) -> dict:
+    """Add the agent at ``ip`` to the default pool through the API; returns the stored node record
+    (with its agent secret, for ``core.extensions["agents"].call(node, ...)``)."""
+    status, body = await api.call("GET", "/resource_mgr/resource_pools")
+    pool = body["data"]["results"][0]["uuid"]
+    status, body = await api.call("POST", f"/resource_mgr/resource_pools/{pool}/nodes", {"ip": ip, "password": password})
+    assert status == 200, body
+    return await api.core.store.collection("nodes").find_one({"uuid": body["data"]["uuid"]})
+
+
 __all__ = [
     "AGENT_PASSWORD",
     "AgentProcess",
     "NO_WARNINGS",
+    "added_node",
     "agent_layers",
     "controller_config",
     "free_port",
