@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest_twisted
 from twisted.internet import defer
 
-from kvmdesk.core import errors
+from kvmdesk.core import console, errors
 from kvmdesk.plugins.desktops import personal_codes as codes
 from kvmdesk.plugins.desktops.broker import IdleReleaser
 from kvmdesk.testing.personal import STATIC, seed_personal_group
@@ -135,7 +136,13 @@ async def test_a_random_desktop_is_held_until_logout_or_idle_timeout(api, clock)
     await bind(api, group, users_group)
     first, second = await user_token(api, "u001"), await user_token(api, "u002")
     mine = ok(*await connect(api, first))
-    assert mine["instance"]["name"] == "rnd001" and mine["websockify_url"] is None and mine["console_error"]
+    assert mine["instance"]["name"] == "rnd001" and mine["websockify_url"].startswith("ws://kvmdesk.test/")
+    # The console token is bound to this desktop (its node and domain) and to this user.
+    token = parse_qs(urlparse(mine["websockify_url"]).query)["token"][0]
+    user = await api.core.store.collection("users").find_one({"user_name": "u001"})
+    grant = await console.check(api.core, token, node_uuid=node["uuid"], domain_uuid=mine["instance"]["uuid"],
+                                holder_kind="user", holder_id=user["uuid"], consume=False)
+    assert grant is not None
     assert ok(*await connect(api, first))["instance"]["uuid"] == mine["instance"]["uuid"]  # the same one again
     failed(*await connect(api, second), 409, codes.NONE_FREE.code)
     listed = ok(*await as_user(api, first, "GET", "/portal/desktops"))
