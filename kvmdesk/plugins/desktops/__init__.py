@@ -59,5 +59,31 @@ Decisions where the contract is silent:
 - Every batch runs as a persisted job (``core.jobs.run_items``): the answer adds ``job_id``; the
   job keeps each item's result (``GET /api/v1.0/jobs/{uuid}``).
 - Timetables (beyond the contract): :mod:`.timetables`.
+
+Personal desktops and the desktop users' portal (issue 17: #113-#134 and the portal):
+
+- ``/personal/desktop/`` (:mod:`.personal_groups`), ``/personal/desktop/random/``
+  (:mod:`.random_bindings`), ``/personal/desktop/static/`` (:mod:`.static_bindings`),
+  ``/personal/instance/`` (:mod:`.personal_instances`), ``/portal/...`` (:mod:`.portal`,
+  :mod:`.portal_auth`, :mod:`.broker`).  Personal desktops are records of the ``desktops`` collection
+  like teaching ones (creation, power, events and reconcile act on them unchanged); their groups are
+  ``personal_groups``, the random bindings ``random_bindings``.
+- #113 without a network (``allocate_type`` 1) leaves the addresses to the environment's DHCP; fixed
+  addresses (``allocate_type`` 2) are ``allocate_start`` and the next ones, all inside the subnet's
+  range and free, or the create is refused whole (6513, 6514).  ``allocates`` (the example's
+  ``allocation`` is taken too) binds desktops by name to users of one user group.
+- ``change_group`` (#126) matches users (by name) to desktops (by name) and answers
+  ``{"bound_num", "unbound_users", "free_instances"}``: more users than desktops is not an error, the
+  users left without are listed.  ``change_bind`` (#125) with ``user_uuid: ""`` unbinds; a user keeps
+  one desktop per group (rebinding moves them).
+- The lists (#124, #127, #134) take the contract's group parameter and, like every list, the generic
+  search; without the group parameter they list every group's rows.
+- A random desktop is claimed with one atomic ``find_one_and_update`` (``holder: None`` -> the user);
+  a user holds at most one desktop per group and gets it again on the next request; it is freed on
+  logout or when the session has seen no request for ``[desktops.portal] idle_timeout`` seconds.  A
+  running restore desktop is restored (the power module's reboot) before it is free again; one that
+  cannot be restored is left in ``error``, which no claim takes.
+- Entering maintenance does not take desktops from users who hold them; it refuses new requests.
+- ``websockify_url`` is ``null`` with ``console_error`` where the controller has no console module.
 """
 from kvmdesk.plugins.desktops.plugin import *  # noqa: F401,F403  (the hook implementations)

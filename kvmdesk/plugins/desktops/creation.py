@@ -8,7 +8,7 @@ addresses released and the records deleted, and the answer is that desktop's err
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -45,9 +45,12 @@ def check_published(template: Mapping[str, Any], placements: list[planner.Placem
 
 
 async def make_desktops(core: Any, group: Mapping[str, Any], template: Mapping[str, Any], subnet: Mapping[str, Any],
-                        create_info: Mapping[str, Any], count: int, first_number: int) -> list[dict]:
+                        create_info: Mapping[str, Any], count: int, first_number: int,
+                        allocate: Optional[Callable[..., Awaitable[list]]] = None) -> list[dict]:
     """Plan, name, address and make ``count`` desktops of ``group``; all of them or none.
 
+    :param allocate: ``(core, subnet, desktop_uuids) -> addresses``, all or none (default: the next free
+        addresses of the subnet; personal groups pass fixed addresses, or none without a network).
     :returns: the desktop records made.
     :raises ApiError: the first problem (placement problems all listed in its ``data``).
     """
@@ -63,7 +66,7 @@ async def make_desktops(core: Any, group: Mapping[str, Any], template: Mapping[s
                           template=template["uuid"], template_version=template["version"], ipaddr=None)
                for name, node in planner.spread(placements, names)]
     uuids = [r["uuid"] for r in records]
-    addresses = await provisioning.allocate_addresses(core, subnet, uuids)
+    addresses = await (allocate or provisioning.allocate_addresses)(core, subnet, uuids)
     for record, address in zip(records, addresses):
         record["ipaddr"] = address
     desktops = core.store.collection(schema.DESKTOPS)

@@ -16,6 +16,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.desktops import power, schema
 from kvmdesk.plugins.desktops.domain_ops import restores
+from kvmdesk.plugins.desktops.personal_schema import PERSONAL_GROUPS
 
 log = Logger(namespace="kvmdesk.desktops.events")
 STOPPED, STARTED = "stopped", "started"
@@ -34,6 +35,9 @@ async def on_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str
                 "status": "active", "up_time": stamp, "up_at": core.clock.seconds(), "updated_at": stamp}})
         return
     group = await core.store.collection(schema.DESKTOP_GROUPS).find_one({"uuid": desktop.get("desktop_uuid")})
+    if group is None:  # a personal desktop (its group is always active)
+        group = await core.store.collection(PERSONAL_GROUPS).find_one({"uuid": desktop.get("desktop_uuid")})
+        group = {**group, "active": True} if group is not None else None
     if group is not None and restores(group) and desktop.get("power") == "on" and group.get("active"):
         await power.locks(core).run(desktop["uuid"], lambda: restart(core, group, desktop["uuid"]))
         return

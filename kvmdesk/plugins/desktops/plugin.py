@@ -11,6 +11,8 @@ from kvmdesk.core.errors import Resource
 from kvmdesk.plugins.desktops import (admission, desktop_groups, events, instances, reconcile, schema, teaching_groups,
                                       timetables)
 from kvmdesk.plugins.desktops.loads import NodeLoads
+from kvmdesk.plugins.desktops import (broker, personal_groups, personal_instances, personal_schema, portal, portal_auth,
+                                      random_bindings, static_bindings)
 
 __all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
@@ -50,6 +52,15 @@ DEFAULTS = {
             # Seconds a start may wait for its slot before it fails.
             "queue_timeout": 600.0,
         },
+        # The desktop users' portal (/portal): sessions and the random desktops they hold.
+        "portal": {
+            # Seconds a desktop user's token lives at most.
+            "token_ttl": 43200,
+            # Seconds without a request after which a session ends and its random desktop is freed.
+            "idle_timeout": 1800,
+            # Seconds between the rounds that end idle sessions.
+            "sweep_interval": 60.0,
+        },
     }
 }
 
@@ -65,18 +76,21 @@ def kvmdesk_configure(core: Any) -> None:
     core.extensions[ADMISSION] = admission.StartAdmission(core.clock, loads, admission.Settings.from_config(core.config))
     core.extensions[ADMISSION + ".loads"] = loads
     timetables.register(core)
+    core.extensions[portal_auth.EXTENSION] = portal_auth.DesktopUserAuth.from_config(core)
+    core.extensions[broker.EXTENSION] = broker.Broker(core)
 
 
 @hookimpl
 def kvmdesk_services(core: Any):
     reconciler = reconcile.DesktopReconciler(core, float(core.config.get("desktops.reconcile_interval", 60.0)))
     core.extensions[reconcile.EXTENSION] = reconciler
-    return [core.extensions[ADMISSION], reconciler]
+    releaser = broker.IdleReleaser(core, float(core.config.get("desktops.portal.sweep_interval", 60.0)))
+    return [core.extensions[ADMISSION], reconciler, releaser]
 
 
 @hookimpl
 def kvmdesk_store_indexes():
-    return schema.INDEXES
+    return schema.INDEXES + personal_schema.INDEXES
 
 
 @hookimpl
@@ -85,6 +99,11 @@ def kvmdesk_routes(router, core) -> None:
     desktop_groups.register_routes(router)
     instances.register_routes(router)
     timetables.register_routes(router)
+    personal_groups.register_routes(router)
+    random_bindings.register_routes(router)
+    static_bindings.register_routes(router)
+    personal_instances.register_routes(router)
+    portal.register_routes(router)
 
 
 @hookimpl
@@ -113,7 +132,7 @@ def kvmdesk_usage(core: Any, kind: str, uuid: str) -> Optional[Any]:
 async def usage(core: Any, kind: str, uuid: str) -> Optional[Resource]:
     """Teaching groups hold networks and subnets; desktop groups hold templates, subnets, networks,
     pools and teaching groups; desktops hold nodes."""
-    reason = await teaching_groups.usage(core, kind, uuid)
+    reason = await teaching_groups.usage(core, kind, uuid) or await personal_groups.usage(core, kind, uuid)
     if reason:
         return reason
     if kind == "node":

@@ -199,8 +199,21 @@ async def delete(ctx: Context, desktop: dict) -> None:
     await locks(ctx.core).run(desktop["uuid"], work)
 
 
+async def hard_stop(ctx: Context, desktop: dict) -> None:
+    """Power off at once (destroy), whatever the guest is doing (personal desktops' #130)."""
+    node = ctx.node_of(desktop)
+
+    async def work() -> None:
+        await ctx.update(desktop, power="off")
+        if await ctx.ops.state(node, desktop) == "active":
+            await ctx.ops.power(node, desktop, "destroy")
+        await ctx.update(desktop, status="inactive", up_time=None, message="")
+
+    await _guarded(ctx, desktop, work)
+
+
 OPERATIONS: dict[str, Callable[[Context, dict], Awaitable[None]]] = {
-    "start": start, "stop": stop, "reboot": reboot, "delete": delete,
+    "start": start, "stop": stop, "reboot": reboot, "delete": delete, "hard_stop": hard_stop,
 }
 
 

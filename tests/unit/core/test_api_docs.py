@@ -16,6 +16,10 @@ PUBLIC = {
     ("GET", "/docs"): "the same, as a page",
     ("GET", "/personal/user/download"): "an expiring signed link",
     ("POST", "/agent/events"): "HMAC-signed by the node's agent",
+    ("POST", "/portal/login"): "it hands out a desktop user's token",
+    ("POST", "/portal/logout"): "a desktop user's token, checked by the portal (no administrator's)",
+    ("GET", "/portal/desktops"): "a desktop user's token, checked by the portal (no administrator's)",
+    ("POST", "/portal/connect"): "a desktop user's token, checked by the portal (no administrator's)",
 }
 
 
