@@ -40,7 +40,7 @@ async def on_members(req: ApiRequest, group: dict, refs: list, operation: str) -
     req.oplog_detail = f"{group['name']}: " + ", ".join(str(r["name"] or r["uuid"]) for r in wanted[:10])
     found = {d["uuid"]: d for d in await req.core.store.collection(schema.DESKTOPS).find(
         {"uuid": {"$in": [r["uuid"] for r in wanted]}})}
-    ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in found.values()}))
+    ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in found.values() if d.get("node")}))
     run = power.OPERATIONS[operation]
 
     async def one(ref: dict) -> None:

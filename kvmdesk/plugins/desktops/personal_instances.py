@@ -12,7 +12,7 @@ from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.desktops import creation, personal_codes as codes, power, schema
 from kvmdesk.plugins.desktops.desktop_groups import check_subnet
-from kvmdesk.plugins.desktops.instances import GROUP_NUMBERS, SEARCH_FIELDS, answer, members, public
+from kvmdesk.plugins.desktops.instances import GROUP_NUMBERS, SEARCH_FIELDS, on_members, public
 from kvmdesk.plugins.desktops.lookups import record_or_404
 from kvmdesk.plugins.desktops.personal_groups import fixed_allocator, no_addresses, personal_group
 from kvmdesk.plugins.desktops.personal_models import PersonalDesktops, PersonalDesktopsAdd
@@ -26,12 +26,7 @@ def power_action(operation: str) -> Any:
     async def handler(req: ApiRequest) -> dict:
         body: PersonalDesktops = req.body
         group = await personal_group(req.core, body.desktop_uuid, name=body.desktop_name)
-        desktops, failures = await members(req, group, body.instances)
-        total = len(desktops) + len(failures)
-        if desktops:
-            ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops if d.get("node")}))
-            failures += await power.each(ctx, desktops, operation)
-        return answer(req, total, failures)
+        return await on_members(req, group, body.instances, operation)
 
     handler.__name__ = f"{operation}_personal_desktops"
     return handler
@@ -75,12 +70,7 @@ async def add(req: ApiRequest) -> dict:
 async def delete(req: ApiRequest) -> dict:
     body: PersonalDesktops = req.body
     group = await personal_group(req.core, body.desktop_uuid, name=body.desktop_name)
-    desktops, failures = await members(req, group, body.instances)
-    total = len(desktops) + len(failures)
-    if desktops:
-        ctx = await power.Context.load(req.core, group, sorted({d["node"] for d in desktops if d.get("node")}))
-        failures += await power.each(ctx, desktops, "delete")
-    return answer(req, total, failures)
+    return await on_members(req, group, body.instances, "delete")
 
 
 ACTIONS = {
