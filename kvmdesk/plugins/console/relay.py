@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import console
 from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.passthrough import pass_through, websocket_header
 from kvmdesk.nodeaccess.tunnel import TunnelProtocol, open_tunnel
 
 log = Logger(namespace="kvmdesk.console")
@@ -137,6 +138,10 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self.watch = StallWatch(tunnel.transport, self.relay.clock, self.relay.stall_timeout, self._stalled)
         transport.registerProducer(self.watch, True)
         tunnel.transport.registerProducer(transport, True)
+        # The console's bytes go from the tunnel's socket to the viewer's as websocket frames
+        # without autobahn's copy per message (_from_console stays the way for the rest).
+        pass_through(tunnel.transport, transport, self.relay.buffer_size, header=websocket_header,
+                     ready=lambda: not self.closed and self.state == self.STATE_OPEN)
         early = tunnel.take_early()
         if early:
             self._from_console(early)
