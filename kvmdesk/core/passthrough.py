@@ -1,37 +1,48 @@
 """A cheaper read path for a TCP transport whose bytes only pass through to another one (console hops).
 
 Twisted's read path allocates a new ``bytes`` per read (``recv(bufferSize)``), queues it in the
-other transport and sends it from the next reactor iteration in 128 KiB slices.  On a busy
-machine that CPU per byte is what limits a console relay's throughput (bench/console_bench.py).
-:func:`pass_through` replaces the source transport's ``doRead``: it reads into one reused buffer
-(one per process: the reactor runs one read at a time) and sends straight to the sink's socket.
-Only what the kernel does not take at once is handed to the sink's ``write`` (copied), so the
-sink's write buffer and the producer registrations keep doing the back-pressure as before; while
-the sink has bytes queued, or it is not a plain TCP socket (TLS), or ``ready()`` says no, every
-read takes the ordinary way (``protocol.dataReceived``), so the order of bytes never changes.
+other transport and sends it from later reactor iterations in 128 KiB slices.  On a busy machine
+that CPU per byte is what limits a console relay's throughput (bench/console_bench.py: the agent
+and the controller each spent more CPU per byte than the VNC server and the viewer together).
+:func:`pass_through` replaces the source transport's ``doRead``: ``splice(2)`` moves what the
+socket holds into a pipe (one per process, always left empty: the reactor runs one read at a time)
+and from there into the sink's socket, so the bytes are never copied into Python.  Only what the
+kernel does not take at once is read out and handed to the sink's ``write``, so the sink's write
+buffer and the producer registrations keep doing the back-pressure as before; while the sink has
+bytes queued, or it is not a plain TCP socket (TLS), or ``ready()`` says no, every read takes the
+ordinary way (``protocol.dataReceived``), so the order of bytes never changes.
 
 ``header`` frames each read (the relay's websocket frames): it gets the byte count and returns the
-bytes to send before them (at most :data:`HEADROOM`), written into the buffer in front of the data
-so header and data leave in one ``send``.
+bytes sent (``MSG_MORE``: in the same segment) before them.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
+import socket
 from typing import Any, Callable, Optional
 
 from twisted.internet import main, tcp
 
-#: Bytes kept free in front of each read for a frame header (a websocket header is at most 10).
-HEADROOM = 16
-_buffers: dict[int, memoryview] = {}
+#: The largest pipe an unprivileged process may make (/proc/sys/fs/pipe-max-size's default).
+_PIPE_MAX = 1 << 20
+
+_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_pipes: dict[int, tuple[int, int]] = {}
 
 
-def _buffer(size: int) -> memoryview:
-    """This process's read buffer of ``size`` bytes (after the headroom), made on first use."""
-    view = _buffers.get(size)
-    if view is None:
-        view = _buffers[size] = memoryview(bytearray(HEADROOM + size))
-    return view
+def _pipe(size: int) -> tuple[int, int]:
+    """This process's pipe of ``size`` bytes (read end, write end), made on first use; always left empty."""
+    ends = _pipes.get(size)
+    if ends is None:
+        ends = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.fcntl(ends[1], fcntl.F_SETPIPE_SZ, size)
+        except OSError:
+            pass  # over the user's pipe quota: the default 64 KiB pipe moves less per read
+        _pipes[size] = ends
+    return ends
 
 
 def _plain_tcp(transport: Any) -> bool:
@@ -44,6 +55,16 @@ def _idle(sink: Any) -> bool:
             and sink.offset >= len(sink.dataBuffer))
 
 
+def _drain(read_end: int, n: int) -> bytes:
+    """The ``n`` bytes left in the pipe, as bytes."""
+    parts = []
+    while n:
+        part = os.read(read_end, n)
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
 def pass_through(source: Any, sink: Any, size: int, *, header: Optional[Callable[[int], bytes]] = None,
                  ready: Callable[[], bool] = lambda: True) -> bool:
     """Make ``source``'s reads go straight to ``sink`` (both TCP transports); ``False`` if not possible.
@@ -53,31 +74,34 @@ def pass_through(source: Any, sink: Any, size: int, *, header: Optional[Callable
     """
     if not (_plain_tcp(source) and _plain_tcp(sink)):
         return False
-    view = _buffer(size)
-    recv_into, send = source.socket.recv_into, sink.socket.send
+    size = min(size, _PIPE_MAX)
+    read_end, write_end = _pipe(size)
+    source_fd, sink_fd, send = source.socket.fileno(), sink.socket.fileno(), sink.socket.send
 
     def doRead() -> Any:
         try:
-            n = recv_into(view[HEADROOM:], size)
+            n = os.splice(source_fd, write_end, size, flags=_FLAGS)
         except OSError as exc:
-            return None if exc.args[0] == errno.EWOULDBLOCK else main.CONNECTION_LOST
+            return None if exc.errno == errno.EAGAIN else main.CONNECTION_LOST
         if not n:
             return main.CONNECTION_DONE
         if not (_idle(sink) and ready()):
-            source.protocol.dataReceived(bytes(view[HEADROOM:HEADROOM + n]))
+            source.protocol.dataReceived(_drain(read_end, n))
             return None
-        start = HEADROOM
-        if header is not None:
-            head = header(n)
-            start -= len(head)
-            view[start:HEADROOM] = head
-        end = HEADROOM + n
+        left = n
         try:
-            sent = send(view[start:end])
+            if header is not None:
+                head = header(n)
+                sent = send(head, socket.MSG_MORE)
+                if sent < len(head):
+                    sink.write(head[sent:] + _drain(read_end, n))
+                    return None
+            while left:
+                left -= os.splice(read_end, sink_fd, left, flags=_FLAGS)
         except OSError:
-            sent = 0  # full, or broken: twisted's own send of the queued bytes finds out which
-        if sent < end - start:
-            sink.write(bytes(view[start + sent:end]))  # queued: back-pressure as for any write
+            pass  # full, or broken: twisted's own send of the queued rest finds out which
+        if left:
+            sink.write(_drain(read_end, left))  # queued: back-pressure as for any write
         return None
 
     source.doRead = doRead
