@@ -6,8 +6,9 @@ would to websockify.  Each connection checks its token (:func:`kvmdesk.core.cons
 the node, opens the agent's console tunnel (:mod:`kvmdesk.nodeaccess.tunnel`) and then passes bytes both ways:
 
 - back-pressure both ways: the tunnel's TCP transport is the websocket transport's push producer
-  and the other way round, so nothing is read faster than the other side takes it, and at most one
-  read (64 KiB) is held per direction;
+  and the other way round, so nothing is read faster than the other side takes it, and at most
+  ``[console] buffer_kib`` is held per direction; console -> viewer bytes are spliced from socket
+  to socket behind a frame header (:mod:`kvmdesk.core.passthrough`), not copied through autobahn;
 - a viewer that stops reading pauses the tunnel; paused longer than ``[console] stall_timeout``
   seconds, the console is closed (:data:`~kvmdesk.core.console.CLIENT_STALLED`);
 - either side closing closes the other; :meth:`ConsoleRelay.close_domain` closes every console of a
