@@ -1,16 +1,18 @@
 """twistd entry points: ``twistd -n kvmdesk`` (the controller).  The agent's is added by the agent."""
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from kvmdesk.api.streaming import make_site
 from kvmdesk.core.config import Config, ConfigError, command_line_layers
+from kvmdesk.core.filemodes import private_umask
+from kvmdesk.core.process import exit_after_shutdown, listen_failure_line
 
 log = Logger(namespace="kvmdesk.tap")
 
@@ -61,6 +63,8 @@ class ControllerService(service.MultiService):
         rotate_bytes = int(self.config.number("controller.access_log_rotate_mb", 10, minimum=0.01) * 1e6)
         keep = int(self.config.number("controller.access_log_keep", 9))
         self.core = await build_core(self.config, self.reactor, make_router=make_router)
+        # A part the controller cannot run without (its in-process agent's port) ends the process.
+        self.core.extensions["fatal"] = self.fatal
         freeze_startup_heap()
         self.core.services.setServiceParent(self)
         # The API's site streams upload bodies to their endpoints instead of buffering them whole.
@@ -77,19 +81,19 @@ class ControllerService(service.MultiService):
     def _failed(self, failure: Any) -> None:
         from kvmdesk.core.store import StoreError
 
-        if failure.check(StoreError, ConfigError, OSError):
+        if failure.check(CannotListenError):
+            error = failure.value
+            log.critical("{line}", line=listen_failure_line("kvmdesk controller", error.interface, error.port, error))
+        elif failure.check(StoreError, ConfigError, OSError):
             log.critical("kvmdesk controller cannot start: {reason}", reason=str(failure.value))
         else:
             log.failure("kvmdesk controller failed to start", failure)
         self.ready.errback(failure)
-        # Settings are checked before the reactor runs: stop it once it does.
-        self.reactor.callWhenRunning(self._exit_failed)
+        self.fatal()
 
-    def _exit_failed(self) -> None:
-        # twistd offers no way to set the exit status; a service manager must see that start-up
-        # failed, so exit 1 once the reactor has shut down cleanly.
-        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        self.reactor.stop()
+    def fatal(self) -> None:
+        """End the process with status 1 (start-up failed, or a part it cannot run without did)."""
+        exit_after_shutdown(self.reactor, 1)
 
     def stopService(self) -> defer.Deferred:
         return defer.ensureDeferred(self._stop())
@@ -103,5 +107,6 @@ class ControllerService(service.MultiService):
 
 
 def makeService(options: Options) -> service.IService:
-    """twistd's hook: the controller service for the parsed options."""
+    """twistd's hook: the controller service for the parsed options (files it creates are private)."""
+    private_umask()
     return ControllerService(options.config)

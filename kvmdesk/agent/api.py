@@ -34,7 +34,8 @@ PREFIX = "/agent/v1"
 UNSIGNED_PATHS = frozenset({PREFIX + "/enrol", PREFIX + "/enrol/"})
 
 #: Route modules other engineers' plugins add to the agent; missing ones are skipped.
-OPTIONAL_ROUTE_MODULES = ("kvmdesk.agent.net.routes", "kvmdesk.agent.images.routes", "kvmdesk.agent.console")
+OPTIONAL_ROUTE_MODULES = ("kvmdesk.agent.net.routes", "kvmdesk.agent.images.routes", "kvmdesk.agent.domains.routes",
+                          "kvmdesk.agent.console")
 
 # -- error codes (2100-2199: the agent) -------------------------------------------------------------
 
@@ -52,6 +53,8 @@ DOMAIN_STATE = define(2111, 409, "虚拟机当前状态不允许此操作: {reas
 DOMAIN_XML = define(2112, 400, "虚拟机定义无效: {reason}", "invalid domain definition: {reason}")
 HYPERVISOR_UNAVAILABLE = define(2113, 503, "无法连接虚拟化服务: {reason}", "the hypervisor is unavailable: {reason}")
 HYPERVISOR_FAILED = define(2114, 500, "虚拟化操作失败: {reason}", "the hypervisor operation failed: {reason}")
+OPERATION_UNSUPPORTED = define(5111, 501, "此节点的虚拟化驱动不支持该操作: {reason}",
+                               "this node's hypervisor driver cannot do that: {reason}")
 SERVICE_NOT_MANAGED = define(2120, 404, "不是本节点管理的服务: {reason}", "not a managed service of this node: {reason}")
 SYSTEMD_UNAVAILABLE = define(2121, 503, "无法管理服务: {reason}", "services cannot be managed here: {reason}")
 SERVICE_FAILED = define(2122, 500, "服务操作失败: {reason}", "the service operation failed: {reason}")
@@ -62,6 +65,7 @@ _ERRORS: list[tuple[type[Exception], Any]] = [
     (hv.DomainStateError, DOMAIN_STATE),
     (hv.InvalidDomainXML, DOMAIN_XML),
     (hv.HypervisorUnavailable, HYPERVISOR_UNAVAILABLE),
+    (hv.OperationUnsupported, OPERATION_UNSUPPORTED),
     (hv.HypervisorError, HYPERVISOR_FAILED),
     (sd.UnitNotManaged, SERVICE_NOT_MANAGED),
     (sd.SystemdUnavailable, SYSTEMD_UNAVAILABLE),
@@ -300,6 +304,9 @@ def register_routes(router: Router, agent: "Agent") -> None:
             "shutdown": Action(domain_action("shutdown"), "Ask the guest to shut down"),
             "destroy": Action(domain_action("destroy"), "Power the domain off at once"),
             "reboot": Action(domain_action("reboot"), "Ask the guest to reboot"),
+            "hard_reboot": Action(domain_action("hard_reboot"), "Power off at once and boot again"),
+            "reset": Action(domain_action("reset"), "Reset the domain (no shutdown)"),
+            "send_key": Action(domain_action("send_key"), "Press ctrl+alt+del"),
         },
         tags=tags,
         summary="Domain power actions",

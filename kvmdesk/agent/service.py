@@ -7,7 +7,6 @@ over: ``agent.hypervisor``, ``agent.node_services`` (systemd), ``agent.run_block
 """
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid as uuidlib
@@ -16,6 +15,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -43,6 +43,8 @@ from kvmdesk.agent.services import SystemdServices
 from kvmdesk.core import agentauth
 from kvmdesk.core.auth import Throttle
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.filemodes import restrict_tree
+from kvmdesk.core.process import listen_failure_line
 from kvmdesk.core.threadpools import stop_pool
 from kvmdesk.protocol import hostfacts as host
 
@@ -54,6 +56,10 @@ def _default_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+class AgentListenError(Exception):
+    """The agent's port could not be opened (the message is the one line to log)."""
 
 
 class TrackingSite(AgentSite):
@@ -116,6 +122,9 @@ class Agent(MultiService):
         self.wallclock = wallclock
         self.config = config
         self.listen = listen
+        #: Ends the process when the agent cannot listen (``twistd kvmdesk-agent``); without it
+        #: :meth:`startService` raises :class:`AgentListenError` (an embedding process decides).
+        self.fatal: Optional[Callable[[], None]] = None
         self.data_dir: Path = config.data_dir
         self.enrolments = EnrolmentStore(self.data_dir)
         self.verifier = agentauth.Verifier(self.clock, agentauth.TO_AGENT, float(config.get("agent.max_clock_skew", 300)))
@@ -165,7 +174,7 @@ class Agent(MultiService):
 
     def startService(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.data_dir, 0o700)
+        restrict_tree(self.data_dir)
         self.enrolments.current  # noqa: B018  (read now: a corrupt file stops the start, not a request)
         self.pool = ThreadPool(minthreads=0, maxthreads=int(self.config.get("agent.worker_threads", 2)),
                                name="kvmdesk-agent-worker")
@@ -173,8 +182,17 @@ class Agent(MultiService):
         self.started_at = self.wallclock()
         super().startService()
         if self.listen:
-            self.port = self.reactor.listenTCP(int(self.config.get("agent.port")), self.site,
-                                               interface=self.config.get("agent.listen"))
+            try:
+                self.port = self.reactor.listenTCP(int(self.config.get("agent.port")), self.site,
+                                                   interface=self.config.get("agent.listen"))
+            except CannotListenError as exc:
+                line = listen_failure_line("kvmdesk agent", exc.interface, exc.port, exc)
+                if self.fatal is None:
+                    raise AgentListenError(line) from None
+                # The agent process: one clear line and a non-zero exit, never an agent that listens nowhere.
+                log.critical("{line}", line=line)
+                self.fatal()
+                return
             address = self.port.getHost()
             log.info("kvmdesk agent listening on http://{host}:{port}/agent/v1 (libvirt {uri}, {state})",
                      host=address.host, port=address.port, uri=self.config.get("agent.libvirt_uri"),

@@ -37,6 +37,13 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> service.IService:
     """twistd's hook: the agent service for the parsed options."""
-    from kvmdesk.agent.service import Agent
+    from twisted.internet import reactor
 
-    return Agent(options.config)
+    from kvmdesk.agent.service import Agent
+    from kvmdesk.core.filemodes import private_umask
+    from kvmdesk.core.process import exit_after_shutdown
+
+    private_umask()  # the enrolment secret, images and logs are the agent's user's only
+    agent = Agent(options.config)
+    agent.fatal = lambda: exit_after_shutdown(reactor, 1)
+    return agent

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from kvmdesk.core.errors import BATCH_EMPTY, INVALID_PARAM, ApiError
+from kvmdesk.core.logtext import escaped, is_unprintable
 
 
 class Model(BaseModel):
@@ -73,3 +74,60 @@ def _empty_batch(model: type[BaseModel], error: Any) -> bool:
     if error["type"] != "too_short" or len(loc) != 1 or loc[0] not in getattr(model, "model_fields", {}):
         return False
     return any(isinstance(mark, _BatchItems) for mark in model.model_fields[loc[0]].metadata)
+
+
+# -- names -------------------------------------------------------------------------------------------
+
+#: The longest name of a resource (pool, switch, network, group, user, node, image...).
+NAME_MAX = 64
+
+
+def _printable(value: str) -> str:
+    bad = next((c for c in value if is_unprintable(c)), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control or format characters (found {escaped(bad)})")
+    return value
+
+
+def _unprintable_class() -> str:
+    """A regular-expression class body of every Cc and Cf character (``\\uXXXX``; astral ones as themselves)."""
+    import sys
+    import unicodedata
+
+    found = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) in ("Cc", "Cf")]
+    ranges: list[list[int]] = []
+    for code in found:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+
+    def one(code: int) -> str:
+        return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+    return "".join(one(a) if a == b else f"{one(a)}-{one(b)}" for a, b in ranges)
+
+
+#: Every control and format character, as the body of a regular-expression class (for patterns of
+#: stricter name rules that the OpenAPI document shows instead of :data:`Name`'s).
+UNPRINTABLE_CLASS = _unprintable_class()
+#: What the OpenAPI document shows of the rule (the validator below is what enforces it).
+_NAME_PATTERN = f"^[^{UNPRINTABLE_CLASS}]*[^{UNPRINTABLE_CLASS}\\s][^{UNPRINTABLE_CLASS}]*$"
+_OPTIONAL_NAME_PATTERN = f"^[^{UNPRINTABLE_CLASS}]*$"
+
+
+def name_type(max_length: int = NAME_MAX, min_length: int = 1) -> Any:
+    """The rules of every name: surrounding whitespace stripped, no control or format characters
+    (NUL, ESC, CR, LF, DEL, bidi overrides: Unicode categories Cc and Cf), at most ``max_length``.
+
+    Use :data:`Name`; this factory is for the few names with another length (ISO file names).
+    """
+    pattern = _NAME_PATTERN if min_length else _OPTIONAL_NAME_PATTERN
+    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=min_length, max_length=max_length),
+                     AfterValidator(_printable), Field(json_schema_extra={"pattern": pattern})]
+
+
+#: The name field of every request model.
+Name = name_type()
+#: A name that may be left empty (e.g. a person's full name).
+OptionalName = name_type(min_length=0)

@@ -59,6 +59,10 @@ class ApiRequest:
     stream: Any = None
     #: The query string validated into the endpoint's ``query=`` model (``None`` without one).
     query: Any = None
+    #: The endpoint being served (the operation log's label and module).
+    endpoint: Optional["Endpoint"] = None
+    #: The operation-log entry written when a long operation began (:meth:`OperationLog.begin`).
+    oplog_uuid: Optional[str] = None
     #: ``scheme://host/path?`` of this request, once :meth:`url_with` needed it (a page links twice).
     _base_url: Optional[str] = attrs.field(default=None, init=False, repr=False)
     #: ``{name: "name=value"}`` of this request's query, quoted once for all the links of a page.
@@ -333,6 +337,7 @@ class Router(Klein):
             args={k.decode("utf-8", "replace"): v[-1].decode("utf-8", "replace") for k, v in request.args.items()},
             lang=_language(request),
             request_id=_next_request_id(),
+            endpoint=spec,
         )
         try:
             if spec.auth:

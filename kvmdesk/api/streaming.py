@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, Protocol, Union
 from urllib.parse import parse_qs
 
@@ -38,8 +39,10 @@ import orjson
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Request, Site
 
+from kvmdesk.api.channel import ApiChannel
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.store import StoreUnavailable
@@ -118,6 +121,14 @@ StreamFactory = Callable[[StreamContext], BodySink]
 def _language(headers: Any) -> str:
     raw = headers.getRawHeaders(b"accept-language") or [b""]
     return "en" if raw[0].decode("latin-1").strip().lower().startswith("en") else "zh"
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _release(value: Any) -> None:
@@ -425,6 +436,20 @@ class StreamingRequest(Request):
             stream.body_complete()
         super().requestReceived(command, path, version)
 
+    def process(self) -> None:
+        # Klein cannot route a request whose path or Host is not UTF-8 (it logs a traceback and
+        # answers plain text): such a request is answered here, with the envelope.
+        if not (_is_utf8(self.path) and _is_utf8(self.getHeader(b"host") or b"")):
+            error = errors.BAD_HTTP_REQUEST
+            body = orjson.dumps({"code": error.code, "msg": error.message(_language(self.requestHeaders)), "data": None})
+            self.setResponseCode(error.status)
+            self.setHeader(b"content-type", b"application/json; charset=utf-8")
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+            self.finish()
+            return
+        super().process()
+
     def answered_early(self) -> None:
         """Called once a refusal was written while the body was still coming (a hook for test doubles)."""
 
@@ -443,12 +468,24 @@ def install_streaming(site: Site, router: "Router") -> Site:
 
 class ApiSite(Site):
     """twisted.web's site with an access log file rotated at ``rotate_bytes``, keeping ``keep`` old
-    files (``access.log.1`` the newest); twisted's own default keeps every 1 MB file forever."""
+    files (``access.log.1`` the newest; twisted's own default keeps every 1 MB file forever), and
+    :class:`~kvmdesk.api.channel.ApiChannel` connections (envelopes for malformed requests, deadlines)."""
 
-    def __init__(self, resource: Any, *, rotate_bytes: int = 10_000_000, keep: int = 9, **kwargs: Any):
+    protocol = ApiChannel
+
+    def __init__(self, resource: Any, *, rotate_bytes: int = 10_000_000, keep: int = 9,
+                 header_timeout: Optional[float] = None, body_timeout: Optional[float] = None, **kwargs: Any):
         super().__init__(resource, **kwargs)
         self.rotate_bytes = rotate_bytes
         self.keep = keep
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self.header_timeout
+        channel.body_timeout = self.body_timeout
+        return channel
 
     def _openLogFile(self, path: str) -> Any:
         from twisted.python.logfile import LogFile
@@ -457,17 +494,55 @@ class ApiSite(Site):
                        maxRotatedFiles=self.keep)
 
 
+#: Query parameters whose values never reach the access log (signed download links, tokens).
+_SECRET_PARAMS = re.compile(rb"([?&](?:sig|signature|token|access_token|password|passwd)=)[^&#]*", re.IGNORECASE)
+
+
+def redacted_uri(uri: bytes) -> bytes:
+    """``uri`` with the values of secret query parameters replaced by ``-``."""
+    return _SECRET_PARAMS.sub(rb"\1-", uri)
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """twisted.web's combined log format, without secrets in the logged URI."""
+    uri = request.uri
+    request.uri = redacted_uri(uri)
+    try:
+        return combinedLogFormatter(timestamp, request)
+    finally:
+        request.uri = uri
+
+
+#: Timeouts of the API port when the configuration gives none (``[api]`` in defaults.toml).
+DEFAULT_TIMEOUTS = {"header_timeout": 20.0, "body_timeout": 60.0, "idle_timeout": 120.0}
+
+
+def site_timeouts(config: Any) -> dict[str, Optional[float]]:
+    """``{header_timeout, body_timeout, idle_timeout}`` from ``[api]`` (0 turns one off)."""
+    values = {}
+    for key, default in DEFAULT_TIMEOUTS.items():
+        value = float(config.get(f"api.{key}", default)) if config is not None else default
+        values[key] = value if value > 0 else None
+    return values
+
+
 def make_site(router: "Router", *, reactor: Any = None, access_log: Optional[str] = "-",
               rotate_bytes: int = 10_000_000, keep: int = 9) -> Site:
     """The twisted.web site of an API router (the controller's or an agent's), with streaming bodies.
 
+    :param reactor: time source of the connections' timeouts (and the access log's timestamps).
     :param access_log: file the access log is written to (rotated at ``rotate_bytes``, ``keep`` old
         files kept); ``"-"``: the main log; ``None`` or ``""``: none.
+
+    The request timeouts come from the router's core configuration (:func:`site_timeouts`).
     """
+    timeouts = site_timeouts(getattr(getattr(router, "core", None), "config", None))
     kwargs: dict[str, Any] = {"reactor": reactor} if reactor is not None else {}
+    kwargs["logFormatter"] = access_log_line
     if access_log and access_log != "-":
         kwargs["logPath"] = access_log
-    site = ApiSite(router.resource(), rotate_bytes=rotate_bytes, keep=keep, **kwargs)
+    site = ApiSite(router.resource(), rotate_bytes=rotate_bytes, keep=keep, timeout=timeouts["idle_timeout"],
+                   header_timeout=timeouts["header_timeout"], body_timeout=timeouts["body_timeout"], **kwargs)
     site.displayTracebacks = False
     if not access_log:
         site.log = lambda request: None

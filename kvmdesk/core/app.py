@@ -18,10 +18,12 @@ from twisted.logger import Logger
 from kvmdesk.core import auth, console, errors, oplog
 from kvmdesk.core.config import Config
 from kvmdesk.core.errors import ApiError, Resource
+from kvmdesk.core.filemodes import restrict_tree
 from kvmdesk.core.plugins import blocked_names, gather_hook, loaded_and_blocked, make_plugin_manager
 from kvmdesk.core.records import SECRET_FIELDS, without
 from kvmdesk.core.routing import MakeRouter, RouterLike
 from kvmdesk.core.store import Store, open_store
+from kvmdesk.core.threadpools import in_reactor_pool
 
 log = Logger(namespace="kvmdesk.core")
 
@@ -142,6 +144,8 @@ async def build_core(
         config.add_defaults(defaults or {})
     data_dir = Path(config.get("controller.data_dir")).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # New files are private by the service's umask; this brings what an older version left.
+    await in_reactor_pool(reactor, restrict_tree, data_dir)
     store = open_store(store_uri(config, data_dir), reactor=reactor, timeout=float(config.get("store.timeout", 10)),
                        inline_read_ms=float(config.get("store.inline_read_ms", 1.0)))
     try:
@@ -156,11 +160,14 @@ async def build_core(
             auth=auth.Authenticator(store, clock, config),
             oplog=oplog.OperationLog(store, clock),
         )
+        core.auth.on_refused = lambda username, address, reason: plugins.hook.kvmdesk_login_refused(
+            core=core, username=username, address=address, reason=reason)
         plugins.hook.kvmdesk_configure.call_historic(kwargs={"core": core})
         indexes = [*auth.INDEXES, *oplog.INDEXES, *console.INDEXES]
         for declared in plugins.hook.kvmdesk_store_indexes():
             indexes.extend(declared or [])
         await store.ensure_indexes(indexes)
+        await core.oplog.interrupt_running()
         core.router = make_router(core)
         await gather_hook(plugins.hook.kvmdesk_startup(core=core))
         await reconcile(core)

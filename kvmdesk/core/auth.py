@@ -12,13 +12,14 @@ import os
 import secrets
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.logtext import escaped
 from kvmdesk.core.passwords import DUMMY_HASH, hash_password, verify_password
 from kvmdesk.core.records import new_record
 from kvmdesk.core.store import Index, Store
@@ -76,20 +77,33 @@ class Throttle:
             raise ApiError(errors.LOGIN_THROTTLED, seconds=math.ceil(remaining))
         del self._locked_until[key]
 
-    def failed(self, key: tuple[str, str]) -> None:
+    def failed(self, key: tuple[str, str]) -> bool:
+        """Count a failure; returns ``True`` when it locks ``key`` out."""
         times = self._recent(key)
         times.append(self.clock.seconds())
         if len(times) >= self.max_failures:
             self._locked_until[key] = self.clock.seconds() + self.lockout
             del self._failures[key]
+            return True
+        return False
 
     def succeeded(self, key: tuple[str, str]) -> None:
         self._failures.pop(key, None)
         self._locked_until.pop(key, None)
 
 
+#: Why a login was refused (the ``reason`` of ``kvmdesk_login_refused``).
+BAD_CREDENTIALS, DISABLED, LOCKED = "bad_credentials", "disabled", "locked"
+
+
 class Authenticator:
-    """Logs administrators in and checks the token of every request."""
+    """Logs administrators in and checks the token of every request.
+
+    :ivar refused_logins: logins refused since start (any reason), a metric for monitoring.
+    :ivar lockouts: lockouts started since start (a user name and address locked for ``lockout`` s).
+    :ivar on_refused: called with ``(username, address, reason)`` for every refused login (the core
+        calls the ``kvmdesk_login_refused`` hook from it).
+    """
 
     def __init__(self, store: Store, clock: IReactorTime, config: Any):
         self.store = store
@@ -102,6 +116,9 @@ class Authenticator:
             float(config.get("auth.lockout", 300)),
         )
         self._cache: dict[str, tuple[dict[str, Any], float]] = {}
+        self.refused_logins = 0
+        self.lockouts = 0
+        self.on_refused: Optional[Callable[[str, str, str], None]] = None
 
     async def ensure_first_admin(self, data_dir: Path, password: Optional[str] = None) -> None:
         """Create ``admin`` on first start, with ``password``, ``KVMDESK_ADMIN_PASSWORD`` or a random password.
@@ -142,12 +159,21 @@ class Authenticator:
         :raises ApiError: wrong credentials (401) or too many failures (429).
         """
         key = (username, client_ip)
-        self.throttle.check(key)
+        try:
+            self.throttle.check(key)
+        except ApiError:
+            self._refused(username, client_ip, LOCKED)
+            raise
         admin = await self.store.collection(ADMINS).find_one({"username": username})
         ok = await verify_password(admin["password_hash"] if admin else DUMMY_HASH, password)
         if not (ok and admin and admin.get("enabled", True)):
-            self.throttle.failed(key)
-            log.warn("failed login for {username!r} from {ip}", username=username, ip=client_ip)
+            locked = self.throttle.failed(key)
+            self._refused(username, client_ip, DISABLED if ok and admin else BAD_CREDENTIALS)
+            if locked:
+                self.lockouts += 1
+                log.warn("login locked out for '{username}' from {ip} for {seconds:g} s after {count} failures",
+                         username=escaped(username), ip=client_ip, seconds=self.throttle.lockout,
+                         count=self.throttle.max_failures)
             raise ApiError(errors.LOGIN_FAILED)
         self.throttle.succeeded(key)
         now = self.clock.seconds()
@@ -162,6 +188,19 @@ class Authenticator:
         # (and a streamed upload is then authenticated before twisted.web answers "100 Continue").
         self._cache[digest] = (public_admin(admin), min(expires, now + CACHE_SECONDS))
         return {"token": token, "expires_at": expires, "username": admin["username"]}
+
+    def _refused(self, username: str, client_ip: str, reason: str) -> None:
+        """Log (the user name escaped, never the password), count, and tell the plugins."""
+        self.refused_logins += 1
+        explained = {BAD_CREDENTIALS: "wrong user name or password", DISABLED: "account disabled",
+                     LOCKED: "locked out"}[reason]
+        log.warn("refused login for '{username}' from {ip}: {why}", username=escaped(username), ip=client_ip,
+                 why=explained)
+        if self.on_refused is not None:
+            try:
+                self.on_refused(username, client_ip, reason)
+            except Exception:
+                log.failure("a kvmdesk_login_refused implementation failed")
 
     @staticmethod
     def _token(header: Optional[bytes]) -> Optional[str]:

@@ -19,7 +19,7 @@ Measured with ``bench/transfer_bench.py`` (1 GiB, two agents, medians of 3 round
 page cache on the controller (medians of each run): the upload ran at 438-510 MB/s direct in all
 eight runs; through the page cache at 470-480 MB/s while the host still backed recently freed
 memory, and at 258-387 MB/s once it had taken it back.  The distribution, with the transfers sharing
-their reads (:class:`~kvmdesk.plugins.storage.producers.SharedReads`; the disk reads at 600-700 MB/s
+their reads (:class:`~kvmdesk.core.producers.SharedReads`; the disk reads at 600-700 MB/s
 here and the agents write to the same disk), reached 340-380 MB/s direct and 405-434 MB/s from the
 cache.
 

@@ -149,3 +149,9 @@ UNSUPPORTED_MEDIA = define(1016, 415, "不支持的内容类型: {content_type}"
 FORBIDDEN = define(1017, 403, "无权执行此操作", "not allowed")
 BATCH_EMPTY = define(1018, 400, "未选择任何对象", "no items were given")
 IN_USE = define(1019, 409, "{resource}正在使用中, 不能删除: {reason}", "{resource} is in use and cannot be deleted: {reason}")
+BAD_HTTP_REQUEST = define(1020, 400, "HTTP 请求格式错误 (请求行, 请求头, 长度或编码)",
+                          "malformed HTTP request (request line, headers, length or encoding)")
+REQUEST_TIMEOUT = define(1021, 408, "请求超时: {seconds} 秒内未收到完整的请求 ({what})", "request timed out: the {what} did not arrive "
+                         "within {seconds} seconds")
+OPERATION_INTERRUPTED = define(1022, 500, "操作被中断 (服务停止), 已完成 {done}/{total}",
+                               "the operation was interrupted (the service stopped) after {done}/{total}")

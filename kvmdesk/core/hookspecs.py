@@ -191,3 +191,28 @@ def kvmdesk_domain_event(core: "Core", node: Mapping[str, Any], event: Mapping[s
     :returns: ``None`` or an awaitable; every implementation is awaited before the next event.
         Not firstresult.
     """
+
+
+@hookspec
+def kvmdesk_domain_spec(core: "Core", spec: dict[str, Any], owner: Mapping[str, Any]) -> None:
+    """Adjust a domain spec before the controller sends it to a node's agent (in place).
+
+    The agent renders the one libvirt XML from the spec (:mod:`kvmdesk.agent.domains.xml`), so this
+    is where a plugin changes a domain: vCPU, memory, disk buses, NIC model, ``on_reboot``...  The
+    result is validated on the agent (:class:`kvmdesk.protocol.domains.DomainSpec`); an invalid
+    change makes the operation fail with an error naming the field.
+
+    :param spec: the :class:`~kvmdesk.protocol.domains.DomainSpec` fields as a dict; change it in place.
+    :param owner: what the domain is for: ``{"kind": "template", ...the template record}``.
+    :returns: nothing. Not firstresult: every implementation runs, in registration order.
+    """
+
+
+@hookspec
+def kvmdesk_login_refused(core: "Core", username: str, address: str, reason: str) -> None:
+    """A login was refused: unknown user, wrong password, disabled account or locked out.
+
+    :param username: the name that was tried (never the password).
+    :param address: the client's IP address.
+    :param reason: ``bad_credentials``, ``disabled`` or ``locked``.
+    """

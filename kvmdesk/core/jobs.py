@@ -26,6 +26,33 @@ def _identity(item: Any) -> dict[str, Any]:
     return {"uuid": item}
 
 
+class BatchProgress:
+    """The operation-log entry of a long operation: written when it begins, its ``progress`` kept as
+    items are done (a hundred writes at most), so that an interrupted batch says how far it got.
+
+    :param req: the request (its entry is completed by the router at the end).
+    :param total: the number of items.
+    """
+
+    def __init__(self, req: "ApiRequest", total: int):
+        self.req = req
+        self.total = total
+        self.done = 0
+        self.step = max(1, total // 100)
+        self.oplog = getattr(getattr(req, "core", None), "oplog", None)
+
+    async def begin(self) -> None:
+        """Write the entry now (a single item is not a long operation: its entry is written at the end)."""
+        if self.oplog is not None and self.total > 1:
+            await self.oplog.begin(self.req, self.total)
+
+    async def advance(self, count: int = 1) -> None:
+        """``count`` more items are done."""
+        before, self.done = self.done, self.done + count
+        if self.oplog is not None and (self.done // self.step != before // self.step or self.done >= self.total):
+            await self.oplog.progress(self.req, self.done, self.total)
+
+
 async def run_batch(
     req: "RequestLike",
     items: Sequence[Any],
@@ -42,6 +69,8 @@ async def run_batch(
     semaphore = defer.DeferredSemaphore(max(1, concurrency))
     failures: list[tuple[Any, ApiError]] = []
     results: list[dict[str, Any]] = []
+    tracker = BatchProgress(req, len(items))
+    await tracker.begin()
 
     async def one(item: Any) -> None:
         try:
@@ -53,6 +82,7 @@ async def run_batch(
         except Exception:
             log.failure("request {rid}: batch item {item!r} failed", rid=req.request_id, item=item)
             failures.append((item, ApiError(errors.INTERNAL_ERROR, request_id=req.request_id)))
+        await tracker.advance()
 
     await defer.gatherResults(
         [semaphore.run(lambda item=item: defer.ensureDeferred(one(item))) for item in items], consumeErrors=True

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 #: Fields no hook, log line or answer may carry (agent secrets, password hashes).
-SECRET_FIELDS = frozenset({"agent_secret", "password_hash", "password", "passwd", "secret"})
+SECRET_FIELDS = frozenset({"agent_secret", "password_hash", "password", "passwd", "secret", "vnc_password"})
 
 
 def format_time(seconds: float) -> str:

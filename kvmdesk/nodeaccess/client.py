@@ -118,6 +118,15 @@ class QuietPool(HTTPConnectionPool):
 
     _factory = _QuietFactory
 
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        # A streamed body that ends while the socket buffer is full is unregistered with the transport
+        # still marked "producer paused" (twisted's FileDescriptor keeps the flag), and the next request
+        # on this connection then has its body producer resumed unpaused: NotPaused, a failed request.
+        transport = getattr(connection, "transport", None)
+        if transport is not None and getattr(transport, "producer", None) is None:
+            transport.producerPaused = False
+        super()._putConnection(key, connection)
+
 
 def _target(path: str, params: Optional[Mapping[str, Any]]) -> str:
     target = AGENT_PREFIX + (path if path.startswith("/") else "/" + path)

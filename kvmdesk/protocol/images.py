@@ -28,7 +28,9 @@ import re
 from kvmdesk.core.errors import define
 from kvmdesk.protocol.storage import STORAGE_ROLES
 
-KINDS = {"base": "instances/_base", "template": "instances/_template"}
+#: ``instance`` (desktops' disks) and ``iso`` (CD-ROM media placed on the node) are the domain layer's.
+KINDS = {"base": "instances/_base", "template": "instances/_template", "instance": "instances/_instance",
+         "iso": "instances/_iso"}
 #: The ``role`` query parameter: a contract role number to its key in ``[agent.storage]``.
 ROLES = {number: role for role, number in STORAGE_ROLES.items()}
 #: File ids are server-chosen (uuids, optionally with a version suffix); anything else is refused.

@@ -13,6 +13,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 
+from pydantic import Field
+
+from kvmdesk.agent.images import peers
+from kvmdesk.api.models import Model
 from kvmdesk.protocol import images as protocol
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.api.router import ApiRequest, Router
@@ -33,6 +37,17 @@ def _int_arg(args: Mapping[str, str], name: str, default: Optional[int] = None) 
         return int(raw)
     except ValueError:
         raise ApiError(protocol.BAD_TRANSFER, reason=f"{name} must be an integer") from None
+
+
+class FetchBody(Model):
+    """Where to fetch a file from: the source agent's content URL and the signed headers (the ticket)."""
+
+    role: int = Field(ge=1, le=4)
+    md5: str = Field(pattern=protocol.MD5.pattern)
+    total: int = Field(ge=0)
+    version: Optional[int] = None
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    ticket: dict[str, str]
 
 
 def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: Optional[ImageStore] = None) -> ImageStore:
@@ -66,6 +81,27 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
         )
 
     base = "/images/{kind}/{file_id}"
+    shared = peers.SharedReads()
+
+    @router.endpoint("GET", base + "/content", summary="The bytes of an image file (Range: bytes=N- resumes); "
+                     "peers fetch with a controller ticket", tags=TAGS, auth=False)
+    async def image_content(req: ApiRequest) -> Any:
+        role = _int_arg(req.args, "role", 1)
+        final = images.final_path(req.path["kind"], role, req.path["file_id"])
+        state = await in_thread(images.state, req.path["kind"], role, req.path["file_id"])
+        if not state["exists"]:
+            raise ApiError(protocol.IMAGE_NOT_FOUND, file_id=req.path["file_id"])
+        offset = peers.start_offset(req.http.getHeader(b"range"), state["size"])
+        return peers.FileSending(final, offset, state["size"], reactor, shared)
+
+    @router.endpoint("POST", base + "/fetch", summary="Fetch an image file from a peer agent on a controller ticket",
+                     tags=TAGS, auth=False, body=FetchBody, oplog="")
+    async def image_fetch(req: ApiRequest) -> dict:
+        body: FetchBody = req.body
+        images.final_path(req.path["kind"], body.role, req.path["file_id"])  # validates before any I/O
+        return await peers.fetch(images, req.path["kind"], body.role, req.path["file_id"], md5=body.md5,
+                                 total=body.total, version=body.version, url=body.url, ticket=body.ticket,
+                                 reactor=reactor)
 
     @router.endpoint("GET", base, summary="State of one image file on this node", tags=TAGS, auth=False)
     async def image_state(req: ApiRequest) -> dict:

@@ -10,9 +10,8 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name, OptionalName
 
-Name = Annotated[str, Field(min_length=1, max_length=64)]
 Desc = Annotated[Optional[str], Field(default=None, max_length=1024)]
 
 
@@ -82,8 +81,8 @@ class Uplink(Model):
     node_uuid: str
     nic_uuid: str
     # The contract's own examples echo these display names back: accepted and ignored.
-    node_name: Optional[str] = None
-    nic_name: Optional[str] = None
+    node_name: Optional[OptionalName] = None
+    nic_name: Optional[OptionalName] = None
 
 
 class SwitchCreate(Model):

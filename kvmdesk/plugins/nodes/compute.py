@@ -6,7 +6,7 @@ from typing import Annotated, Any, Mapping, Optional
 
 from pydantic import AfterValidator, Field, WithJsonSchema
 
-from kvmdesk.api.models import Model, Uuids
+from kvmdesk.api.models import Model, Name, OptionalName, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import agentauth, errors
 from kvmdesk.core.errors import ApiError, Resource, define
@@ -54,7 +54,7 @@ class Uplink(Model):
 class AddNode(Model):
     ip: IpAddress
     password: str = Field(min_length=1, max_length=1024)
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    name: Optional[Name] = None
     network: list[Uplink] = Field(default_factory=list)
     manage_interface: Optional[str] = Field(default=None, max_length=64)
     image_interface: Optional[str] = Field(default=None, max_length=64)
@@ -63,12 +63,12 @@ class AddNode(Model):
 
 
 class Rename(Model):
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
 
 
 class NodeRef(Model):
     uuid: str = Field(min_length=1, max_length=64)
-    name: Optional[str] = Field(default=None, max_length=64)
+    name: Optional[OptionalName] = None
 
 
 class NodeBatch(Model):

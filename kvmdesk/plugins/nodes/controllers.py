@@ -13,7 +13,7 @@ from typing import Any, Optional
 from pydantic import Field
 from twisted.logger import Logger
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError, Resource
@@ -38,7 +38,7 @@ CONTROLLER = Resource("控制节点", "controller node")
 
 
 class ControllerEdit(Model):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    name: Optional[Name] = None
     add_compute_function: bool = False
 
 

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from kvmdesk.agent.config import AgentConfig
 from kvmdesk.agent.testdriver import write_test_host
+from kvmdesk.core.logtext import escaped
 from kvmdesk.plugins.nodes import pools
 from kvmdesk.plugins.nodes.controllers import ensure_controller_node
 from kvmdesk.plugins.nodes.views import TYPE_COMPUTE_MASTER, WITH_COMPUTE
@@ -110,7 +111,16 @@ class LocalAgent(Service):
         self.ready.callback(node)
 
     def _failed(self, failure: Any) -> None:
-        log.failure("the local (all-in-one) agent could not be started and enrolled", failure)
+        from kvmdesk.agent.service import AgentListenError
+
+        if failure.check(AgentListenError):
+            log.critical("{line} (the in-process agent: set [nodes] agent_port or [agent] local = false)",
+                         line=str(failure.value))
+            fatal = self.core.extensions.get("fatal")
+            if fatal is not None:
+                fatal()  # the controller process: an all-in-one node that listens nowhere is no node
+        else:
+            log.failure("the local (all-in-one) agent could not be started and enrolled", failure)
         self.ready.errback(failure)
         self.ready.addErrback(lambda _: None)
 
@@ -154,7 +164,7 @@ class LocalAgent(Service):
         enrolment = self.agent.enrolments.current
         if node.get("agent_secret") and enrolment is not None and node.get("ip") == ip \
                 and secrets.compare_digest(node["agent_secret"], enrolment.secret):
-            log.info("local agent at {ip} already enrolled as node {name}", ip=ip, name=node.get("name"))
+            log.info("local agent at {ip} already enrolled as node {name}", ip=ip, name=escaped(node.get("name")))
             return node
         # The process owns this agent: a stale enrolment (data directory reused) is simply reset.
         self.agent.unenrol()
@@ -164,7 +174,7 @@ class LocalAgent(Service):
             changes["resource_pool_uuid"] = default_pool["uuid"] if default_pool else None
         updated = await manager.attach_agent(node, ip, password, changes)
         log.info("local machine enrolled as node {name} ({ip}), type {type}, in the default pool{demo}",
-                 name=updated.get("name"), ip=ip, type=updated.get("type"),
+                 name=escaped(updated.get("name")), ip=ip, type=updated.get("type"),
                  demo=" (DEMO HYPERVISOR)" if self.demo else "")
         return updated
 

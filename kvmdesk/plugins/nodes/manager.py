@@ -14,6 +14,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import agentauth, errors
 from kvmdesk.core.errors import ApiError, Resource, define
+from kvmdesk.core.logtext import escaped
 from kvmdesk.core.plugins import gather_hook
 from kvmdesk.core.records import new_record, now_text, without
 from kvmdesk.core.store import DuplicateKeyError, Index
@@ -148,7 +149,7 @@ class NodeManager:
     async def call(self, node: Mapping[str, Any], method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
         """An agent call whose failures are API errors (for handlers)."""
         if not node.get("agent_secret"):
-            raise ApiError(NO_AGENT, name=node.get("name") or node.get("ip"))
+            raise ApiError(NO_AGENT, name=escaped(node.get("name")) or node.get("ip"))
         try:
             return await self.client.call(node, method, path, json, **kwargs)
         except AgentError as exc:
@@ -211,33 +212,55 @@ class NodeManager:
                        prepare: Optional[Callable[[dict], Mapping[str, Any]]] = None) -> dict:
         """Enrol the agent at ``ip`` and insert its node record into ``pool_uuid``; start watching it.
 
-        :param prepare: given the host facts, returns extra fields for the record (or raises ApiError).
+        An add that fails after the enrolment leaves both sides as they were: an agent this add
+        enrolled is released again; one a ``check_node_virt`` had enrolled stays enrolled with the
+        (rotated) secret in the pending enrolment, so that a retry works.
+
+        :param prepare: given the host facts, returns extra fields for the record (or raises ApiError);
+            they win over the defaults (e.g. the ``name`` given instead of the host name).
         """
         if await self.nodes.find_one({"ip": ip}) is not None:
             raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip)
-        answer, facts = await self.probe(ip, password)
-        extra = prepare(facts) if prepare else {}
-        await self._check_uplinks(ip, answer, (extra or {}).get("uplinks"))
-        record = new_record(
-            self.core.clock,
-            name=facts.get("hostname") or ip,
-            ip=ip,
-            type=node_type,
-            resource_pool_uuid=pool_uuid,
-            **self._agent_fields(answer, facts),
-            **dict(extra or {}),
-        )
+        checked_before = await self.core.store.collection(ENROLMENTS).find_one({"ip": ip}) is not None
         try:
-            created = await self.nodes.insert_one(record)
-        except DuplicateKeyError:
-            raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip) from None
+            answer, facts = await self.probe(ip, password)
+            fields = {"name": facts.get("hostname") or ip, "ip": ip, "type": node_type,
+                      "resource_pool_uuid": pool_uuid, **self._agent_fields(answer, facts)}
+            fields.update(prepare(facts) if prepare else {})
+            await self._check_uplinks(ip, answer, fields.get("uplinks"))
+            try:
+                created = await self.nodes.insert_one(new_record(self.core.clock, **fields))
+            except DuplicateKeyError:
+                raise ApiError(errors.ALREADY_EXISTS, resource=RESOURCE, key=ip) from None
+        except BaseException:
+            if not checked_before:
+                await self._release_pending(ip)
+            raise
         await self.core.store.collection(ENROLMENTS).delete_many({"ip": ip})
-        log.info("added node {name} ({ip}) to pool {pool}", name=created["name"], ip=ip, pool=pool_uuid)
+        log.info("added node {name} ({ip}) to pool {pool}", name=escaped(created["name"]), ip=ip, pool=pool_uuid)
         await self.core.created(KIND, created)
         self.announce(created, None, ONLINE)
         if self.watchers.running:
             self.watchers.watch(created)
         return created
+
+    async def _release_pending(self, ip: str) -> None:
+        """Undo an enrolment made for an add that failed: unenrol the agent, forget the secret.
+
+        Nothing is done when a node record holds that agent (a concurrent add won); when the agent
+        cannot be reached its secret is kept as a pending enrolment (a later add re-enrols with it).
+        """
+        pending = await self.core.store.collection(ENROLMENTS).find_one({"ip": ip})
+        if pending is None or await self.nodes.find_one({"ip": ip}) is not None:
+            return
+        try:
+            await self.client.call({"ip": ip, "agent_secret": pending["agent_secret"]}, "POST", "/unenrol", timeout=10)
+        except AgentError as exc:
+            log.warn("the add of node {ip} failed and its agent could not be released ({reason}); its secret is "
+                     "kept so that the node can be added again", ip=ip, reason=exc.reason)
+            return
+        await self.core.store.collection(ENROLMENTS).delete_many({"ip": ip})
+        log.info("the add of node {ip} failed: its agent was released", ip=ip)
 
     async def _check_uplinks(self, ip: str, answer: Mapping[str, Any], uplinks: Optional[list[dict]]) -> None:
         """Uplinks on a switch or NIC that does not exist are refused before the node is stored (the network
@@ -269,7 +292,7 @@ class NodeManager:
         """
         reason = await self.core.usage("node", node["uuid"])
         if reason:
-            raise ApiError(NODE_IN_USE, name=node.get("name"), reason=reason)
+            raise ApiError(NODE_IN_USE, name=escaped(node.get("name")), reason=reason)
         if node.get("type") in WITHOUT_COMPUTE:
             changes = {"type": WITHOUT_COMPUTE[node["type"]], "resource_pool_uuid": None,
                        "updated_at": now_text(self.core.clock)}
@@ -289,7 +312,7 @@ class NodeManager:
                 released = True
             except AgentError as exc:
                 log.warn("could not release the agent of node {name} ({ip}): {reason}; its secret is kept so "
-                         "the node can be added again", name=node.get("name"), ip=node.get("ip"), reason=exc.reason)
+                         "the node can be added again", name=escaped(node.get("name")), ip=node.get("ip"), reason=exc.reason)
         if not released and node.get("agent_secret"):
             await self.core.store.collection(ENROLMENTS).update_one(
                 {"ip": node["ip"]},
@@ -298,7 +321,7 @@ class NodeManager:
                 upsert=True,
             )
         await self.nodes.delete_one({"uuid": node["uuid"]})
-        log.info("deleted node {name} ({ip})", name=node.get("name"), ip=node.get("ip"))
+        log.info("deleted node {name} ({ip})", name=escaped(node.get("name")), ip=node.get("ip"))
         await gather_hook(self.core.plugins.hook.kvmdesk_node_removed(core=self.core, node=without(node, SECRET_FIELDS)))
         await self.core.deleted(KIND, node)
         return {"not_removed": not_removed} if not_removed else None

@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from kvmdesk.api.models import Model, Uuids
+from kvmdesk.api.models import Model, Name, Uuids
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError, Resource, define
@@ -28,12 +28,12 @@ STATUS_NORMAL = 0
 
 
 class PoolCreate(Model):
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
     desc: Optional[str] = Field(max_length=1024)
 
 
 class PoolEdit(Model):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=64)
+    name: Optional[Name] = None
     desc: Optional[str] = Field(default=None, max_length=1024)
 
 

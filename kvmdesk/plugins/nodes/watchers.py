@@ -22,6 +22,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from kvmdesk.core.logtext import escaped
 from kvmdesk.core.records import now_text
 from kvmdesk.nodeaccess.client import AgentConnectionError, AgentError
 from kvmdesk.plugins.nodes.views import NODES, OFFLINE, ONLINE, STATUS_CODES, WARNING
@@ -207,7 +208,7 @@ class NodeWatcher(Service):
         boot_id = (sample.get("agent") or {}).get("boot_id")
         if boot_id != self.boot_id or self._facts_at is None or now - self._facts_at >= self.settings.facts_interval:
             if self.boot_id is not None and boot_id != self.boot_id:
-                log.info("agent of node {name} ({ip}) restarted", name=self.node.get("name"), ip=self.node.get("ip"))
+                log.info("agent of node {name} ({ip}) restarted", name=escaped(self.node.get("name")), ip=self.node.get("ip"))
             facts = await client.call(self.node, "GET", "/facts", timeout=self.settings.timeout * 2)
             self.boot_id = boot_id
             self._facts_at = now
@@ -243,7 +244,7 @@ class NodeWatcher(Service):
         self.node = updated
         self.state, self.reason = state, reason
         if state != old:
-            log.info("node {name} ({ip}): {old} -> {new}{why}", name=updated.get("name"), ip=updated.get("ip"),
+            log.info("node {name} ({ip}): {old} -> {new}{why}", name=escaped(updated.get("name")), ip=updated.get("ip"),
                      old=old, new=state, why=f" ({reason})" if reason else "")
             self.manager.announce(updated, old, state)
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from kvmdesk.api.models import Model, Uuids, validate
+from kvmdesk.api.models import Model, Name, Uuids, validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
@@ -55,17 +55,17 @@ class BaseImageForm(Model):
     """The upload form (multipart): the file plus its name and system type (also accepted in the query)."""
 
     file: bytes = Field(description="the image (qcow2 or raw)", json_schema_extra={"format": "binary"})
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
     os_type: str = Field(min_length=1, max_length=64)
 
 
 class BaseImageFields(Model):
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
     os_type: str = Field(min_length=1, max_length=64)
 
 
 class BaseImageEdit(Model):
-    name: str = Field(min_length=1, max_length=64)
+    name: Name
     os_type: str = Field(min_length=1, max_length=64)
 
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from pydantic import Field
 
-from kvmdesk.api.models import Model, Uuids
+from kvmdesk.api.models import Model, Uuids, name_type, validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core import errors as core_errors
@@ -42,6 +42,17 @@ ISO_MEDIA = "application/x-iso9660-image"
 FILE_MEDIA = (ISO_MEDIA, "application/octet-stream")
 
 
+#: ISO names come from the uploaded file name: longer than other names.
+IsoName = name_type(128)
+
+
+class IsoNames(Model):
+    """The name and file name an upload gives (from the form or the file's name), checked like any name."""
+
+    name: IsoName
+    filename: IsoName
+
+
 class IsoForm(Model):
     """The upload form (multipart)."""
 
@@ -51,7 +62,7 @@ class IsoForm(Model):
 
 
 class IsoEdit(Model):
-    name: Optional[str] = Field(default=None, min_length=1, max_length=128)
+    name: Optional[IsoName] = None
     os_type: Optional[str] = Field(default=None, max_length=64)
     type: Optional[int] = Field(default=None, ge=1, le=3)
     desc: Optional[str] = Field(default=None, max_length=1024)
@@ -142,7 +153,9 @@ def register_routes(router: Router) -> None:
         if len(os_type) > 64:
             raise ApiError(core_errors.INVALID_PARAM, field="os_type", reason="at most 64 characters")
         filename = upload.filename or "image.iso"
-        name = fields.get("name") or re.sub(r"\.iso$", "", filename, flags=re.I) or filename
+        names = validate(IsoNames, {"name": fields.get("name") or re.sub(r"\.iso$", "", filename, flags=re.I) or filename,
+                                    "filename": filename})
+        name, filename = names.name, names.filename
         req.oplog_detail = name
         record = new_record(core.clock, name=name, type=iso_type, os_type=os_type, desc=fields.get("desc", ""),
                             filename=filename, size=size_in_gb(upload.size), size_bytes=upload.size, md5=upload.md5,

@@ -8,7 +8,7 @@ from twisted.logger import Logger
 
 from kvmdesk import hookimpl
 from kvmdesk.core.errors import Resource
-from kvmdesk.plugins.storage import base_images, distribution, isos, template_images
+from kvmdesk.plugins.storage import base_images, distribution, isos, placement, template_images
 from kvmdesk.plugins.storage.settings import DEFAULTS, settings
 from kvmdesk.plugins.storage.uploads import sweep_temporaries
 
@@ -57,6 +57,7 @@ def kvmdesk_services(core):
         direct_io=bool(config.get("storage.direct_io")),
     )
     core.extensions["storage.distributor"] = distributor
+    core.extensions[placement.EXTENSION] = placement.make_place_file(core)
     return [distributor]
 
 

@@ -30,6 +30,9 @@ TEMPLATE = Resource("模板", "template")
 INDEXES = [Index(TEMPLATE_IMAGES, ["image_id"], unique=True), Index(TEMPLATE_IMAGES, ["template_uuid"])]
 ROLE_SYSTEM = 1
 ROLE_DATA = 2
+#: ``core.extensions[...]``: ``await f(node)`` -> ``[{"name", "uuid", "storages": [...]}]``, the template
+#: versions another plugin placed on the node (the templates plugin's node-to-node publishing).
+NODE_IMAGES_EXTENSION = "templates.node_images"
 
 
 class ResyncParam(Model):
@@ -145,6 +148,11 @@ def register_routes(router: Router) -> None:
             root = roots.get(t["role"]) or (str(Path(node_path).parents[2]) if node_path else None)
             entry["storages"].append({"role": t["role"], "path": root, "image_id": t["image_uuid"],
                                       "version": t.get("version"), "status": t["status"]})
+        # Versions the templates plugin published node to node (it says what this node holds).
+        published = core.extensions.get(NODE_IMAGES_EXTENSION)
+        for entry in (await published(node)) if published is not None else []:
+            templates.setdefault(entry["uuid"], {"name": entry["name"], "uuid": entry["uuid"], "storages": []})[
+                "storages"].extend(entry["storages"])
         return await paged_search(req, list(templates.values()), TEMPLATE_FIELDS, resource=TEMPLATE)
 
     @router.endpoint("POST", base + "/{image_uuid}/resync", summary="Send one template disk image to the node again",

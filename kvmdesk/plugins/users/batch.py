@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.jobs import BatchProgress
 from kvmdesk.plugins.users import codes
 from kvmdesk.plugins.users.accounts import USER, USER_KIND, USERS, chunks, find_by
 
@@ -69,19 +70,25 @@ async def update_users(req: "ApiRequest", found: Sequence[dict[str, Any]], chang
     the changes (not the whole record: a batch of 10,000 is not read back).
     """
     users = req.core.store.collection(USERS)
+    tracker = BatchProgress(req, len(found))
+    await tracker.begin()
     for part in chunks(list(found)):
         await users.update_many({"uuid": {"$in": [u["uuid"] for u in part]}}, {"$set": changes})
         for user in part:
             await req.core.updated(USER_KIND, {**user, **changes}, changes)
+        await tracker.advance(len(part))
 
 
 async def delete_users(req: "ApiRequest", found: Sequence[dict[str, Any]]) -> None:
     """Delete the users of ``found``; plugins hear ``kvmdesk_deleted("user")`` with the fields read."""
     users = req.core.store.collection(USERS)
+    tracker = BatchProgress(req, len(found))
+    await tracker.begin()
     for part in chunks(list(found)):
         await users.delete_many({"uuid": {"$in": [u["uuid"] for u in part]}})
         for user in part:
             await req.core.deleted(USER_KIND, user)
+        await tracker.advance(len(part))
 
 
 def describe_users(users: Sequence[dict[str, Any]], limit: int = 10) -> str:

@@ -30,6 +30,8 @@ from kvmdesk.api.models import validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.jobs import BatchProgress
+from kvmdesk.core.logtext import escaped
 from kvmdesk.core.passwords import hash_password
 from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.users import codes, sheet_jobs, sheets
@@ -234,6 +236,8 @@ async def import_users(req: ApiRequest, upload: Upload, enable: bool) -> dict[st
 
     created = 0
     users = core.store.collection(USERS)
+    tracker = BatchProgress(req, len(accepted))
+    await tracker.begin()
     for start in range(0, len(accepted), INSERT_CHUNK):
         part = accepted[start : start + INSERT_CHUNK]
         records = [
@@ -248,11 +252,12 @@ async def import_users(req: ApiRequest, upload: Upload, enable: bool) -> dict[st
             else:
                 created += 1
                 await core.created(USER_KIND, outcome)
+        await tracker.advance(len(part))
     finished = time.monotonic()
     log.info(
-        "imported {created} users from {filename!r}, {failed} rows failed; read {read:.2f}s, checks {checks:.2f}s, "
+        "imported {created} users from '{filename}', {failed} rows failed; read {read:.2f}s, checks {checks:.2f}s, "
         "hashing {hashing:.2f}s ({hashes} hashes), store {store:.2f}s",
-        created=created, filename=upload.filename, failed=len(failures), read=read_done - started,
+        created=created, filename=escaped(upload.filename), failed=len(failures), read=read_done - started,
         checks=checks_done - read_done, hashing=hashing_done - checks_done, hashes=len(passwords),
         store=finished - hashing_done, timings={
             "read": read_done - started, "checks": checks_done - read_done,

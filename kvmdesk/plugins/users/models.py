@@ -6,12 +6,12 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
 
-from kvmdesk.api.models import Model, batch_of
+from kvmdesk.api.models import UNPRINTABLE_CLASS, Model, Name, OptionalName, batch_of, name_type
 
 #: What Python's ``\s`` matches, spelt out: the OpenAPI document's patterns are read by other regex
 #: dialects (JSON Schema's is ECMA's, whose ``\s`` differs), and must refuse exactly what the code refuses.
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_USER_NAME = re.compile(rf"^[^{_SPACE}\x00-\x1f\x7f/\\]+$")
+_USER_NAME = re.compile(rf"^[^{_SPACE}{UNPRINTABLE_CLASS}/\\]+$")
 _PHONE = re.compile(r"^[0-9+\-() ]*$")
 _EMAIL = re.compile(rf"^$|^[^@{_SPACE}]+@[^@{_SPACE}]+\.[^@{_SPACE}]+$")
 #: Argon2 handles any length; the bound only keeps a request from being a hashing load test.
@@ -47,15 +47,13 @@ def _blank(value: Any) -> Any:
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
 _NAME_RULE = _matching(_USER_NAME, "must not contain spaces, control characters, / or \\")
-UserName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), _NAME_RULE,
-                     _shown(_USER_NAME)]
+UserName = Annotated[Name, _NAME_RULE, _shown(_USER_NAME)]
 Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48), _NAME_RULE,
                    _shown(_USER_NAME)]
-#: Something else than spaces (they are stripped, and the name must not be empty then).
-_NOT_BLANK = re.compile(rf"[^{_SPACE}]")
-GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64), _shown(_NOT_BLANK)]
+GroupName = Name
+FileName = name_type(100)
 Password = Annotated[str, StringConstraints(min_length=1, max_length=PASSWORD_MAX)]
-PersonName = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=64)]
+PersonName = Annotated[OptionalName, BeforeValidator(_blank)]
 Phone = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=32),
                  _matching(_PHONE, "only digits, spaces and + - ( ) are allowed"), _shown(_PHONE)]
 Email = Annotated[str, BeforeValidator(_blank), StringConstraints(strip_whitespace=True, max_length=128),
@@ -76,7 +74,7 @@ class GroupRef(Model):
     """One group of a batch: the uuid identifies it; the name is informative only."""
 
     uuid: str
-    name: Optional[str] = None
+    name: Optional[OptionalName] = None
 
 
 class GroupDelete(Model):
@@ -90,7 +88,7 @@ class GroupValue(Model):
 
 class GroupEdit(Model):
     uuid: str
-    name: Optional[str] = None
+    name: Optional[OptionalName] = None
     value: GroupValue
 
 
@@ -101,7 +99,7 @@ class UserRef(Model):
     """One user of a batch: the uuid identifies it; the user name is informative only."""
 
     uuid: str
-    user_name: Optional[str] = None
+    user_name: Optional[OptionalName] = None
 
 
 class UserCreate(Model):
@@ -130,12 +128,12 @@ class UsersParam(Model):
 
 class MoveParam(Model):
     group_uuid: str
-    group_name: Optional[str] = None
+    group_name: Optional[OptionalName] = None
     users: batch_of(UserRef)
 
 
 class ExportParam(Model):
-    filename: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+    filename: FileName
     users: batch_of(UserRef)
 
 
@@ -153,7 +151,7 @@ class UserValue(Model):
 
 class UserUpdate(Model):
     uuid: str
-    user_name: Optional[str] = None
+    user_name: Optional[OptionalName] = None
     value: UserValue
 
 

@@ -7,6 +7,7 @@ from twisted.logger import Logger
 
 from kvmdesk import hookimpl
 from kvmdesk.core import group_names
+from kvmdesk.core.logtext import escaped
 from kvmdesk.plugins.users import exports, groups, imports, users
 from kvmdesk.plugins.users.accounts import GROUP_KIND, GROUPS, INDEXES
 
@@ -81,7 +82,7 @@ async def startup(core: Any) -> None:
     found = await core.store.collection(GROUPS).find({}, projection=["uuid", "name"])
     conflicts = await group_names.reconcile(core.store, GROUP_KIND, {g["uuid"]: g["name"] for g in found})
     for name in conflicts:
-        log.warn("user group {name!r} shares its name with another kind of group; rename one of them", name=name)
+        log.warn("user group '{name}' shares its name with another kind of group; rename one of them", name=escaped(name))
 
 
 @hookimpl

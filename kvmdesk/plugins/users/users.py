@@ -9,6 +9,7 @@ from typing import Any
 from kvmdesk.api.router import Action, ApiRequest, Router
 from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.jobs import BatchProgress
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.passwords import hash_password
 from kvmdesk.core.records import new_record, now_text
@@ -78,6 +79,8 @@ async def multi_create(req: ApiRequest) -> dict:
     failures: list[dict] = []
     created = 0
     users = req.core.store.collection(USERS)
+    tracker = BatchProgress(req, len(names))
+    await tracker.begin()
     for part in chunks(names, INSERT_CHUNK):
         records = [user_record(req.core, user_name=n, password_hash=hashed, group=body.group_uuid, enabled=body.enabled)
                    for n in part]
@@ -88,6 +91,7 @@ async def multi_create(req: ApiRequest) -> dict:
             else:
                 created += 1
                 await req.core.created(USER_KIND, outcome)
+        await tracker.advance(len(part))
     return {"success_num": created, "failed_num": len(failures), "failures": failures}
 
 

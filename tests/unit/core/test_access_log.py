@@ -76,3 +76,17 @@ def test_numeric_settings_are_checked_and_named():
             config.number(f"controller.{key}", 1)
     with pytest.raises(ConfigError, match="at least 1"):
         config.number("controller.b", 1, minimum=1)
+
+
+def test_signed_links_are_logged_without_their_signature(tmp_path):
+    """Issue 14 defect 2: a signed export link in the access log was usable by whoever read the log."""
+    site = make_site(_router(), access_log=str(tmp_path / "access.log"))
+    site.startFactory()
+    try:
+        _get(site, b"/api/v1.0/ping?file=ab12&name=x.xlsx&expires=99&sig=SIGNATURE-VALUE&n=1")
+        _get(site, b"/api/v1.0/ping?token=TOKEN-VALUE")
+    finally:
+        site.stopFactory()
+    text = (tmp_path / "access.log").read_text()
+    assert "SIGNATURE-VALUE" not in text and "TOKEN-VALUE" not in text
+    assert '"GET /api/v1.0/ping?file=ab12&name=x.xlsx&expires=99&sig=-&n=1 HTTP/1.1" 200' in text

@@ -272,3 +272,53 @@ def test_failures_outside_the_window_do_not_count(clock):
         except errors.ApiError:
             locked.append(True)
     assert locked == [False] * 6
+
+
+class RefusedLogins:
+    """A plugin that records ``kvmdesk_login_refused`` (what the monitoring plugin raises alarms from)."""
+
+    def __init__(self):
+        self.calls = []
+
+    from kvmdesk import hookimpl
+
+    @hookimpl
+    def kvmdesk_login_refused(self, core, username, address, reason):
+        self.calls.append((username, address, reason))
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_logins_and_lockouts_are_logged_counted_and_hooked(api):
+    """Issue 14 defect 8: refusals and lockouts reached neither the log nor a metric."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    seen = RefusedLogins()
+    api.core.plugins.register(seen, name="seen-refusals")
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        status, _ = await _login(api, "nobody\x1b[31m\n", "secret-pw-1")
+        assert status == 401
+        await api.core.store.collection(auth.ADMINS).insert_one(
+            {"uuid": "u-off", "username": "off", "password_hash": (await api.core.store.collection(auth.ADMINS)
+                                                                    .find_one({"username": "admin"}))["password_hash"],
+             "enabled": False})
+        status, _ = await _login(api, "off", ADMIN_PASSWORD)
+        assert status == 401
+        for _ in range(5):
+            status, _ = await _login(api, "admin", "secret-pw-1")
+        assert status == 401
+        status, body = await _login(api, "admin", "secret-pw-1")
+        assert_error(status, body, 429, errors.LOGIN_THROTTLED.code)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "kvmdesk.auth"]
+    text = "\n".join(lines)
+    assert "secret-pw-1" not in text and ADMIN_PASSWORD not in text
+    assert "\x1b" not in text and "nobody\\x1b[31m\\n" in text
+    assert any("locked out" in line and "'admin'" in line for line in lines), lines
+    assert any("disabled" in line and "'off'" in line for line in lines), lines
+    assert api.core.auth.refused_logins == 8 and api.core.auth.lockouts == 1
+    reasons = [reason for _, _, reason in seen.calls]
+    assert reasons == ["bad_credentials", "disabled", *["bad_credentials"] * 5, "locked"]
+    assert seen.calls[0][0] == "nobody\x1b[31m\n" and all(address == seen.calls[0][1] for _, address, _ in seen.calls)

@@ -135,3 +135,72 @@ async def test_list_supports_the_generic_search(api):
     assert body["data"]["count"] == len(await _records(api))
     status, body = await api.call("GET", LOG, params={"password": "x"})
     assert (status, body["code"]) == (400, errors.UNKNOWN_FILTER.code)
+
+
+class StuckUsage:
+    """A plugin whose usage check never answers for one pool: the batch hangs there, as a process
+    killed in the middle of it would stop."""
+
+    def __init__(self, stuck: str):
+        from twisted.internet import defer
+
+        self.stuck = stuck
+        self.reached = defer.Deferred()
+
+    from kvmdesk import hookimpl
+
+    @hookimpl
+    def kvmdesk_usage(self, core, kind, uuid):
+        from twisted.internet import defer
+
+        if uuid != self.stuck:
+            return None
+        self.reached.callback(None)
+        return defer.Deferred()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_cut_off_midway_leaves_an_interrupted_entry_with_its_progress(tmp_path, clock):
+    """Issue 14 defect 5: a bulk operation killed midway left no operation-log entry."""
+    from twisted.internet import defer
+
+    from kvmdesk.testing.api import ApiClient, make_core
+
+    core = await make_core(tmp_path, clock=clock)
+    api = ApiClient(core)
+    await api.login()
+    uuids = []
+    for number in range(5):
+        status, body = await api.call("POST", POOLS, {"name": f"batch-{number}", "desc": None})
+        uuids.append(body["data"]["uuid"])
+    stuck = StuckUsage(uuids[3])
+    core.plugins.register(stuck, name="stuck")
+    abandoned = defer.ensureDeferred(api.call("DELETE", POOLS, {"uuids": uuids}))
+    await stuck.reached
+    (entry,) = [r for r in await snapshot(core, oplog.COLLECTION) if r["content"].startswith("删除资源池")]
+    assert entry["state"] == "running" and entry["progress"] == {"done": 3, "total": 5}, entry
+    assert not abandoned.called
+    await core.store.close()  # the process is gone; its store is all that is left
+
+    again = await make_core(tmp_path, clock=clock)
+    try:
+        (entry,) = [r for r in await snapshot(again, oplog.COLLECTION) if r["content"].startswith("删除资源池")]
+        assert entry["state"] == "interrupted" and entry["progress"] == {"done": 3, "total": 5}
+        assert entry["code"] == errors.OPERATION_INTERRUPTED.code and "3/5" in entry["result"]
+        left = [p["name"] for p in await snapshot(again)]
+        assert left == ["default", "batch-3", "batch-4"]
+    finally:
+        await again.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_completed_batch_entry_is_done_with_its_count(api):
+    uuids = []
+    for number in range(3):
+        status, body = await api.call("POST", POOLS, {"name": f"whole-{number}", "desc": None})
+        uuids.append(body["data"]["uuid"])
+    status, body = await api.call("DELETE", POOLS, {"uuids": uuids})
+    assert status == 200 and body["data"]["success_num"] == 3
+    (entry,) = [r for r in await _records(api) if r["content"].startswith("删除资源池")]
+    assert entry["state"] == "done" and entry["progress"] == {"done": 3, "total": 3}
+    assert (entry["code"], entry["result"]) == (0, "成功")

@@ -1,6 +1,7 @@
 """The nodes API against two real agent processes (``twistd -n kvmdesk-agent``) on 127.0.0.2/3."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -235,3 +236,38 @@ async def test_nodes_announce_create_rename_delete_without_their_secret(tmp_path
                                                                  ("deleted", node["uuid"])]
         assert events[1].changes == {"name": "renamed"} and events[2].record["name"] == "renamed"
         assert all("agent_secret" not in e.record for e in events)
+
+
+def enrolment_file(process: AgentProcess) -> Path:
+    return process.directory / "data" / "enrolment.json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_with_a_name_and_a_failed_add_leaves_both_sides_as_they_were(agents, api):
+    """Issue 14 defect 1: ``name`` answered 500 and a failed add left the agent enrolled."""
+    pool = await default_pool(api)
+    named = await add(api, pool, "127.0.0.2", name="rack-1")
+    assert named["name"] == "rack-1"
+
+    # A fresh agent, no check first: the add fails after enrolling (unknown NIC) and releases the agent.
+    status, body = await api.call("POST", f"{POOLS}/{pool}/nodes",
+                                  {"ip": "127.0.0.3", "password": AGENT_PASSWORD, "name": "rack-2",
+                                   "manage_interface": "no-such-nic"})
+    assert status == 400 and body["code"] != 0, body
+    assert not enrolment_file(agents[1]).exists()
+    pending = await api.core.store.collection(manager.ENROLMENTS).find_one({"ip": "127.0.0.3"})
+    assert pending is None
+    status, body = await api.call("GET", f"{POOLS}/{pool}/nodes")
+    assert [n["ip"] for n in body["data"]["results"]] == ["127.0.0.2"]
+
+    # After a check the agent stays enrolled with the controller's pending secret: a retry succeeds.
+    status, body = await api.call("POST", "/resource_mgr/check_node_virt", {"ip": "127.0.0.3", "root_pwd": AGENT_PASSWORD})
+    assert status == 200
+    status, body = await api.call("POST", f"{POOLS}/{pool}/nodes",
+                                  {"ip": "127.0.0.3", "password": AGENT_PASSWORD, "manage_interface": "no-such-nic"})
+    assert status == 400
+    secret = json.loads(enrolment_file(agents[1]).read_text())["secret"]
+    pending = await api.core.store.collection(manager.ENROLMENTS).find_one({"ip": "127.0.0.3"})
+    assert pending["agent_secret"] == secret
+    second = await add(api, pool, "127.0.0.3", name="rack-2")
+    assert second["name"] == "rack-2"

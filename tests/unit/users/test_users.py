@@ -317,3 +317,27 @@ async def test_openapi_documents_the_users_endpoints(api):
     assert actions == {"single_create", "multi_create", "enable", "disable", "move", "export"}
     assert "multipart/form-data" in paths["/api/v1.0/personal/user/upload"]["post"]["requestBody"]["content"]
     assert paths["/api/v1.0/personal/user/download"]["get"]["security"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bulk_creation_writes_its_operation_log_entry_first_and_counts_progress(api):
+    """Issue 14 defect 5: the entry exists (running) while the users are written, done at the end."""
+    from kvmdesk.core import oplog
+
+    group = await create_group(api, "bulk-oplog")
+    seen = []
+    users = api.core.store.collection("users")
+    insert_many = users.insert_many
+
+    async def watching_insert_many(records):
+        seen.append(await api.core.store.collection(oplog.COLLECTION).find({"state": "running"}))
+        return await insert_many(records)
+
+    from unittest import mock
+
+    with mock.patch.object(type(users), "insert_many", lambda self, records: watching_insert_many(records)):
+        ok(*await multi_create(api, group["uuid"], "bulk", 2500, postfix=4))
+    assert [[e["progress"] for e in entries] for entries in seen] == [
+        [{"done": 0, "total": 2500}], [{"done": 1000, "total": 2500}], [{"done": 2000, "total": 2500}]]
+    (entry,) = await api.core.store.collection(oplog.COLLECTION).find({"content": {"$regex": "^批量新增用户"}})
+    assert entry["state"] == "done" and entry["progress"] == {"done": 2500, "total": 2500} and entry["code"] == 0

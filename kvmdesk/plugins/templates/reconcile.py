@@ -1,0 +1,126 @@
+"""Reconciling what the nodes have with what the store says about templates.
+
+Every ``[templates] reconcile_interval`` seconds (and at start), for each reachable node: the domains
+libvirt has are compared with the templates hosted there.  A template whose domain is gone is marked
+``error``; a state that differs is corrected (lifecycle events do that at once; this catches missed
+ones); a ``tpl-`` domain no template knows is reported, never removed (it may be an administrator's).
+A node lacking (a file of) the latest version of a template of its pool is sent it again.
+What was found is kept in :attr:`TemplateReconciler.drift` (node uuid -> list of findings) and logged.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from kvmdesk.core.errors import ApiError
+from kvmdesk.plugins.templates import nodes, publish, schema
+from kvmdesk.plugins.templates.service import STATES, domain_name, templates
+
+log = Logger(namespace="kvmdesk.templates.reconcile")
+EXTENSION = "templates.reconciler"
+
+
+@attrs.define(eq=False)
+class TemplateReconciler(Service):
+    core: Any
+    interval: float = 60.0
+    drift: dict[str, list[dict]] = attrs.field(factory=dict)
+    _loop: Optional[task.LoopingCall] = None
+    current_round: Optional[defer.Deferred] = None
+
+    async def reconcile_node(self, node: Mapping[str, Any]) -> list[dict]:
+        """One node: findings ``{"kind", "template", "detail"}``; the store is corrected on the way."""
+        findings: list[dict] = []
+        try:
+            domains = await nodes.call(self.core, node, "GET", "/domains")
+        except ApiError as exc:
+            log.info("node {node} not reconciled now: {why}", node=node.get("ip"), why=exc.message("en"))
+            return findings
+        by_uuid = {d["uuid"]: d for d in domains}
+        hosted = await templates(self.core).find({"host_uuid": node["uuid"]})
+        for template in hosted:
+            domain = by_uuid.get(template["uuid"])
+            if template.get("status") == schema.UPDATING:
+                continue
+            if domain is None:
+                findings.append({"kind": "domain_missing", "template": template["uuid"],
+                                 "detail": f"template {template['name']} has no domain on its node"})
+                await self._set_status(template, schema.ERROR)
+                continue
+            status = STATES.get(domain["state"], schema.ERROR)
+            if status != template.get("status"):
+                findings.append({"kind": "state_differs", "template": template["uuid"],
+                                 "detail": f"{template.get('status')} in the store, {domain['state']} on the node"})
+                await self._set_status(template, status)
+        known = {domain_name(t["uuid"]) for t in hosted}
+        for domain in domains:
+            if domain["name"].startswith("tpl-") and domain["name"] not in known:
+                findings.append({"kind": "unknown_domain", "template": domain["uuid"],
+                                 "detail": f"domain {domain['name']} belongs to no template of this node"})
+        await self._check_versions(node, findings)
+        for finding in findings:
+            log.warn("node {node}: {detail}", node=node.get("ip"), detail=finding["detail"])
+        self.drift[node["uuid"]] = findings
+        return findings
+
+    async def _check_versions(self, node: Mapping[str, Any], findings: list[dict]) -> None:
+        """The latest version of each template of the node's pool must be on it (asked of the agent, not
+        taken from the store); a missing one is sent again from the template's host."""
+        for template in await templates(self.core).find({"pool_uuid": node.get("resource_pool_uuid"),
+                                                         "version": {"$gte": 1}}):
+            if template.get("status") == schema.UPDATING or template.get("host_uuid") == node["uuid"]:
+                continue
+            files = template["versions"][-1]["files"]
+            try:
+                progress = await publish.progress_of(self.core, node, files)
+            except ApiError:
+                return  # the node stopped answering: the next round
+            if all(p == 100 for p in progress.values()):
+                continue
+            findings.append({"kind": "version_missing", "template": template["uuid"],
+                             "detail": f"version {template['version']} of template {template['name']} is not "
+                                       f"(all) on the node: sending it"})
+            host = await self.core.store.collection(schema.NODES).find_one({"uuid": template.get("host_uuid")})
+            if host is not None:
+                result = await publish.send_to(self.core, template, host, node, files, template["version"])
+                current = await templates(self.core).find_one({"uuid": template["uuid"]}) or template
+                await templates(self.core).update_one({"uuid": template["uuid"]}, {"$set": {
+                    "publish": {**(current.get("publish") or {}), node["uuid"]: result}}})
+
+    async def _set_status(self, template: Mapping[str, Any], status: str) -> None:
+        await templates(self.core).update_one({"uuid": template["uuid"], "status": {"$ne": schema.UPDATING}},
+                                              {"$set": {"status": status}})
+
+    async def sweep(self) -> None:
+        for node in await self.core.store.collection(schema.NODES).find(
+                {"state": {"$in": list(nodes.USABLE_STATES)}}, sort=[("id", 1)]):
+            if node.get("agent_secret"):
+                await self.reconcile_node(node)
+
+    def _round(self) -> defer.Deferred:
+        d = defer.ensureDeferred(self.sweep())
+        d.addErrback(lambda failure: log.failure("template reconcile round failed", failure))
+        d.addBoth(self._round_finished)
+        if not d.called:
+            self.current_round = d
+        return d
+
+    def _round_finished(self, _: Any) -> None:
+        self.current_round = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._round)
+        self._loop.clock = self.core.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        return self.current_round if self.current_round is not None else defer.succeed(None)

@@ -1,0 +1,44 @@
+"""Collections of the templates plugin, its indexes, and the other plugins' collections it reads."""
+from __future__ import annotations
+
+from kvmdesk.core.errors import Resource
+from kvmdesk.core.store import Index
+
+TEMPLATES = "templates"
+
+#: Read here, owned by others: nodes and pools (nodes), base images, ISOs and transfers (storage),
+#: networks, subnets and switches (network).  Written only through their services (IPAM, placement).
+NODES = "nodes"
+POOLS = "resource_pools"
+BASE_IMAGES = "base_images"
+ISOS = "isos"
+TRANSFERS = "image_transfers"
+NETWORKS = "data_networks"
+SUBNETS = "subnets"
+SWITCHES = "vswitchs"
+
+INDEXES = [
+    Index(TEMPLATES, ["uuid"], unique=True),
+    Index(TEMPLATES, ["name"], unique=True),
+    Index(TEMPLATES, ["pool_uuid"]),
+    Index(TEMPLATES, ["host_uuid"]),
+]
+
+#: Template states (the contract's ``status``), plus ``updating`` while a version is published.
+ACTIVE, INACTIVE, ERROR, UPDATING = "active", "inactive", "error", "updating"
+#: Storage roles of template disks on the nodes.
+ROLE_SYSTEM, ROLE_DATA = 1, 2
+
+#: The lifecycle hooks' kind (``kvmdesk_created/updated/deleted``) and ``kvmdesk_usage``'s.
+KIND = "template"
+#: How answers name things, in both languages.
+TEMPLATE = Resource("模板", "template")
+POOL = Resource("资源池", "resource pool")
+BASE_IMAGE = Resource("基础镜像", "base image")
+ISO = Resource("ISO", "ISO")
+DISK = Resource("磁盘", "disk")
+NODE = Resource("节点", "node")
+TEMPLATE_IMAGE = Resource("模板镜像", "template image")
+NETWORK = Resource("数据网络", "data network")
+SUBNET = Resource("子网", "subnet")
+SWITCH = Resource("虚拟交换机", "virtual switch")

@@ -1,0 +1,235 @@
+"""#70 save: a new immutable version flattened on the host node and fetched by every other node of the
+pool straight from the host's agent (a controller-signed ticket), md5-identical; run_date schedules it
+(validated, replacing the pending one, surviving a restart); a node that missed it catches up."""
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest_twisted
+
+from kvmdesk.core import errors as core_errors
+from kvmdesk.plugins.templates import errors, publish, schedule
+from templates_testlib import T, assert_error
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def version_files(agent, template, version: int) -> list:
+    root = agent.data_dir / "storage" / "instances" / "_template"
+    return sorted(root / f"{d['uuid']}.v{version}" for d in template["devices"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_save_publishes_a_version_to_every_node_of_the_pool(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    await world.act("start", template)
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert_error(status, body, 409, errors.TEMPLATE_STATE.code, "template1")
+    await world.act("hard_stop", template)
+
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert status == 200, body
+    assert body["data"]["version"] == 1
+    assert {s["status"] for s in body["data"]["publish"].values()} == {0} and len(body["data"]["publish"]) == 2
+    host = world.agent_of(template)
+    (other,) = [a for a in world.agents if a is not host]
+    for ours, theirs in zip(version_files(host, template, 1), version_files(other, template, 1)):
+        assert ours.is_file() and theirs.is_file() and md5(ours) == md5(theirs)
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["status"] == "inactive" and stored["version"] == 1
+    status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool,
+                                                                      "template_uuid": template["uuid"]})
+    assert {s["status"] for r in body["data"]["results"] for s in r["storages"]} == {0}
+    for node in world.nodes:  # the node's template images (#34) list the version too
+        status, body = await world.api.call("GET", f"/resource_mgr/nodes/{node['uuid']}/template_images")
+        (entry,) = [e for e in body["data"]["results"] if e["uuid"] == template["uuid"]]
+        assert [(s["role"], s["version"], s["status"]) for s in entry["storages"]] == [(1, 1, 0), (2, 1, 0)]
+
+    # a second save is version 2; deleting the template removes every version from every node
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert status == 200 and body["data"]["version"] == 2, body
+    assert all(p.is_file() for p in version_files(other, template, 2))
+    status, body = await world.api.call("DELETE", T, {"templates": [ref]})
+    assert status == 200, body
+    assert world.template_files() == [[], []]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_missed_a_version_catches_up(world):
+    template = await world.create()
+    host = next(n for n in world.nodes if n["uuid"] == template["host_uuid"])
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    nodes = world.core.store.collection("nodes")
+    await nodes.update_one({"uuid": other["uuid"]}, {"$set": {"ip": "127.0.0.9"}})  # unreachable meanwhile
+    status, body = await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    assert status == 200, body
+    assert body["data"]["publish"][other["uuid"]]["status"] == publish.FAILED
+    assert body["data"]["publish"][host["uuid"]]["status"] == publish.DONE
+    await nodes.update_one({"uuid": other["uuid"]}, {"$set": {"ip": other["ip"]}})
+    back = await nodes.find_one({"uuid": other["uuid"]})
+    assert await publish.catch_up(world.core, back) == 1
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["publish"][other["uuid"]]["status"] == publish.DONE
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    assert all(p.is_file() for p in version_files(agent, template, 1))
+    assert await publish.catch_up(world.core, back) == 0  # nothing left to send
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_date_is_validated_replaced_and_survives_a_restart(world):
+    clock = world.core.clock
+    clock.advance(time.time())
+    await world.api.login()  # the session would have expired on the jump to the present
+    saves = world.core.extensions[schedule.EXTENSION]
+    saves.startService()
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    before = await world.snapshot()
+    for run_date, code, word in [("2020-4-19 15:48:15", errors.RUN_DATE_PAST.code, "run_date"),
+                                 ("tomorrow", core_errors.INVALID_PARAM.code, "run_date"),
+                                 ("2099-2-30 10:00:00", core_errors.INVALID_PARAM.code, "run_date")]:
+        status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
+        assert_error(status, body, 400, code, word)
+        assert await world.snapshot() == before
+    soon = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 3600))
+    later = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 7200))
+    for run_date in (later, soon):  # the second replaces the first
+        status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
+        assert status == 200 and body["data"]["run_date"] == run_date, body
+    assert abs(saves.pending(template["uuid"]) - (clock.seconds() + 3600)) < 2
+
+    # a restarted controller re-arms it from the store
+    await saves.stopService()
+    assert saves.pending(template["uuid"]) is None
+    again = schedule.SaveSchedule(world.core, clock)
+    again.startService()
+    await again.ready
+    assert abs(again.pending(template["uuid"]) - (clock.seconds() + 3600)) < 2
+    clock.advance(3601)
+    await world.api.login()
+    await again.idle()
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["version"] == 1 and stored["scheduled_save"] is None
+    await again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_download_streams_the_current_version_from_the_node(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    status, body = await world.api.call("POST", T, {"action": "download", "param": ref})
+    assert_error(status, body, 409, errors.TEMPLATE_STATE.code, "save")
+    await world.api.call("POST", T, {"action": "save", "param": ref})
+    status, body = await world.api.call("POST", T, {"action": "download", "param": ref})
+    assert status == 200, body
+    answer = body["data"]
+    assert answer["name"] == "template1.qcow2" and answer["version"] == 1
+    status, content = await world.api.call("GET", answer["url"].removeprefix("/api/v1.0"))
+    assert status == 200
+    assert len(content) == answer["size"] and hashlib.md5(content).hexdigest() == answer["md5"]
+    (system,) = [p for p in version_files(world.agent_of(template), template, 1) if p.name.startswith(
+        template["devices"][0]["uuid"])]
+    assert md5(system) == answer["md5"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_resync_sends_one_disk_version_to_one_node_again(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    await world.api.call("POST", T, {"action": "save", "param": ref})
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    system = template["devices"][0]["uuid"]
+    lost = next(p for p in version_files(agent, template, 1) if p.name.startswith(system))
+    expected = md5(lost)
+    lost.unlink()
+    param = {"ipaddr": other["ip"], "role": 1, "path": "/opt/slow", "image_id": system, "version": 1}
+    for changes, status_code, code, word in [({"ipaddr": "10.9.9.9"}, 404, core_errors.NOT_FOUND.code, "10.9.9.9"),
+                                             ({"image_id": "nope"}, 404, core_errors.NOT_FOUND.code, "nope"),
+                                             ({"version": 7}, 400, core_errors.INVALID_PARAM.code, "version"),
+                                             ({"role": 2}, 400, core_errors.INVALID_PARAM.code, "role")]:
+        status, body = await world.api.call("POST", T, {"action": "resync", "param": {**param, **changes}})
+        assert_error(status, body, status_code, code, word)
+        assert not lost.exists()
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
+    assert status == 200 and body["data"]["status"] == 0, body
+    assert md5(lost) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_is_redone(world):
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    host = world.agent_of(template)
+    # what a controller that died mid-save leaves: the template updating, a version file half made
+    store = world.core.store.collection("templates")
+    await store.update_one({"uuid": template["uuid"]}, {"$set": {"status": "updating"}})
+    leftover = host.data_dir / "storage" / "instances" / "_template" / f"{template['devices'][0]['uuid']}.v1"
+    leftover.write_bytes(b"half a version")
+    assert await publish.recover_interrupted(world.core) == 1
+    stored = await store.find_one({"uuid": template["uuid"]})
+    assert stored["status"] == "inactive" and "save_error" in stored
+    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
+    assert status == 200 and body["data"]["version"] == 1, body
+    assert leftover.read_bytes()[:4] == b"QFI\xfb"  # a real qcow2 now
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_progress_is_asked_of_each_node_per_disk(world):
+    template = await world.create()
+    await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    files = stored["versions"][-1]["files"]
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    node = await world.core.store.collection("nodes").find_one({"uuid": other["uuid"]})
+    assert await publish.progress_of(world.core, node, files) == {f["device_uuid"]: 100 for f in files}
+    # half of the system disk's version received: a partial file of that content
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    system = files[0]
+    final = agent.data_dir / "storage" / "instances" / "_template" / system["file_id"]
+    half = final.read_bytes()[: system["size"] // 2]
+    final.unlink()
+    (final.parent / f".{final.name}.part").write_bytes(half)
+    (final.parent / f".{final.name}.part.json").write_text(
+        '{"md5": "%s", "total": %d, "version": 1}' % (system["md5"], system["size"]))
+    progress = await publish.progress_of(world.core, node, files)
+    assert progress[system["device_uuid"]] == 50 and progress[files[1]["device_uuid"]] == 100
+
+    # the report keeps it in the template while it is updating
+    await world.core.store.collection("templates").update_one({"uuid": template["uuid"]},
+                                                              {"$set": {"status": "updating"}})
+    host = await world.core.store.collection("nodes").find_one({"uuid": template["host_uuid"]})
+    report = publish.ProgressReport(world.core, stored, host, [node], files, 1)
+    await report.report()
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["publish"][other["uuid"]]["status"] == publish.SYNCING
+    assert stored["publish"][other["uuid"]]["progress"][system["device_uuid"]] == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fetch_resumes_from_the_partial_file_and_verifies_the_whole(world):
+    template = await world.create()
+    await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    system = stored["versions"][-1]["files"][0]
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    final = agent.data_dir / "storage" / "instances" / "_template" / system["file_id"]
+    good = final.read_bytes()
+    final.unlink()
+    # a partial file of that content whose bytes were damaged: only a resume would use them
+    (final.parent / f".{final.name}.part").write_bytes(b"\xff" * (system["size"] // 2))
+    (final.parent / f".{final.name}.part.json").write_text(
+        '{"md5": "%s", "total": %d, "version": 1}' % (system["md5"], system["size"]))
+    param = {"ipaddr": other["ip"], "role": 1, "image_id": system["device_uuid"], "version": 1}
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param},
+                                        headers={"Accept-Language": "en"})
+    assert status == 502 and body["code"] == errors.SEND_FAILED.code and system["md5"] in body["msg"], body  # resumed, then refused whole: checksum
+    assert not final.exists()
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
+    assert status == 200, body  # the damaged partial was dropped: fetched from the start
+    assert final.read_bytes() == good
