@@ -88,20 +88,17 @@ def pass_through(source: Any, sink: Any, size: int, *, header: Optional[Callable
         if not (_idle(sink) and ready()):
             source.protocol.dataReceived(_drain(read_end, n))
             return None
-        left = n
+        left, head = n, (header(n) if header is not None else b"")
         try:
-            if header is not None:
-                head = header(n)
+            if head:
                 sent = send(head, socket.MSG_MORE)
-                if sent < len(head):
-                    sink.write(head[sent:] + _drain(read_end, n))
-                    return None
-            while left:
+                head = head[sent:]  # what is left of it goes first into the queue below
+            while left and not head:
                 left -= os.splice(read_end, sink_fd, left, flags=_FLAGS)
         except OSError:
             pass  # full, or broken: twisted's own send of the queued rest finds out which
         if left:
-            sink.write(_drain(read_end, left))  # queued: back-pressure as for any write
+            sink.write(head + _drain(read_end, left))  # queued: back-pressure as for any write
         return None
 
     source.doRead = doRead
