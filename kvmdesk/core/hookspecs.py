@@ -132,6 +132,47 @@ def kvmdesk_deleted(core: "Core", kind: str, record: Mapping[str, Any]) -> Optio
     """
 
 
+# -- monitoring --------------------------------------------------------------------------------------
+
+
+@hookspec
+def kvmdesk_node_metrics(core: "Core", node: Mapping[str, Any], sample: Mapping[str, Any]) -> None:
+    """A node watcher received a heartbeat sample from a node's agent.
+
+    Called on the reactor thread for every heartbeat: keep it cheap (the monitoring plugin appends to
+    in-memory buffers and writes rollups later).
+
+    :param node: the node record (without its agent secret; ``facts`` as last fetched).
+    :param sample: ``{"at", "agent", "hypervisor", "metrics"}``: ``at`` is the controller clock's
+        Unix time of the answer, ``metrics`` the agent's sample (see
+        :meth:`kvmdesk.agent.metrics.MetricsSampler.sample`, without processes).
+    """
+
+
+@hookspec
+def kvmdesk_alarm(core: "Core", alarm: Mapping[str, Any], event: str) -> Optional[Awaitable[None]]:
+    """An alarm opened or closed (notify someone: a webhook, mail, a chat).
+
+    :param alarm: the alarm record: ``uuid``, ``rule_uuid``, ``metric``, ``node_uuid``, ``node_name``,
+        ``value``, ``threshold``, ``started_at``, ``ended_at``, ``duration`` (seconds, once closed),
+        ``status`` (``open``/``closed``), ``message``.
+    :param event: ``opened`` or ``closed``.
+    :returns: ``None`` or an awaitable (awaited, failures logged, never blocking the alarm). Not firstresult.
+    """
+
+
+@hookspec
+def kvmdesk_resource_counts(core: "Core") -> Optional[Awaitable[Mapping[str, int]]]:
+    """Contribute counts to the dashboard statistics (``GET /index/get_resource_statistic/``).
+
+    Keys a plugin may answer: ``sum_instance_cnt``, ``online_instance_cnt``, ``sum_terminal_cnt``,
+    ``online_terminal_cnt``; the answers of every plugin are added up.  The monitoring plugin already
+    counts every libvirt domain the nodes report as an instance: count only what is not one.
+
+    :returns: a mapping (or an awaitable of one), or ``None``. Not firstresult.
+    """
+
+
 # -- domain extension points -------------------------------------------------------------------------
 
 

@@ -231,8 +231,9 @@ def storage_usage(paths: Mapping[str, str]) -> list[dict[str, Any]]:
     """Usage of the storage path configured for each role.
 
     :param paths: role -> directory, e.g. ``{"template": "/var/lib/kvmdesk/templates"}``.
-    :returns: one ``{"role", "path", "total", "used", "free", "usage", "error"}`` per role (bytes;
-        ``usage`` is the percentage psutil reports); a path that cannot be measured has ``None``
+    :returns: one ``{"role", "path", "total", "used", "free", "usage", "device", "error"}`` per role (bytes;
+        ``usage`` is the percentage psutil reports; ``device`` the filesystem's device number, equal
+        for paths on one filesystem); a path that cannot be measured has ``None``
         figures and says why in ``error`` instead of failing the whole report.
     """
     result = []
@@ -240,10 +241,12 @@ def storage_usage(paths: Mapping[str, str]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": role, "path": str(path)}
         try:
             usage = psutil.disk_usage(str(path))
+            device = os.stat(path).st_dev
         except OSError as exc:
-            entry.update(total=None, used=None, free=None, usage=None, error=exc.strerror or str(exc))
+            entry.update(total=None, used=None, free=None, usage=None, device=None, error=exc.strerror or str(exc))
         else:
-            entry.update(total=usage.total, used=usage.used, free=usage.free, usage=usage.percent, error=None)
+            entry.update(total=usage.total, used=usage.used, free=usage.free, usage=usage.percent, device=device,
+                         error=None)
         result.append(entry)
     return result
 

@@ -267,4 +267,4 @@ async def test_a_healthy_first_start_logs_nothing_that_sounds_like_an_error(star
     assert alarming == [], "\n".join(alarming)
     warnings = [line for line in process.text.splitlines() if "#warn]" in line and "DEMO HYPERVISOR" not in line]
     assert warnings == [], "\n".join(warnings)
-    assert "plugins loaded: admin, console, network, nodes, storage, templates, users; blocked: none" in process.text
+    assert "plugins loaded: admin, alarm_webhook, console, monitoring, network, nodes, storage, templates, users; blocked: none" in process.text

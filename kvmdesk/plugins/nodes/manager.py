@@ -336,6 +336,13 @@ class NodeManager:
         except Exception:
             log.failure("a kvmdesk_node_status_changed implementation failed")
 
+    def publish_metrics(self, node: Mapping[str, Any], sample: dict[str, Any]) -> None:
+        """Fire ``kvmdesk_node_metrics`` with a heartbeat's sample; a failing plugin costs no heartbeat."""
+        try:
+            self.core.plugins.hook.kvmdesk_node_metrics(core=self.core, node=without(node, SECRET_FIELDS), sample=sample)
+        except Exception:
+            log.failure("a kvmdesk_node_metrics implementation failed")
+
     # -- events --
 
     async def receive_events(self, node: Mapping[str, Any], events: list[dict[str, Any]]) -> int:

@@ -214,6 +214,7 @@ class NodeWatcher(Service):
             self._facts_at = now
             changes.update(facts=facts, facts_at=now_text(self.clock), hostname=facts.get("hostname"))
             self.node["facts"] = facts
+        self.manager.publish_metrics(self.node, {"at": now, **sample})
         cpu = ((sample.get("metrics") or {}).get("cpu") or {}).get("percent")
         self._hot_rounds = self._hot_rounds + 1 if cpu is not None and cpu >= self.settings.warn_cpu else 0
         state, reason = health(sample, self.node.get("facts") or {}, self.settings, self._hot_rounds)

@@ -1,0 +1,209 @@
+"""Benchmark of the monitoring history; prints figures, asserts nothing.
+
+    .venv/bin/python bench/history_bench.py [--backend sqlite|briskdb|both] [--nodes 100] [--days 30]
+                                            [--queries 200] [--ingest-nodes 1000]
+
+For each store backend, a real controller core (every built-in plugin, no local agent) on a fresh
+store (SQLite in a temporary directory; or txmongo against a briskdb MongoDB-wire server started for
+the run) is filled with ``--nodes`` nodes x ``--days`` days of one-minute rollup points, in the
+plugin's own layout (one document per node and hour, 60 points each).  Then:
+
+- history latency: ``GET /monitor_mgr/node/history/`` of a random node through the API (token check,
+  parameters, store read, the aligned axis, JSON), 1 hour at a 1-minute step and 24 hours at a
+  1-minute step (1,440 points): p50, p99, max over ``--queries`` requests each;
+- ingest rate: ``--ingest-nodes`` nodes send one minute of heartbeats at the watchers' interval
+  (5 s: 12 samples each) through ``kvmdesk_node_metrics``, then the minute is flushed to the filled
+  store; samples per second over both.  Target: 10x what 1,000 nodes produce (200 samples/s), i.e.
+  >= 2,000 samples/s.
+
+Targets: 1 h < 20 ms, 24 h < 100 ms (p99).  The load average is printed at the start and the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from twisted.internet import defer, task
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvmdesk.core.app import freeze_startup_heap  # noqa: E402
+from kvmdesk.core.records import new_record  # noqa: E402
+from kvmdesk.plugins.monitoring.rollups import ROLLUPS  # noqa: E402
+from kvmdesk.testing.api import ApiClient, make_core  # noqa: E402
+from kvmdesk.testing.briskdb import start_briskdb  # noqa: E402
+
+HEARTBEAT = 5.0
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100.0 * (len(ordered) - 1))))]
+
+
+def point(rng: random.Random) -> dict[str, Any]:
+    """A minute point like the plugin writes: CPU, memory, two disks, two NICs."""
+    return {"c": round(rng.uniform(0, 100), 2), "mp": round(rng.uniform(10, 90), 2), "mu": rng.randrange(1 << 30, 1 << 34),
+            "d": {"sda": [rng.randrange(0, 1 << 20), rng.randrange(0, 1 << 22)], "sdb": [0, rng.randrange(0, 4096)]},
+            "n": {"eth0": [rng.randrange(0, 1 << 20), rng.randrange(0, 1 << 20)], "eth1": [rng.randrange(0, 512), 0]}}
+
+
+def metrics(rng: random.Random) -> dict[str, Any]:
+    """A heartbeat's metrics as an agent sends them (no processes)."""
+    return {"interval": HEARTBEAT, "cpu": {"percent": rng.uniform(0, 100)},
+            "memory": {"percent": rng.uniform(10, 90), "used": rng.randrange(1 << 30, 1 << 34), "total": 1 << 35,
+                       "available": 1 << 33},
+            "disks": [{"name": n, "read_bytes_per_sec": rng.uniform(0, 1e6), "write_bytes_per_sec": rng.uniform(0, 1e6)}
+                      for n in ("sda", "sdb")],
+            "nics": [{"name": n, "recv_bytes_per_sec": rng.uniform(0, 1e6), "sent_bytes_per_sec": rng.uniform(0, 1e6)}
+                     for n in ("eth0", "eth1")]}
+
+
+async def fill(core: Any, nodes: list[dict], days: int, rng: random.Random, batch_size: int,
+               concurrency: int) -> tuple[int, float]:
+    """``days`` of hour documents per node, ending with the current hour; returns (documents, seconds)."""
+    rollups = core.store.collection(ROLLUPS)
+    now = time.time()
+    last_hour = int(now // 3600 * 3600)
+    hours = [last_hour - h * 3600 for h in range(days * 24)]
+    # 64 different hours of points, reused: generating 4 million random points would dominate the fill.
+    minutes = [{str(m): point(rng) for m in range(60)} for _ in range(64)]
+    docs = ({"node": node["uuid"], "hour": hour, "m": minutes[(hour // 3600) % 64]} for node in nodes for hour in hours)
+    semaphore = defer.DeferredSemaphore(concurrency)
+    started = time.perf_counter()
+    written = 0
+
+    async def insert(batch: list[dict]) -> None:
+        nonlocal written
+        outcomes = await rollups.insert_many(batch)
+        if any(isinstance(o, Exception) for o in outcomes):
+            raise RuntimeError(f"insert failed: {outcomes}")
+        written += len(batch)
+
+    pending = []
+    while True:
+        batch = [doc for _, doc in zip(range(batch_size), docs)]
+        if not batch:
+            break
+        pending.append(semaphore.run(lambda b=batch: defer.ensureDeferred(insert(b))))
+        if len(pending) >= 4 * concurrency:
+            await defer.gatherResults(pending, consumeErrors=True)
+            pending = []
+    await defer.gatherResults(pending, consumeErrors=True)
+    return written, time.perf_counter() - started
+
+
+async def latency(api: ApiClient, nodes: list[dict], hours: int, queries: int, rng: random.Random,
+                  cpu: Optional[list[float]] = None) -> list[float]:
+    """Wall-clock seconds of each request; ``cpu`` gets the process's CPU seconds of each (all threads:
+    what a request costs, apart from waiting for a core on a busy machine)."""
+    times = []
+    for _ in range(queries):
+        node = rng.choice(nodes)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        status, body = await api.call("GET", "/monitor_mgr/node/history/",
+                                      params={"node_uuid": node["uuid"], "statis_hours": hours, "step_minutes": 1})
+        times.append(time.perf_counter() - started)
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu_started)
+        if status != 200 or len(body["data"]["time"]) != hours * 60:
+            raise RuntimeError(f"unexpected answer: {status} {str(body)[:300]}")
+    return times
+
+
+async def ingest(core: Any, count: int, rng: random.Random) -> tuple[int, float, float]:
+    """One minute of heartbeats of ``count`` nodes, then its flush: (samples, receive s, flush s)."""
+    nodes = [{"uuid": f"ingest-{i:05d}", "name": f"ingest-{i}", "ip": f"10.9.{i // 250}.{i % 250}"} for i in range(count)]
+    hook = core.plugins.hook.kvmdesk_node_metrics
+    start = time.time() // 60 * 60 - 60
+    bodies = [metrics(rng) for _ in range(64)]
+    samples = 0
+    began = time.perf_counter()
+    for round_ in range(int(60 / HEARTBEAT)):
+        at = start + round_ * HEARTBEAT
+        for node in nodes:
+            hook(core=core, node=node, sample={"at": at, "metrics": bodies[samples % 64]})
+            samples += 1
+    received = time.perf_counter() - began
+    began = time.perf_counter()
+    await core.extensions["monitoring"].rollups.flush()
+    return samples, received, time.perf_counter() - began
+
+
+async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> None:
+    rng = random.Random(7)
+    stop = None
+    config: dict[str, Any] = {"agent": {"local": False}}
+    if backend == "briskdb":
+        uri, stop = start_briskdb(workdir / "briskdb")
+        config["store"] = {"uri": uri + "kvmdesk_bench?implicit_session=false", "timeout": 120}
+    core = await make_core(workdir / backend, config=config)
+    try:
+        api = ApiClient(core)
+        await api.login()
+        nodes = []
+        for i in range(args.nodes):
+            record = new_record(core.clock, name=f"bench-{i}", ip=f"10.8.{i // 250}.{i % 250}", type=5, state="online")
+            nodes.append(await core.store.collection("nodes").insert_one(record))
+        # briskdb refuses a write batch past its decoded-memory budget (about 10 of these documents);
+        # several batches in flight keep its fill time bearable.
+        batch, concurrency = (500, 1) if backend == "sqlite" else (8, 8)
+        docs, seconds = await fill(core, nodes, args.days, rng, batch, concurrency)
+        freeze_startup_heap()  # as the twistd service does once its core is built
+        print(f"[{backend}] filled {args.nodes} nodes x {args.days} days: {docs} hour documents, "
+              f"{docs * 60:,} minute points in {seconds:.1f} s ({docs * 60 / seconds:,.0f} points/s bulk)")
+        for hours, target in ((1, 0.020), (24, 0.100)):
+            await latency(api, nodes, hours, 5, rng)  # warm-up
+            cpu: list[float] = []
+            times = await latency(api, nodes, hours, args.queries, rng, cpu)
+            p99 = percentile(times, 99)
+            print(f"[{backend}] history {hours:>2} h at 1 min ({hours * 60} points): p50 {ms(statistics.median(times))}, "
+                  f"p99 {ms(p99)}, max {ms(max(times))}  (target p99 < {ms(target)}: "
+                  f"{'met' if p99 < target else 'NOT met'}); CPU per request p50 {ms(statistics.median(cpu))}, "
+                  f"p99 {ms(percentile(cpu, 99))}")
+        samples, received, flushed = await ingest(core, args.ingest_nodes, rng)
+        rate = samples / (received + flushed)
+        need = 10 * 1000 / HEARTBEAT
+        print(f"[{backend}] ingest: {samples:,} samples of {args.ingest_nodes} nodes: hook {ms(received)}, "
+              f"flush of {args.ingest_nodes} node-minutes {ms(flushed)}; {rate:,.0f} samples/s "
+              f"(target >= {need:,.0f}: {'met' if rate >= need else 'NOT met'})")
+    finally:
+        await core.store.close()
+        if stop is not None:
+            stop()
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    backends = ["sqlite", "briskdb"] if args.backend == "both" else [args.backend]
+    with tempfile.TemporaryDirectory(prefix="kvmdesk-history-bench-") as tmp:
+        for backend in backends:
+            await run_backend(backend, args, Path(tmp))
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["sqlite", "briskdb", "both"], default="both")
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--ingest-nodes", type=int, default=1000)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor, arguments)))

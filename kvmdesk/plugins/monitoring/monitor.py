@@ -1,0 +1,195 @@
+"""The monitoring state of one controller (``core.extensions["monitoring"]``) and its loops."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional
+
+import attrs
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from kvmdesk.plugins.monitoring.alarms import Alarms
+from kvmdesk.plugins.monitoring.rollups import Rollups
+from kvmdesk.plugins.monitoring.samples import RawBuffer, sample_from
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvmdesk.core.app import Core
+
+log = Logger(namespace="kvmdesk.monitoring")
+
+EXTENSION = "monitoring"
+
+#: The ``[monitoring]`` configuration section and its defaults.
+DEFAULTS = {
+    "monitoring": {
+        # Seconds of raw heartbeat samples kept in memory per node: the longest `statis_period` of
+        # current_perf (and of the top five).
+        "raw_seconds": 600,
+        # Days of minute rollups kept in the store; older hours are deleted every `prune_interval` seconds,
+        # `prune_chunk` hour documents per statement.
+        "retention_days": 30,
+        "prune_interval": 3600,
+        "prune_chunk": 500,
+        # Seconds between writes of the completed minutes to the store.
+        "flush_interval": 60,
+        # Most points one history answer may have (statis_hours * 60 / step_minutes).
+        "max_history_points": 1440,
+        # Seconds between two evaluations of the alarm rules.
+        "alarm_interval": 5.0,
+        # Seconds to wait for a node's process list (current_perf asks the agents).
+        "process_timeout": 4.0,
+        # The dashboard's licence fields. An open-source build has no licence: 1 = full version,
+        # no trial (0 days), 0 terminals = no limit.
+        "license_status": 1,
+        "trial_days": 0,
+        "license_terminal_cnt": 0,
+    }
+}
+
+
+@attrs.frozen
+class Settings:
+    raw_seconds: float = 600.0
+    heartbeat: float = 5.0
+    retention_days: float = 30.0
+    prune_interval: float = 3600.0
+    prune_chunk: int = 500
+    flush_interval: float = 60.0
+    max_history_points: int = 1440
+    alarm_interval: float = 5.0
+    process_timeout: float = 4.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Settings":
+        get = config.get
+        return cls(
+            raw_seconds=float(get("monitoring.raw_seconds", 600)),
+            heartbeat=float(get("nodes.heartbeat_interval", 5.0)),
+            retention_days=float(get("monitoring.retention_days", 30)),
+            prune_interval=float(get("monitoring.prune_interval", 3600)),
+            prune_chunk=int(get("monitoring.prune_chunk", 500)),
+            flush_interval=float(get("monitoring.flush_interval", 60)),
+            max_history_points=int(get("monitoring.max_history_points", 1440)),
+            alarm_interval=float(get("monitoring.alarm_interval", 5.0)),
+            process_timeout=float(get("monitoring.process_timeout", 4.0)),
+        )
+
+
+@attrs.define(eq=False)
+class Monitor:
+    """Raw samples, rollups and alarms of one controller."""
+
+    core: "Core"
+    settings: Settings
+    buffer: RawBuffer = attrs.field(init=False)
+    rollups: Rollups = attrs.field(init=False)
+    alarms: Alarms = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        # A latest sample stands for "now" until two heartbeats were missed.
+        self.buffer = RawBuffer(keep=self.settings.raw_seconds, stale_after=2 * self.settings.heartbeat)
+        self.rollups = Rollups(self.core.store)
+        self.alarms = Alarms(self.core, self.buffer)
+
+    def receive(self, node: Mapping[str, Any], sample: Mapping[str, Any]) -> None:
+        """Take one heartbeat sample (``kvmdesk_node_metrics``)."""
+        metrics = sample.get("metrics")
+        if not metrics:
+            return
+        raw = sample_from(float(sample["at"]), metrics, self.settings.heartbeat)
+        self.buffer.add(node, raw, sample.get("hypervisor"))
+        self.rollups.add(node["uuid"], raw)
+
+    def forget(self, uuid: str) -> None:
+        self.buffer.forget(uuid)
+        self.rollups.forget(uuid)
+
+    async def flush(self) -> int:
+        return await self.rollups.flush(before=self.core.clock.seconds())
+
+    async def prune(self) -> int:
+        cutoff = self.core.clock.seconds() - self.settings.retention_days * 86400
+        return await self.rollups.prune(cutoff, self.settings.prune_chunk)
+
+    async def evaluate_alarms(self) -> None:
+        await self.alarms.evaluate(self.core.clock.seconds())
+
+    def services(self) -> "MultiService":
+        """The flush, prune and alarm loops, as one service; stopping it writes every pending minute."""
+        return MonitorServices(self)
+
+
+class Periodic(Service):
+    """Runs ``work`` every ``interval`` seconds of ``clock``; a failed round is logged and the loop goes on.
+
+    ``stopService`` waits for the round in progress.
+    """
+
+    def __init__(self, name: str, clock: Any, interval: float, work: Callable[[], Awaitable[Any]]):
+        self.name = name
+        self.clock = clock
+        self.interval = interval
+        self.work = work
+        self._loop: Optional[LoopingCall] = None
+        self._round: Optional[defer.Deferred] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._run)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def _run(self) -> defer.Deferred:
+        self._round = defer.ensureDeferred(self._safe())
+        return self._round
+
+    async def _safe(self) -> None:
+        try:
+            await self.work()
+        except Exception:
+            log.failure("monitoring: {name} failed a round", name=self.name)
+
+    def settled(self) -> defer.Deferred:
+        """Fires when the round in progress (if any) has finished."""
+        current = self._round
+        if current is None or current.called:
+            return defer.succeed(None)
+        finished: defer.Deferred = defer.Deferred()
+        current.addBoth(lambda result: (finished.callback(None), result)[1])
+        return finished
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return self.settled()
+
+
+class MonitorServices(MultiService):
+    """The monitoring loops; on stop, the loops end, then every pending minute is written."""
+
+    name = "monitoring"
+
+    def __init__(self, monitor: Monitor):
+        super().__init__()
+        self.monitor = monitor
+        clock, settings = monitor.core.clock, monitor.settings
+        Periodic("flush", clock, settings.flush_interval, monitor.flush).setServiceParent(self)
+        Periodic("prune", clock, settings.prune_interval, monitor.prune).setServiceParent(self)
+        Periodic("alarms", clock, settings.alarm_interval, monitor.evaluate_alarms).setServiceParent(self)
+
+    def settled(self) -> defer.Deferred:
+        """Fires when every loop's round in progress has finished (tests advance a clock, then wait)."""
+        return defer.DeferredList([s.settled() for s in self], consumeErrors=True)
+
+    def stopService(self) -> defer.Deferred:
+        async def stop() -> None:
+            await MultiService.stopService(self)
+            await self.monitor.alarms.drain()
+            try:
+                await self.monitor.rollups.flush()
+            except Exception:
+                log.failure("monitoring: could not write the last minutes")
+
+        return defer.ensureDeferred(stop())

@@ -1,0 +1,156 @@
+"""Samples arrive, roll up into minute points in the store, come back as history, and expire."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+
+from kvmdesk.core.records import format_time
+from tests.unit.monitoring.monitoring_testlib import add_node, advance, heartbeat, make_clock, monitor, monitoring_api
+
+HISTORY = "/monitor_mgr/node/history/"
+
+
+async def beat_for(api, clock, node, seconds: int, every: int = 5, **kwargs) -> None:
+    for _ in range(seconds // every):
+        await advance(api, every)
+        heartbeat(api, node, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_points_roll_up_into_minutes_and_an_offline_hour_is_null(tmp_path: Path):
+    clock = make_clock()
+    clock.advance(3600 - clock.seconds() % 3600)  # on an hour boundary
+    hour0 = int(clock.seconds())
+    async with monitoring_api(tmp_path, clock) as api:
+        node = await add_node(api, "n1", "10.0.0.1")
+        mon = monitor(api)
+        api.core.services.startService()
+        # Hour 0: one minute at 10 %, the next at 30 % (12 heartbeats a minute), then one hour offline.
+        await beat_for(api, clock, node, 55, cpu=10.0)   # :00:05 .. :00:55
+        await beat_for(api, clock, node, 60, cpu=30.0)   # :01:00 .. :01:55 (the :01:00 one is minute 1)
+        await advance(api, 60 * 60 - 115)                      # no heartbeats: the flush loop writes minutes 0 and 1
+        stored = await api.core.store.collection("monitor_rollups").find({"node": node["uuid"]})
+        assert [d["hour"] for d in stored] == [hour0]
+        assert stored[0]["m"]["0"]["c"] == 10.0 and stored[0]["m"]["1"]["c"] == 30.0
+        assert stored[0]["m"]["0"]["n"]["eth0"] == [1000, 500]
+        # Back for ten minutes in the next hour.
+        await beat_for(api, clock, node, 600, cpu=50.0)
+        await advance(api, 60)
+
+        status, body = await api.call("GET", HISTORY, params={"node_uuid": node["uuid"], "statis_hours": 2,
+                                                              "step_minutes": 1})
+        assert status == 200, body
+        data = body["data"]
+        assert len(data["time"]) == 120 and len(data["cpu_util"]) == 120
+        # The axis ends with the last completed minute, aligned to the minute.
+        now = clock.seconds()
+        last = int(now // 60 * 60) - 60
+        assert data["time"][-1] == format_time(last) and data["time"][0] == format_time(last - 119 * 60)
+        by_time = dict(zip(data["time"], data["cpu_util"]))
+        assert by_time[format_time(hour0)] == 10.0 and by_time[format_time(hour0 + 60)] == 30.0
+        # The hour offline: nulls, not zeros.
+        offline = [by_time[format_time(hour0 + m * 60)] for m in range(2, 60) if format_time(hour0 + m * 60) in by_time]
+        assert offline and all(v is None for v in offline)
+        assert by_time[format_time(hour0 + 3600 + 300)] == 50.0
+        assert data["memory_util"]["percent"][-1] == 40.0 and data["memory_util"]["used"][-1] == 4 * 1024 ** 3
+        assert data["nic_util"]["eth0"]["read_bytes_avg"][-1] == 1000
+        assert data["nic_util"]["eth0"]["write_bytes_avg"][-1] == 500
+        assert data["disk_io_util"]["sda"]["write_bytes_avg"][-1] == 2000
+        assert data["node_uuid"] == node["uuid"]
+
+        # A 10-minute step over the same two hours: 12 aligned points, means of the minutes present.
+        status, body = await api.call("GET", "/monitor_mgr/node/history_perf/",
+                                      json={"node_uuid": node["uuid"], "statis_hours": 2, "step_minutes": 10})
+        assert status == 200, body
+        steps = dict(zip(body["data"]["time"], body["data"]["cpu_util"]))
+        assert len(steps) == 12 and all(int(t[-5:-3]) % 10 == 0 for t in steps)
+        assert steps[format_time(hour0)] == 20.0  # minutes 0 and 1 only: (10 + 30) / 2
+        assert steps[format_time(hour0 + 1200)] is None
+        await api.core.services.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_minutes_are_answered_before_their_flush_and_written_at_stop(tmp_path: Path):
+    clock = make_clock()
+    clock.advance(60 - clock.seconds() % 60)
+    async with monitoring_api(tmp_path, clock, flush_interval=3600) as api:
+        node = await add_node(api, "n1", "10.0.0.1")
+        api.core.services.startService()
+        await beat_for(api, clock, node, 180, cpu=20.0)
+        assert await api.core.store.collection("monitor_rollups").count() == 0
+        status, body = await api.call("GET", HISTORY, params={"node_uuid": node["uuid"], "statis_hours": 1})
+        assert status == 200 and [v for v in body["data"]["cpu_util"] if v is not None] == [20.0] * 3
+        await api.core.services.stopService()
+        stored = await api.core.store.collection("monitor_rollups").find({})
+        assert sum(len(d["m"]) for d in stored) >= 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_points_expire_after_the_retention_in_chunks(tmp_path: Path):
+    clock = make_clock()
+    async with monitoring_api(tmp_path, clock, retention_days=1, prune_interval=600, prune_chunk=2) as api:
+        nodes = [await add_node(api, f"n{i}", f"10.0.0.{i}") for i in range(3)]
+        mon = monitor(api)
+        api.core.services.startService()
+        # Four hours of one sample a minute per node: 3 nodes x 4 hours (5 with the partial first one).
+        for _ in range(4 * 60):
+            await advance(api, 60)
+            for node in nodes:
+                heartbeat(api, node, cpu=5.0)
+        rollups = api.core.store.collection("monitor_rollups")
+        before = await rollups.count()
+        assert before >= 12
+        first_hour = min(d["hour"] for d in await rollups.find({}))
+        # A day later (quiet): every hour of the first four has expired; the delete went in chunks of 2.
+        deleted = []
+        original = mon.rollups.collection.delete_many
+
+        async def counting(filter):
+            deleted.append(len(filter["id"]["$in"]))
+            return await original(filter)
+
+        mon.rollups.store = _Spy(api.core.store, counting)
+        await advance(api, 86400 + 3600)
+        assert await rollups.count() == 0
+        assert deleted and max(deleted) <= 2 and sum(deleted) == before
+        await api.login()  # the token expired during that day
+        status, body = await api.call("GET", HISTORY, params={"node_uuid": nodes[0]["uuid"], "statis_hours": 24,
+                                                              "step_minutes": 60})
+        assert status == 200, body
+        assert all(v is None for v in body["data"]["cpu_util"]) and first_hour
+        await api.core.services.stopService()
+
+
+class _Spy:
+    """The real store, with the rollups' ``delete_many`` observed (chunk sizes)."""
+
+    def __init__(self, store, delete_many):
+        self.store = store
+        self.delete_many = delete_many
+
+    def collection(self, name):
+        real = self.store.collection(name)
+        spy = self
+
+        class Observed:
+            def __getattr__(self, attr):
+                return spy.delete_many if attr == "delete_many" else getattr(real, attr)
+
+        return Observed()
+
+
+def test_the_axis_is_formatted_like_every_other_time_across_a_daylight_saving_change(monkeypatch):
+    import time as time_module
+
+    from kvmdesk.plugins.monitoring.perf import axis_times
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time_module.tzset()
+    try:
+        for first, step in ((1_700_000_000, 60), (1_698_541_200, 600)):  # the second spans 2023-10-29 03:00
+            starts = [first + i * step for i in range(40)]
+            assert axis_times(starts) == [format_time(t) for t in starts]
+    finally:
+        monkeypatch.undo()
+        time_module.tzset()
