@@ -27,6 +27,7 @@ from kvmdesk.agent.rfb import AuthenticationFailed, NoAuthGreeting, RfbError, Vn
 from kvmdesk.core import agentauth
 from kvmdesk.core.console import DOMAIN_OFF, relay_buffers
 from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.passthrough import pass_through
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvmdesk.agent.service import Agent
@@ -161,6 +162,9 @@ class _ControllerSide(protocol.Protocol):
             relay_buffers(transport, SPLICE_BUFFER)
         self.transport.registerProducer(self.vnc.transport, True)
         self.vnc.transport.registerProducer(self.transport, True)
+        # Reads go straight to the other socket (dataReceived above stays the way for the rest).
+        pass_through(self.vnc.transport, self.transport, SPLICE_BUFFER)
+        pass_through(self.transport, self.vnc.transport, SPLICE_BUFFER)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.tunnels.discard(self)

@@ -6,8 +6,9 @@ would to websockify.  Each connection checks its token (:func:`kvmdesk.core.cons
 the node, opens the agent's console tunnel (:mod:`kvmdesk.nodeaccess.tunnel`) and then passes bytes both ways:
 
 - back-pressure both ways: the tunnel's TCP transport is the websocket transport's push producer
-  and the other way round, so nothing is read faster than the other side takes it, and at most one
-  read (64 KiB) is held per direction;
+  and the other way round, so nothing is read faster than the other side takes it, and at most
+  ``[console] buffer_kib`` is held per direction; console -> viewer bytes are spliced from socket
+  to socket behind a frame header (:mod:`kvmdesk.core.passthrough`), not copied through autobahn;
 - a viewer that stops reading pauses the tunnel; paused longer than ``[console] stall_timeout``
   seconds, the console is closed (:data:`~kvmdesk.core.console.CLIENT_STALLED`);
 - either side closing closes the other; :meth:`ConsoleRelay.close_domain` closes every console of a
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 
 from kvmdesk.core import console
 from kvmdesk.core.errors import ApiError, define
+from kvmdesk.core.passthrough import pass_through, websocket_header
 from kvmdesk.nodeaccess.tunnel import TunnelProtocol, open_tunnel
 
 log = Logger(namespace="kvmdesk.console")
@@ -137,6 +139,10 @@ class ConsoleProtocol(WebSocketServerProtocol):
         self.watch = StallWatch(tunnel.transport, self.relay.clock, self.relay.stall_timeout, self._stalled)
         transport.registerProducer(self.watch, True)
         tunnel.transport.registerProducer(transport, True)
+        # The console's bytes go from the tunnel's socket to the viewer's as websocket frames
+        # without autobahn's copy per message (_from_console stays the way for the rest).
+        pass_through(tunnel.transport, transport, self.relay.buffer_size, header=websocket_header,
+                     ready=lambda: not self.closed and self.state == self.STATE_OPEN)
         early = tunnel.take_early()
         if early:
             self._from_console(early)
