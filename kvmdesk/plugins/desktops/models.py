@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BeforeValidator, Field, StringConstraints
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name, OptionalName
 
 #: Desktop names are domain names: letters, digits and _ . - , starting with a letter or digit.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -16,7 +16,8 @@ def _blank(value: Any) -> Any:
     return "" if value is None else value
 
 
-GroupName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+#: Group names follow the shared name rules (no control characters, stripped, at most 64).
+GroupName = Name
 Desc = Annotated[str, BeforeValidator(_blank), StringConstraints(max_length=1024)]
 Uuid = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
@@ -30,7 +31,7 @@ class Ref(Model):
     """One item of a batch: the uuid identifies it; the name (required by the contract) is informative."""
 
     uuid: Uuid
-    name: str
+    name: OptionalName
 
 
 # -- teaching groups (#79-#82) ------------------------------------------------------------------------
@@ -57,7 +58,7 @@ class TeachingGroupValue(Model):
 
 class TeachingGroupEdit(Model):
     uuid: Uuid
-    name: str
+    name: OptionalName
     value: TeachingGroupValue
 
 
@@ -100,7 +101,7 @@ class DesktopGroupValue(Model):
 
 class DesktopGroupEdit(Model):
     uuid: Uuid
-    name: str
+    name: OptionalName
     value: DesktopGroupValue
 
 
@@ -109,14 +110,14 @@ class DesktopGroupEdit(Model):
 
 class DesktopsParam(Model):
     desktop_uuid: Uuid
-    desktop_name: str
+    desktop_name: OptionalName
     desktop_type: Literal[1]
     instances: list[Ref] = Field(min_length=1)
 
 
 class DesktopsDelete(Model):
     desktop_uuid: Uuid
-    desktop_name: str
+    desktop_name: OptionalName
     # The contract's delete example says 2 (a copy of the personal one); a teaching desktop is 1.
     desktop_type: Literal[1]
     instances: list[Ref] = Field(min_length=1)
@@ -124,7 +125,7 @@ class DesktopsDelete(Model):
 
 class DesktopsAdd(Model):
     desktop_uuid: Uuid
-    desktop_name: str
+    desktop_name: OptionalName
     desktop_type: Literal[1]
     instance_num: int = Field(ge=1, le=5000)
     create_info: dict[str, int]
@@ -132,4 +133,4 @@ class DesktopsAdd(Model):
 
 class ConsoleParam(Model):
     uuid: Uuid
-    name: str
+    name: OptionalName

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, model_validator
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, OptionalName
 from kvmdesk.plugins.desktops.models import Flag, GroupName, Prefix, Ref, Uuid
 
 
@@ -24,7 +24,7 @@ Ram = Annotated[float, Field(gt=0, le=1024), BeforeValidator(lambda v: float(v) 
 
 class GroupRef(Model):
     uuid: Uuid
-    name: Optional[str] = None
+    name: Optional[OptionalName] = None
 
 
 class PersonalGroups(Model):
@@ -37,12 +37,12 @@ class BindingRef(Model):
     """A user group to bind (#122): its uuid and (informative) name."""
 
     group_uuid: Uuid
-    group_name: Optional[str] = None
+    group_name: Optional[OptionalName] = None
 
 
 class BindGroups(Model):
     desktop_uuid: Uuid
-    desktop_name: Optional[str] = None
+    desktop_name: Optional[OptionalName] = None
     groups: list[BindingRef] = Field(min_length=1)
 
 
@@ -50,12 +50,12 @@ class BindingId(Model):
     """A binding to remove (#123): the binding's uuid and (informative) user group name."""
 
     uuid: Uuid
-    group_name: Optional[str] = None
+    group_name: Optional[OptionalName] = None
 
 
 class UnbindGroups(Model):
     desktop_uuid: Uuid
-    desktop_name: Optional[str] = None
+    desktop_name: Optional[OptionalName] = None
     groups: list[BindingId] = Field(min_length=1)
 
 
@@ -66,7 +66,7 @@ class Allocation(Model):
     """A static desktop's user (#113 ``allocates``): the user and the desktop's name."""
 
     user_uuid: Uuid
-    name: str
+    name: OptionalName
 
 
 class PersonalGroupCreate(Model):
@@ -110,7 +110,7 @@ class PersonalGroupCreate(Model):
 
 class PersonalDesktops(Model):
     desktop_uuid: Uuid
-    desktop_name: str
+    desktop_name: OptionalName
     desktop_type: Literal[2]
     instances: list[Ref] = Field(min_length=1)
 
@@ -118,7 +118,7 @@ class PersonalDesktops(Model):
 class PersonalDesktopsAdd(Model):
     desktop_uuid: Uuid
     # The contract's table misspells it ``dekstop_name``; its example says ``desktop_name``.
-    desktop_name: str = Field(validation_alias=AliasChoices("desktop_name", "dekstop_name"))
+    desktop_name: OptionalName = Field(validation_alias=AliasChoices("desktop_name", "dekstop_name"))
     desktop_type: Literal[2]
     instance_num: int = Field(ge=1, le=5000)
     prefix: Optional[Prefix] = None
@@ -130,14 +130,14 @@ class PersonalDesktopsAdd(Model):
 
 class ChangeBind(Model):
     instance_uuid: Uuid
-    instance_name: str
+    instance_name: OptionalName
     #: ``""`` removes the desktop's binding.
     user_uuid: str
-    user_name: str
+    user_name: OptionalName
 
 
 class ChangeGroup(Model):
     desktop_uuid: Uuid
-    desktop_name: str
+    desktop_name: OptionalName
     group_uuid: Optional[Uuid] = None
-    group_name: Optional[str] = None
+    group_name: Optional[OptionalName] = None

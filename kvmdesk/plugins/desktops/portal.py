@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 from pydantic import StringConstraints
 
-from kvmdesk.api.models import Model
+from kvmdesk.api.models import Model, Name
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core.errors import ApiError
 from kvmdesk.plugins.desktops.broker import EXTENSION as BROKER
@@ -27,7 +27,7 @@ USER_TOKEN = " (desktop user's token from /portal/login)"
 
 
 class PortalLogin(Model):
-    user_name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    user_name: Name
     password: Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
