@@ -15,7 +15,7 @@ import attrs
 
 from kvmdesk.agent.domains import xml
 from kvmdesk.agent.domains.disks import DISK_NOT_FOUND, DiskError, Disks
-from kvmdesk.agent.hypervisor import Hypervisor
+from kvmdesk.agent.hypervisor import DomainStateError, Hypervisor
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.protocol.domains import DomainSpec, FileRef
 
@@ -96,7 +96,12 @@ class Domains:
         text = await self.hypervisor.domain_xml(ident, inactive=True)
         info = await self.hypervisor.domain_info(ident)
         if info["id"] is not None:
-            await self.hypervisor.destroy(ident)
+            try:
+                await self.hypervisor.destroy(ident)
+            except DomainStateError:
+                # It stopped between the look and the destroy (a guest reset with on_reboot=destroy, a
+                # shutdown): stopped is what the undefine needs.
+                pass
         result = await self.hypervisor.undefine(ident)
         removed: list[str] = []
         if delete_disks:

@@ -19,7 +19,7 @@ def _blank(value: Any) -> Any:
 #: Group names follow the shared name rules (no control characters, stripped, at most 64).
 GroupName = Name
 Desc = Annotated[str, BeforeValidator(_blank), StringConstraints(max_length=1024)]
-Uuid = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+Uuid = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 #: Desktop names become libvirt domain names: a prefix of safe characters.
 Prefix = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=48, pattern=_NAME.pattern)]

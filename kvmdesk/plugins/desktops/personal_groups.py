@@ -28,7 +28,7 @@ from kvmdesk.plugins.desktops.desktop_groups import check_subnet, devices_of, on
 from kvmdesk.plugins.desktops.domain_ops import restores
 from kvmdesk.plugins.desktops.lookups import names_of, record_or_404
 from kvmdesk.plugins.desktops.models import DesktopGroupEdit
-from kvmdesk.plugins.desktops.personal_models import PersonalGroupCreate, PersonalGroups
+from kvmdesk.plugins.desktops.personal_models import PersonalGroupCreate, PersonalGroups, inconsistency
 from kvmdesk.plugins.desktops.personal_schema import PERSONAL_GROUPS, RANDOM_BINDINGS, STATIC, USER_GROUPS, USERS
 
 BASE = "/personal/desktop"
@@ -129,6 +129,9 @@ async def check_allocates(core: Any, body: PersonalGroupCreate, names: list[str]
 
 async def create(req: ApiRequest) -> dict:
     body: PersonalGroupCreate = req.body
+    problem = inconsistency(body)
+    if problem:
+        raise ApiError(errors.INVALID_PARAM, field=problem[0], reason=problem[1])
     core = req.core
     req.oplog_detail = f"{body.name} ({body.instance_num})"
     template = await record_or_404(core, schema.TEMPLATES, body.template_uuid)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal, Optional
 
-from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, AliasChoices, BeforeValidator, Field
 
 from kvmdesk.api.models import Model, OptionalName
 from kvmdesk.plugins.desktops.models import Flag, GroupName, Prefix, Ref, Uuid
@@ -92,17 +92,23 @@ class PersonalGroupCreate(Model):
     postfix_start: int = Field(default=1, ge=0)
     create_info: dict[str, int]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "PersonalGroupCreate":
-        if (self.network_uuid is None) != (self.subnet_uuid is None):
-            raise ValueError("network_uuid and subnet_uuid go together")
-        if self.allocate_type == 2 and (self.subnet_uuid is None or self.allocate_start is None):
-            raise ValueError("allocate_type 2 (fixed) needs network_uuid, subnet_uuid and allocate_start")
-        if self.desktop_type == 1 and (self.allocates or self.group_uuid):
-            raise ValueError("allocates and group_uuid are for static groups (desktop_type 2)")
-        if self.desktop_type == 2 and self.groups:
-            raise ValueError("groups is for random groups (desktop_type 1)")
-        return self
+
+
+def inconsistency(body: PersonalGroupCreate) -> Optional[tuple[str, str]]:
+    """``(field, reason)`` when fields of a create contradict each other, else ``None``.
+
+    Checked by the handler, not the model: the OpenAPI document cannot state these rules, so they are
+    refusals of meaning (an ``INVALID_PARAM`` naming the field), not of shape.
+    """
+    if (body.network_uuid is None) != (body.subnet_uuid is None):
+        return "subnet_uuid", "network_uuid and subnet_uuid go together"
+    if body.allocate_type == 2 and (body.subnet_uuid is None or body.allocate_start is None):
+        return "allocate_start", "allocate_type 2 (fixed) needs network_uuid, subnet_uuid and allocate_start"
+    if body.desktop_type == 1 and (body.allocates or body.group_uuid):
+        return "group_uuid", "allocates and group_uuid are for static groups (desktop_type 2)"
+    if body.desktop_type == 2 and body.groups:
+        return "groups", "groups is for random groups (desktop_type 1)"
+    return None
 
 
 # -- personal desktops (#128-#134) --------------------------------------------------------------------
