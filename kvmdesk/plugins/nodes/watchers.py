@@ -209,7 +209,13 @@ class NodeWatcher(Service):
         if boot_id != self.boot_id or self._facts_at is None or now - self._facts_at >= self.settings.facts_interval:
             if self.boot_id is not None and boot_id != self.boot_id:
                 log.info("agent of node {name} ({ip}) restarted", name=escaped(self.node.get("name")), ip=self.node.get("ip"))
-            facts = await client.call(self.node, "GET", "/facts", timeout=self.settings.timeout * 2)
+            try:
+                facts = await client.call(self.node, "GET", "/facts", timeout=self.settings.timeout * 2)
+            except AgentConnectionError as exc:
+                # It answered its status and went away before its facts (a node going down, or the
+                # in-process agent stopped first at shutdown): the next round asks again.
+                log.info("facts of node {ip} not fetched: {reason}", ip=self.node.get("ip"), reason=exc.reason)
+                return
             self.boot_id = boot_id
             self._facts_at = now
             changes.update(facts=facts, facts_at=now_text(self.clock), hostname=facts.get("hostname"))
