@@ -263,9 +263,12 @@ async def test_a_healthy_first_start_logs_nothing_that_sounds_like_an_error(star
     await process.wait_for(rb"node \S+ (is in step|not brought in step|refused to be brought in step)|"
                            rb"bringing node").addTimeout(START_TIMEOUT, reactor)
     _assert_clean_exit(process, await _terminate(process))
-    alarming = [line for line in process.text.splitlines() if ALARMING.search(line)]
+    # Where no libvirtd runs (CI runs this before or after the integration set has stopped its own), the
+    # one DEMO HYPERVISOR warning is the intended, tested message, and it quotes libvirt's "Failed to connect".
+    lines = [line for line in process.text.splitlines() if "DEMO HYPERVISOR" not in line]
+    alarming = [line for line in lines if ALARMING.search(line)]
     assert alarming == [], "\n".join(alarming)
-    warnings = [line for line in process.text.splitlines() if "#warn]" in line and "DEMO HYPERVISOR" not in line]
+    warnings = [line for line in lines if "#warn]" in line]
     assert warnings == [], "\n".join(warnings)
     assert ("plugins loaded: admin, alarm_webhook, console, desktops, jobs, monitoring, network, nodes, storage, "
             "templates, users; blocked: none") in process.text
