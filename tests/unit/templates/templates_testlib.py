@@ -26,6 +26,7 @@ class World:
     network: dict
     subnet: dict
     tmp: Path
+    port: int
 
     @property
     def core(self) -> Any:
@@ -77,6 +78,28 @@ def assert_error(status: int, body: dict, expected_status: int, code: int, *word
 
 
 @contextlib.asynccontextmanager
+async def started(core: Any) -> AsyncIterator[Any]:
+    """Run the core's job service and scheduler (the test controllers do not start services)."""
+    core.jobs.startService()
+    core.scheduler.startService()
+    try:
+        yield core
+    finally:
+        await core.scheduler.stopService()
+        await core.jobs.stopService()
+
+
+@contextlib.asynccontextmanager
+async def restarted(world: World) -> AsyncIterator[Any]:
+    """The controller restarted: the first core's store closes and a new core starts over the same
+    SQLite store (same clock, same agents); yields its logged-in API client."""
+    old = world.core
+    await old.store.close()
+    async with nodes_controller(world.tmp / "controller", world.port, clock=old.clock) as api:
+        yield api
+
+
+@contextlib.asynccontextmanager
 async def world_of(tmp_path: Path, clock: Any) -> AsyncIterator[World]:
     port = free_port(*HOSTS)
     image = make_qcow2(tmp_path / "win7.qcow2", 1, virtual="2G")
@@ -110,6 +133,6 @@ async def world_of(tmp_path: Path, clock: Any) -> AsyncIterator[World]:
             assert status == 200, body
             network = body["data"]
             subnet = await api.core.store.collection("subnets").find_one({"network_uuid": network["uuid"]})
-            yield World(api, pool, nodes, [first, second], base, network, subnet, tmp_path)
+            yield World(api, pool, nodes, [first, second], base, network, subnet, tmp_path, port)
         finally:
             await distributor.stopService()
