@@ -93,6 +93,23 @@ async def test_run_items_answers_the_batch_shape_with_a_job_id(tmp_path, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_run_items_without_an_operation_runs_the_registered_kind_on_whole_items(tmp_path, clock):
+    async def runner(core, job):
+        await job.for_each(lambda item: _operation(item["name"]) if item["node"] else _operation("missing"))
+
+    items = [{"uuid": "u-1", "name": "a", "node": "n1"}, {"uuid": "u-2", "name": "b", "node": None}]
+    async with running_api(tmp_path, clock) as api:
+        api.core.jobs.register("test.registered", runner, on_restart="resume")
+        answer = await api.core.jobs.run_items(_req("en"), "test.registered", items)
+        assert (answer["success_num"], answer["failed_num"]) == (1, 1)
+        assert answer["failures"] == [{"uuid": "u-2", "name": "b", "code": errors.NOT_FOUND.code,
+                                       "msg": "资源池 not found: missing"}]
+        record = await stored(api.core, answer["job_id"])
+        # kept whole, with the registered runner: a restart resumes such a job
+        assert [i["node"] for i in record["items"]] == ["n1", None] and record["custom_runner"] is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_run_items_lists_what_operations_said_like_run_batch(tmp_path, clock):
     async def reports(item):
         if item == "quiet":
