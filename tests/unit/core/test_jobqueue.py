@@ -1,9 +1,8 @@
 """Persisted jobs: per-item results and progress, the batch answer with job_id, restarts, cancel, the API."""
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -15,6 +14,7 @@ from kvmdesk.core import errors, jobqueue
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.testing.api import make_core
+from kvmdesk.testing.api import running_jobs as started
 
 
 def _req(lang: str = "zh") -> SimpleNamespace:
@@ -52,18 +52,6 @@ class Gates:
         error = await self.gates.setdefault(uuid, defer.Deferred())
         if error is not None:
             raise error
-
-
-@contextlib.asynccontextmanager
-async def started(core: Any) -> AsyncIterator[Any]:
-    """Run the core's job service and scheduler (the API fixtures do not start services)."""
-    core.jobs.startService()
-    core.scheduler.startService()
-    try:
-        yield core
-    finally:
-        await core.scheduler.stopService()
-        await core.jobs.stopService()
 
 
 async def stored(core: Any, uuid: str) -> dict:

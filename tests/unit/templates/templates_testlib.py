@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 import attrs
 
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent
+from kvmdesk.testing.api import running_jobs as started  # noqa: F401  (the tests import it from here)
 from storage_testlib import make_qcow2, wait_all
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -75,18 +76,6 @@ def assert_error(status: int, body: dict, expected_status: int, code: int, *word
     assert body["code"] == code, body
     for word in words:
         assert word in body["msg"], (word, body["msg"])
-
-
-@contextlib.asynccontextmanager
-async def started(core: Any) -> AsyncIterator[Any]:
-    """Run the core's job service and scheduler (the test controllers do not start services)."""
-    core.jobs.startService()
-    core.scheduler.startService()
-    try:
-        yield core
-    finally:
-        await core.scheduler.stopService()
-        await core.jobs.stopService()
 
 
 @contextlib.asynccontextmanager
