@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest_twisted
 
 from kvmdesk.core import errors as core_errors
-from kvmdesk.plugins.templates import errors
+from kvmdesk.plugins.templates import errors, schema
 from templates_testlib import T, assert_error
 
 
@@ -59,8 +59,12 @@ async def test_create_copy_save_power_and_delete_are_jobs_with_per_item_results(
     assert {j["state"] for j in found} == {"partial", "failed"} and len(found) == 2, found
 
     await world.act("hard_stop", template, copied)
+    status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": "2099-1-1 08:00:00"}})
+    assert status == 200, body
+    assert await world.core.scheduler.get(schema.save_key(template["uuid"])) is not None
     status, body = await world.api.call("DELETE", T, {"templates": [ref, {"name": "copy1", "uuid": copied["uuid"]}]})
     assert status == 200 and body["data"]["success_num"] == 2, body
     job = await job_of(world, body)
     assert (job["kind"], job["state"]) == ("templates.delete", "succeeded")
     assert await world.core.store.collection("templates").count({}) == 0
+    assert await world.core.scheduler.get(schema.save_key(template["uuid"])) is None  # its pending save went too
