@@ -126,7 +126,7 @@ def kvmdesk_node_status_changed(core: Any, node: Mapping[str, Any], old: Optiona
     if new != "online" or old == "online":
         return
     d = defer.ensureDeferred(node_returned(core, node))
-    d.addErrback(lambda f: log.failure("sending template versions to node {node} failed", f, node=node.get("uuid")))
+    d.addErrback(lambda f: log.failure("cleaning or catching up node {node} failed", f, node=node.get("uuid")))
 
 
 async def node_returned(core: Any, node: Mapping[str, Any]) -> None:
