@@ -13,6 +13,7 @@ from kvmdesk.plugins.desktops import (admission, desktop_groups, events, instanc
 from kvmdesk.plugins.desktops.loads import NodeLoads
 from kvmdesk.plugins.desktops import (broker, personal_groups, personal_instances, personal_schema, portal, portal_auth,
                                       random_bindings, static_bindings)
+from kvmdesk.plugins.desktops import template_counts
 
 __all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
@@ -78,6 +79,7 @@ def kvmdesk_configure(core: Any) -> None:
     timetables.register(core)
     core.extensions[portal_auth.EXTENSION] = portal_auth.DesktopUserAuth.from_config(core)
     core.extensions[broker.EXTENSION] = broker.Broker(core)
+    core.extensions[template_counts.EXTENSION] = lambda uuids: template_counts.usage_counts(core, uuids)
 
 
 @hookimpl

@@ -18,7 +18,8 @@ HIDDEN = ("vnc_password", "nic", "mac", "deleted", "deleted_at", "base_image_uui
           "scheduled_save")
 DEVICE_FIELDS = ("uuid", "type", "device_name", "boot_index", "size")
 #: ``core.extensions[COUNTS]``, when a desktops plugin provides it: ``await f(template_uuids)`` ->
-#: ``{uuid: {"desktop_count", "instance_count"}}`` (desktop groups and desktops on each template).
+#: ``{uuid: {"desktop_count", "instance_count", "nodes"}}`` (desktop groups and desktops on each template,
+#: the uuids of the nodes those desktops are on).
 COUNTS = "templates.usage_counts"
 IMAGE_OK, IMAGE_SYNCING, IMAGE_ERROR = 0, 1, 2
 
@@ -39,6 +40,12 @@ async def _disk_info(core: Any, node: Optional[Mapping[str, Any]], device: Mappi
         return None
 
 
+async def usage_counts(core: Any, template_uuids: list[str]) -> dict[str, dict]:
+    """What the desktops plugin counts on each template (:data:`COUNTS`); nothing without it."""
+    counts_of = core.extensions.get(COUNTS)
+    return await counts_of(template_uuids) if counts_of else {}
+
+
 async def with_details(core: Any, records: list[dict]) -> list[dict]:
     """Names of the pool, node, network and subnet, devices with their used sizes, usage counts."""
     if not records:
@@ -47,8 +54,7 @@ async def with_details(core: Any, records: list[dict]) -> list[dict]:
     hosts = await _by_uuid(core, schema.NODES, {r.get("host_uuid") for r in records})
     networks = await _by_uuid(core, schema.NETWORKS, {r.get("network_uuid") for r in records})
     subnets = await _by_uuid(core, schema.SUBNETS, {r.get("subnet_uuid") for r in records})
-    counts_of = core.extensions.get(COUNTS)
-    counts = await counts_of([r["uuid"] for r in records]) if counts_of else {}
+    counts = await usage_counts(core, [r["uuid"] for r in records])
     infos = await defer.gatherResults([
         defer.ensureDeferred(_disk_info(core, hosts.get(r.get("host_uuid")), d)) for r in records for d in r["devices"]
     ])
@@ -90,8 +96,9 @@ async def image_states(core: Any, template: Mapping[str, Any]) -> list[dict]:
 
     The host node's disks are asked of its agent (0 present, 2 missing or unreachable); on the other
     nodes a disk is what publishing the latest version there gave (0 done, 2 failed), 1 until a
-    version has been sent there.
+    version has been sent there.  ``bind_desktop``: desktops of the template are on that node.
     """
+    bound_nodes = set((await usage_counts(core, [template["uuid"]])).get(template["uuid"], {}).get("nodes") or ())
     pool_nodes = await core.store.collection(schema.NODES).find({"resource_pool_uuid": template["pool_uuid"]},
                                                                  sort=[("id", 1)])
     transfers = await core.store.collection(schema.TRANSFERS).find(
@@ -111,7 +118,8 @@ async def image_states(core: Any, template: Mapping[str, Any]) -> list[dict]:
                 status = transfer["status"] if transfer else IMAGE_SYNCING
                 path = (transfer or {}).get("node_path")
             storages.append({"role": device["role"], "path": _role_root(node, device["role"], path),
-                             "image_id": device["uuid"], "bind_desktop": False, "status": status})
+                             "image_id": device["uuid"], "bind_desktop": node["uuid"] in bound_nodes,
+                             "status": status})
         results.append({"name": node.get("name"), "uuid": node["uuid"], "ip": node.get("ip"), "storages": storages})
     return results
 
