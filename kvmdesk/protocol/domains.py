@@ -25,6 +25,9 @@ Agent routes (relative to ``/agent/v1``; every answer is the usual envelope):
 ``PUT /disks/{kind}/{file_id}/size`` (body: :class:`DiskResize`), ``POST /disks/{kind}/{file_id}/copy``
 (body: :class:`DiskCopy`)
     qcow2 files: create (empty or an overlay on a backing file), info, remove, grow, flatten a copy.
+``PUT /disks/sizes`` (body: :class:`DisksGrow`)
+    Grow several disks, all or none: every size and the space they need together are checked first;
+    answers each disk's info, in order.
 """
 from __future__ import annotations
 
@@ -138,6 +141,16 @@ class DiskCreate(FileRef):
 class DiskResize(Model):
     role: int = Field(ge=1, le=4)
     size_gb: int = Field(ge=1, le=MAX_DISK_GB)
+
+
+class DiskGrow(FileRef):
+    size_gb: int = Field(ge=1, le=MAX_DISK_GB)
+
+
+class DisksGrow(Model):
+    """Disks to grow together (a template's attributes change, #75): none grows unless all can."""
+
+    disks: list[DiskGrow] = Field(min_length=1, max_length=64)
 
 
 class DiskCopy(Model):

@@ -71,9 +71,7 @@ class Disks:
         return path
 
     async def _check_space(self, path: Path, needed: int, field: str) -> None:
-        usage = await in_reactor_pool(self.reactor, shutil.disk_usage, path)
-        if needed > usage.free:
-            raise DiskError(DISK_NO_SPACE, field=field, needed=_gb(needed), free=_gb(usage.free))
+        await in_reactor_pool(self.reactor, self._check_space_together, [(path, needed, field)])
 
     async def info(self, ref: FileRef) -> dict[str, Any]:
         """``{"path", "format", "virtual_size", "actual_size", "backing"}`` (sizes in bytes).
@@ -110,15 +108,43 @@ class Disks:
 
     async def resize(self, ref: FileRef, size_gb: int) -> dict[str, Any]:
         """Grow to ``size_gb``; the same size is a no-op, a smaller one refused (:data:`DISK_SHRINK`)."""
-        current = await self.info(ref)
-        size = size_gb * GIB
-        if size < current["virtual_size"]:
-            raise DiskError(DISK_SHRINK, field="size_gb", current=_gb(current["virtual_size"]), requested=size_gb)
-        if size == current["virtual_size"]:
-            return current
-        await self._check_space(Path(current["path"]).parent, size - current["virtual_size"], "size_gb")
-        await self._run("resize", "-q", current["path"], str(size))
-        return await self.info(ref)
+        (grown,) = await self.grow_all([(ref, size_gb)], fields=["size_gb"])
+        return grown
+
+    async def grow_all(self, sizes: list[tuple[FileRef, int]], fields: Optional[list[str]] = None) -> list[dict]:
+        """Grow each disk to its size, all or none: no size may shrink, and the growth of the disks on
+        one file system must fit its free space together, before any disk grows.
+
+        :param fields: how errors name each size (default ``disks.<i>.size_gb``).
+        """
+        fields = fields or [f"disks.{i}.size_gb" for i in range(len(sizes))]
+        current = [await self.info(ref) for ref, _ in sizes]
+        growth: list[tuple[Path, int, str]] = []
+        for (ref, size_gb), info, field in zip(sizes, current, fields):
+            if size_gb * GIB < info["virtual_size"]:
+                raise DiskError(DISK_SHRINK, field=field, current=_gb(info["virtual_size"]), requested=size_gb)
+            if size_gb * GIB > info["virtual_size"]:
+                growth.append((Path(info["path"]).parent, size_gb * GIB - info["virtual_size"], field))
+        await in_reactor_pool(self.reactor, self._check_space_together, growth)
+        grown = []
+        for (ref, size_gb), info in zip(sizes, current):
+            if size_gb * GIB > info["virtual_size"]:
+                await self._run("resize", "-q", info["path"], str(size_gb * GIB))
+                info = await self.info(ref)
+            grown.append(info)
+        return grown
+
+    @staticmethod
+    def _check_space_together(growth: list[tuple[Path, int, str]]) -> None:
+        """Sum the growth per file system (blocking: ``stat`` and ``statvfs``)."""
+        needed: dict[int, list] = {}
+        for directory, size, field in growth:
+            entry = needed.setdefault(directory.stat().st_dev, [directory, 0, field])
+            entry[1] += size
+        for directory, size, field in needed.values():
+            free = shutil.disk_usage(directory).free
+            if size > free:
+                raise DiskError(DISK_NO_SPACE, field=field, needed=_gb(size), free=_gb(free))
 
     async def copy(self, ref: FileRef, to: FileRef, version: Optional[int] = None) -> dict[str, Any]:
         """Flatten ``ref`` (and its backing chain) into a standalone qcow2 at ``to``.

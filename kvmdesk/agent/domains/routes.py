@@ -16,7 +16,7 @@ from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.api.models import validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core.errors import INVALID_PARAM, ApiError
-from kvmdesk.protocol.domains import CdromChange, DiskCopy, DiskCreate, DiskResize, DomainSpec, FileRef
+from kvmdesk.protocol.domains import CdromChange, DiskCopy, DiskCreate, DiskResize, DisksGrow, DomainSpec, FileRef
 
 TAGS = ("domains",)
 
@@ -94,6 +94,12 @@ def register_routes(router: Router, agent: Any) -> Domains:
     @endpoint("PUT", "/disks/{kind}/{file_id}/size", "Grow a disk (never shrinks)", body=DiskResize)
     async def resize_disk(req: ApiRequest) -> dict:
         return await disk_call(domains.disks.resize(_ref(req, req.body.role), req.body.size_gb))
+
+    @endpoint("PUT", "/disks/sizes", "Grow several disks, all or none (sizes and space checked first)",
+              body=DisksGrow)
+    async def grow_disks(req: ApiRequest) -> list[dict]:
+        sizes = [(FileRef(kind=d.kind, role=d.role, file_id=d.file_id), d.size_gb) for d in req.body.disks]
+        return await disk_call(domains.disks.grow_all(sizes))
 
     @endpoint("POST", "/disks/{kind}/{file_id}/copy", "Flatten a disk into a new standalone qcow2", body=DiskCopy)
     async def copy_disk(req: ApiRequest) -> dict:

@@ -317,11 +317,12 @@ async def change_attributes(core: Any, uuid: str, value: TemplateValue) -> dict:
                                 "device_name": "vd" + "abcdefghijklmnop"[start + i], "boot_index": start + i,
                                 "size": disk.size})
             await create_disks(core, node, template, devices[start:], undo)
-        for device in devices:
-            if device["uuid"] in grow:
-                await nodes.call(core, node, "PUT", f"/disks/template/{device['file_id']}/size",
-                                 {"role": device["role"], "size_gb": grow[device["uuid"]]},
-                                 template_name=template["name"], field="value.devices")
+        growing = [d for d in devices if d["uuid"] in grow]
+        if growing:  # all or none: the agent checks every size and the space they need together first
+            await nodes.call(core, node, "PUT", "/disks/sizes", {"disks": [
+                {**disk_ref(d), "size_gb": grow[d["uuid"]]} for d in growing]}, template_name=template["name"],
+                field="value.devices")
+            for device in growing:
                 device["size"] = grow[device["uuid"]]
         if grow or added:
             changes["devices"] = devices

@@ -2,6 +2,7 @@
 qemu-img, domains defined from specs, power actions, VNC details, undefine with disks."""
 from __future__ import annotations
 
+import shutil
 import uuid
 from xml.etree import ElementTree as ET
 
@@ -68,6 +69,33 @@ async def test_disks_created_as_overlays_grow_only_and_flatten(node):
     assert (await node.call("DELETE", "/disks/template/t-sys.v1", params={"role": 1})) == {"removed": False}
     await refused(node.call("GET", "/disks/template/nope", params={"role": 1}), disks.DISK_NOT_FOUND.code)
     await refused(node.call("GET", "/disks/etc/passwd", params={"role": 1}), errors.INVALID_PARAM.code, "kind")
+
+
+@pytest_twisted.ensureDeferred
+async def test_disks_grown_together_grow_all_or_none(node):
+    for role, name in ((1, "t-a"), (2, "t-b")):
+        await node.call("POST", "/disks", {"kind": "template", "role": role, "file_id": name, "size_gb": 1})
+    a, b = ({"kind": "template", "role": 1, "file_id": "t-a"}, {"kind": "template", "role": 2, "file_id": "t-b"})
+
+    async def sizes() -> list[int]:
+        return [(await node.call("GET", f"/disks/template/{d['file_id']}", params={"role": d["role"]}))[
+            "virtual_size"] for d in (a, b)]
+
+    # each fits the free space alone, not both: the first must not grow before the second is refused
+    each = int(0.6 * shutil.disk_usage(node.storage()).free / GIB) + 1
+    await refused(node.call("PUT", "/disks/sizes", {"disks": [{**a, "size_gb": each}, {**b, "size_gb": each}]}),
+                  disks.DISK_NO_SPACE.code, "disks.0.size_gb")
+    await refused(node.call("PUT", "/disks/sizes", {"disks": [{**a, "size_gb": 2}, {**b, "size_gb": 0}]}),
+                  errors.INVALID_PARAM.code, "disks.1.size_gb")
+    await refused(node.call("PUT", "/disks/sizes", {"disks": []}), errors.INVALID_PARAM.code, "disks")
+    assert await sizes() == [GIB, GIB]
+
+    grown = await node.call("PUT", "/disks/sizes", {"disks": [{**a, "size_gb": 3}, {**b, "size_gb": 1}]})
+    assert [d["virtual_size"] for d in grown] == [3 * GIB, GIB] == await sizes()
+    # a shrink anywhere in the list: nothing grows
+    await refused(node.call("PUT", "/disks/sizes", {"disks": [{**b, "size_gb": 4}, {**a, "size_gb": 2}]}),
+                  disks.DISK_SHRINK.code, "disks.1.size_gb")
+    assert await sizes() == [3 * GIB, GIB]
 
 
 @pytest_twisted.ensureDeferred

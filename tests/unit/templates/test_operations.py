@@ -11,6 +11,7 @@ from kvmdesk import hookimpl
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.records import new_record
 from kvmdesk.plugins.templates import errors
+from kvmdesk.protocol.domains import FileRef
 from templates_testlib import POOLS, T, assert_error
 
 
@@ -236,3 +237,24 @@ async def test_lifecycle_hooks_hear_of_templates_without_their_vnc_password(worl
     assert [e.hook for e in events] == ["created", "updated", "updated", "deleted"]
     assert events[1].changes["desc"] == "changed" and events[2].changes["version"] == 1
     assert all("vnc_password" not in e.record for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_grow_that_does_not_fit_grows_no_disk(world):
+    template = await world.create()
+    ref = {"uuid": template["uuid"], "name": template["name"]}
+    agent = world.agent_of(template)
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+
+    async def sizes() -> list[int]:
+        return [(await agent.domains.disks.info(FileRef(kind="template", role=d["role"], file_id=d["file_id"])))[
+            "virtual_size"] for d in stored["devices"]]
+
+    before, snapshot = await sizes(), await world.snapshot()
+    system, data = template["devices"]
+    status, body = await world.api.call("PUT", T, {**ref, "value": {"devices": [
+        {"uuid": system["uuid"], "size": 60}, {"uuid": data["uuid"], "size": 60000}, {"inx": 0, "size": 5}]}},
+        headers={"Accept-Language": "en"})
+    assert_error(status, body, 507, errors.NO_SPACE.code, "value.devices")
+    assert await sizes() == before  # the system disk did not grow before the data disk was refused
+    assert await world.snapshot() == snapshot
