@@ -293,7 +293,8 @@ async def change_attributes(core: Any, uuid: str, value: TemplateValue) -> dict:
     network_uuid = value.network_uuid or template["network_uuid"]
     subnet_uuid = value.subnet_uuid or template["subnet_uuid"]
     moving = (network_uuid, subnet_uuid) != (template["network_uuid"], template["subnet_uuid"])
-    new_ip = value.bind_ip if "bind_ip" in given else template.get("bind_ip")
+    # No bind_ip with a move: the old address belongs to the old subnet, so the new subnet allocates one.
+    new_ip = value.bind_ip if "bind_ip" in given else (None if moving else template.get("bind_ip"))
     readdress = moving or new_ip != template.get("bind_ip")
     if moving:
         network, subnet, nic = await nodes.network_nic(core, network_uuid, subnet_uuid)
