@@ -130,11 +130,14 @@ def kvmdesk_node_status_changed(core: Any, node: Mapping[str, Any], old: Optiona
 
 
 async def node_returned(core: Any, node: Mapping[str, Any]) -> None:
-    """What deleted templates left on the node goes; the versions it lacks come."""
+    """What deleted templates left on the node goes; the versions it lacks come.
+
+    ``node`` is what the hook hands plugins (no agent secret): both talk to the stored record."""
     enrolled = await core.store.collection(schema.NODES).find_one({"uuid": node["uuid"]})  # with its secret
-    if enrolled is not None and enrolled.get("agent_secret"):
-        await leftovers.clean_node(core, enrolled)
-    await publish.catch_up(core, node)
+    if enrolled is None or not enrolled.get("agent_secret"):
+        return
+    await leftovers.clean_node(core, enrolled)
+    await publish.catch_up(core, enrolled)
 
 
 @hookimpl

@@ -10,7 +10,7 @@ import pytest_twisted
 
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core import scheduler
-from kvmdesk.plugins.templates import errors, publish, schedule, schema
+from kvmdesk.plugins.templates import errors, plugin, publish, schedule, schema
 from templates_testlib import T, assert_error, restarted, started
 
 
@@ -78,6 +78,24 @@ async def test_a_node_that_missed_a_version_catches_up(world):
     agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
     assert all(p.is_file() for p in version_files(agent, template, 1))
     assert await publish.catch_up(world.core, back) == 0  # nothing left to send
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_back_online_gets_the_version_it_missed_through_the_status_hook(world):
+    template = await world.create()
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    nodes = world.core.store.collection("nodes")
+    await nodes.update_one({"uuid": other["uuid"]}, {"$set": {"ip": "127.0.0.9"}})  # unreachable meanwhile
+    status, body = await world.api.call("POST", T, {"action": "save", "param": {"name": "t", "uuid": template["uuid"]}})
+    assert body["data"]["publish"][other["uuid"]]["status"] == publish.FAILED, body
+    await nodes.update_one({"uuid": other["uuid"]}, {"$set": {"ip": other["ip"]}})
+    back = await nodes.find_one({"uuid": other["uuid"]})
+    # what kvmdesk_node_status_changed runs: the watcher hands plugins the record without its secret
+    await plugin.node_returned(world.core, {k: v for k, v in back.items() if k != "agent_secret"})
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    assert stored["publish"][other["uuid"]]["status"] == publish.DONE, stored["publish"]
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    assert all(p.is_file() for p in version_files(agent, template, 1))
 
 
 @pytest_twisted.ensureDeferred
