@@ -10,7 +10,7 @@ import pytest_twisted
 from kvmdesk import hookimpl
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.records import new_record
-from kvmdesk.plugins.templates import errors
+from kvmdesk.plugins.templates import errors, schema
 from kvmdesk.protocol.domains import FileRef
 from templates_testlib import POOLS, T, assert_error
 
@@ -258,3 +258,33 @@ async def test_a_grow_that_does_not_fit_grows_no_disk(world):
     assert_error(status, body, 507, errors.NO_SPACE.code, "value.devices")
     assert await sizes() == before  # the system disk did not grow before the data disk was refused
     assert await world.snapshot() == snapshot
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_updating_template_refuses_media_save_copy_download_and_resync_too(world):
+    template = await world.create()
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    await world.core.store.collection("templates").update_one({"uuid": template["uuid"]},
+                                                              {"$set": {"status": "updating"}})
+    before = await world.snapshot()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    other_ip = next(n["ip"] for n in world.nodes if n["uuid"] != template["host_uuid"])
+    requests = [{"action": action, "param": {"templates": [ref]}}
+                for action in ("stop", "hard_stop", "reboot", "hard_reboot", "reset")]
+    requests += [{"action": "attach_source", "param": {**ref, "iso_uuid": "any"}},
+                 {"action": "detach_source", "param": ref},
+                 {"action": "save", "param": ref},
+                 {"action": "save", "param": {**ref, "run_date": "2099-1-1 10:00:00"}},
+                 {"action": "download", "param": ref},
+                 {"action": "copy", "param": {"template_uuid": template["uuid"], "name": "copy1",
+                                              "pool_uuid": world.pool, "network_uuid": world.network["uuid"],
+                                              "subnet_uuid": world.subnet["uuid"]}},
+                 {"action": "resync", "param": {"ipaddr": other_ip, "role": 1, "path": "/opt/slow",
+                                                "image_id": stored["devices"][0]["uuid"], "version": 1}}]
+    for request in requests:
+        status, body = await world.api.call("POST", T, request)
+        assert_error(status, body, 409, errors.UPDATING.code, "template1")
+        assert await world.snapshot() == before, request
+    status, body = await world.api.call("GET", f"{T}/{template['uuid']}/download")
+    assert_error(status, body, 409, errors.UPDATING.code, "template1")
+    assert await world.core.scheduler.get(schema.save_key(template["uuid"])) is None
