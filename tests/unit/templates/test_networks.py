@@ -50,6 +50,11 @@ async def test_attributes_move_a_template_to_another_network_with_an_address_of_
                                                                     "bind_ip": "172.16.1.19"}})
     assert status == 200 and body["data"]["bind_ip"] == "172.16.1.19", body
     assert await vlan_of(world, template) == "101"
+    # an emptied bind_ip ("system allocation", the address deleted): the server allocates one of the subnet
+    status, body = await world.api.call("PUT", T, {**ref, "value": {"bind_ip": ""}})
+    assert status == 200 and body["data"]["bind_ip"] not in (None, "", "172.16.1.19"), body
+    held = {a["ip"] for a in await world.core.store.collection("ip_allocations").find({})}
+    assert held == {body["data"]["bind_ip"]}
 
 
 @pytest_twisted.ensureDeferred

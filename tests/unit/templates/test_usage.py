@@ -50,6 +50,13 @@ async def test_the_query_counts_desktop_groups_and_desktops_and_image_state_says
                                                                       "template_uuid": lone["uuid"]})
     assert {s["bind_desktop"] for r in body["data"]["results"] for s in r["storages"]} == {False}
 
+    # the desktops plugin's own kvmdesk_usage: a template its groups use is not deleted
+    before = await world.snapshot()
+    status, body = await world.api.call("DELETE", T, {"templates": [{"name": "template1", "uuid": template["uuid"]}]},
+                                        headers={"Accept-Language": "en"})
+    assert_error(status, body, 409, core_errors.IN_USE.code, "template1", "p1")
+    assert await world.snapshot() == before
+
 
 async def refused(world, method: str, path: str, body: dict, code: int = core_errors.IN_USE.code,
                   word: str = "template1") -> None:
