@@ -6,7 +6,10 @@ import pytest_twisted
 
 from kvmdesk.core import errors as core_errors
 from kvmdesk.plugins.templates import errors
-from templates_testlib import T, assert_error
+from kvmdesk.testing.agents import AGENT_PASSWORD, running_agent
+from templates_testlib import POOLS, T, assert_error
+
+THIRD = "127.0.0.4"  # an agent of another pool
 
 
 @pytest_twisted.ensureDeferred
@@ -48,3 +51,34 @@ async def test_copy_to_another_node_and_refusals(world):
     # nothing of the copy stays on the source's node
     source_files = world.template_files()[[n["uuid"] for n in world.nodes].index(source["host_uuid"])]
     assert not any(device["uuid"] in name for device in copied["devices"] for name in source_files)
+
+
+@pytest_twisted.ensureDeferred
+async def test_copy_into_another_pool_lands_on_a_node_of_that_pool(world):
+    source = await world.create()
+    status, body = await world.api.call("POST", POOLS, {"name": "second", "desc": None})
+    assert status == 200, body
+    pool = body["data"]
+    async with running_agent(world.tmp / "agent-c", THIRD, world.port) as third:
+        status, body = await world.api.call("POST", f"{POOLS}/{pool['uuid']}/nodes",
+                                            {"ip": THIRD, "password": AGENT_PASSWORD})
+        assert status == 200, body
+        node = body["data"]
+        status, body = await world.api.call("POST", T, {"action": "copy", "param": {
+            "template_uuid": source["uuid"], "name": "copy-pool2", "pool_uuid": pool["uuid"],
+            "network_uuid": world.network["uuid"], "subnet_uuid": world.subnet["uuid"]}})
+        assert status == 200, body
+        copied = body["data"]
+        assert (copied["pool_uuid"], copied["pool_name"], copied["host_uuid"]) == (pool["uuid"], "second", node["uuid"])
+        assert copied["host_ip"] == THIRD
+        assert copied["uuid"] in {d["uuid"] for d in await third.hypervisor.list_domains()}
+        disks = sorted(p.name for p in (third.data_dir / "storage").rglob("*")
+                       if p.is_file() and "_template" in p.parts and not p.name.startswith("."))  # not md5 records
+        assert disks == sorted(d["uuid"] for d in copied["devices"])
+        status, body = await world.api.call("GET", T, params={"pool_uuid": pool["uuid"]})
+        assert [t["name"] for t in body["data"]["results"]] == ["copy-pool2"]
+        status, body = await world.api.call("DELETE", T, {"templates": [{"name": "copy-pool2",
+                                                                          "uuid": copied["uuid"]}]})
+        assert status == 200 and body["data"]["success_num"] == 1, body
+        assert await third.hypervisor.list_domains() == []
+        assert not any(p.is_file() for p in (third.data_dir / "storage").rglob("*") if "_template" in p.parts)
