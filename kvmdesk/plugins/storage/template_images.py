@@ -33,6 +33,8 @@ ROLE_DATA = 2
 #: ``core.extensions[...]``: ``await f(node)`` -> ``[{"name", "uuid", "storages": [...]}]``, the template
 #: versions another plugin placed on the node (the templates plugin's node-to-node publishing).
 NODE_IMAGES_EXTENSION = "templates.node_images"
+#: ``await f(node, image_id, version, role)``: send such a version to the node again (its resync).
+RESYNC_EXTENSION = "templates.resync_image"
 
 
 class ResyncParam(Model):
@@ -163,9 +165,15 @@ def register_routes(router: Router) -> None:
         if node is None:
             raise ApiError(core_errors.NOT_FOUND, resource=NODE, key=req.path["node_uuid"])
         image = await core.store.collection(TEMPLATE_IMAGES).find_one({"image_id": req.path["image_uuid"]})
+        param = req.body.param or req.body.data or req.body
+        resend = core.extensions.get(RESYNC_EXTENSION)
+        if image is None and resend is not None:  # a version the templates plugin published node to node
+            if param.image_id and param.image_id != req.path["image_uuid"]:
+                raise ApiError(core_errors.INVALID_PARAM, field="image_id", reason="does not match the path")
+            req.oplog_detail = f"{req.path['image_uuid']} -> {node.get('name') or node.get('ip')}"
+            return await resend(node, req.path["image_uuid"], param.version, param.role)
         if image is None:
             raise ApiError(core_errors.NOT_FOUND, resource=TEMPLATE_IMAGE, key=req.path["image_uuid"])
-        param = req.body.param or req.body.data or req.body
         if param.image_id and param.image_id != image["image_id"]:
             raise ApiError(core_errors.INVALID_PARAM, field="image_id", reason="does not match the path")
         if param.role is not None and str(param.role) != str(image["role"]):

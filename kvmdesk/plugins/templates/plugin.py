@@ -37,6 +37,8 @@ USAGE_FIELDS = {"base_image": "base_image_uuid", "iso": "iso_uuid", "data_networ
 
 #: The extension the storage plugin asks for a node's published template versions (#34).
 NODE_IMAGES = "templates.node_images"
+#: ...and the one it asks to send one of them to the node again (#34's resync).
+RESYNC_IMAGE = "templates.resync_image"
 
 #: Lifecycle events that change a template's status.
 STATE_EVENTS = ("started", "resumed", "suspended", "stopped", "shutdown", "crashed")
@@ -106,6 +108,8 @@ def kvmdesk_services(core):
     core.extensions[reconcile.EXTENSION] = reconciler
     # What the storage plugin's list of a node's template images (#34) adds for published versions.
     core.extensions[NODE_IMAGES] = lambda node: views.node_images(core, node)
+    core.extensions[RESYNC_IMAGE] = lambda node, image_id, version, role: routes.resync_image(
+        core, node, image_id, version, role)
     return [reconciler]
 
 

@@ -53,15 +53,25 @@ async def _create(req: ApiRequest) -> dict:
     return await as_job(req, "templates.create", {"uuid": None, "name": req.body.name}, create)
 
 
+def role_number(role: Any, field: str) -> Optional[int]:
+    """The contract's ``role`` (1 or 2, sent as a number or a string)."""
+    if isinstance(role, str):
+        if not role.isdigit():
+            raise ApiError(core_errors.INVALID_PARAM, field=field, reason="expected 1 or 2")
+        return int(role)
+    return role
+
+
 async def _resync(req: ApiRequest) -> dict:
     body = req.body
     req.oplog_detail = f"{body.image_id} -> {body.ipaddr}"
-    role = body.role
-    if isinstance(role, str):
-        if not role.isdigit():
-            raise ApiError(core_errors.INVALID_PARAM, field="param.role", reason="expected 1 or 2")
-        role = int(role)
-    return await publish.resync(req.core, body.ipaddr, body.image_id, body.version, role)
+    return await publish.resync(req.core, body.ipaddr, body.image_id, body.version, role_number(body.role, "param.role"))
+
+
+async def resync_image(core: Any, node: dict, image_id: str, version: Optional[int], role: Any) -> dict:
+    """#34's resync of a template version (``core.extensions[RESYNC_IMAGE]``, for the storage plugin's
+    ``/resource_mgr/nodes/{node}/template_images/{image}/resync``): as #76, to that node."""
+    return await publish.resync(core, node["ip"], image_id, version, role_number(role, "role"))
 
 
 async def _copy(req: ApiRequest) -> dict:

@@ -203,6 +203,34 @@ async def test_resync_sends_one_disk_version_to_one_node_again(world):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_version_listed_among_a_nodes_template_images_is_resent_from_there(world):
+    """#34's resync (``/resource_mgr/nodes/{node}/template_images/{image}/resync``) of what #34 lists."""
+    template = await world.create()
+    ref = {"name": template["name"], "uuid": template["uuid"]}
+    await world.api.call("POST", T, {"action": "save", "param": ref})
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    data = template["devices"][1]["uuid"]
+    lost = next(p for p in version_files(agent, template, 1) if p.name.startswith(data))
+    expected = md5(lost)
+    path = f"/resource_mgr/nodes/{other['uuid']}/template_images/{data}/resync"
+    status, body = await world.api.call("GET", f"/resource_mgr/nodes/{other['uuid']}/template_images")
+    (entry,) = [e for e in body["data"]["results"] if e["uuid"] == template["uuid"]]
+    assert data in {s["image_id"] for s in entry["storages"]}
+    for shape in ({"action": "resync", "param": {"role": 2, "image_id": data, "path": "/opt/slow", "version": 1}},
+                  {"data": {"ipaddr": other["ip"], "role": 2, "path": "/opt/slow", "image_id": data, "version": 1}}):
+        lost.unlink()
+        status, body = await world.api.call("POST", path, shape)
+        assert status == 200 and body["data"]["status"] == 0, body
+        assert md5(lost) == expected
+    for shape, status_code, code, word in [
+            ({"role": 1}, 400, core_errors.INVALID_PARAM.code, "role"),
+            ({"version": 9}, 400, core_errors.INVALID_PARAM.code, "version")]:
+        status, body = await world.api.call("POST", path, shape, headers={"Accept-Language": "en"})
+        assert_error(status, body, status_code, code, word)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_its_job_resumes(world):
     template = await world.create()
     ref = {"name": template["name"], "uuid": template["uuid"]}
