@@ -1,9 +1,9 @@
 """Reconciling what the nodes have with what the store says about templates.
 
 Every ``[templates] reconcile_interval`` seconds (and at start), for each reachable node: the domains
-libvirt has are compared with the templates hosted there.  A template whose domain is gone is marked
-``error``; a state that differs is corrected (lifecycle events do that at once; this catches missed
-ones); a ``tpl-`` domain no template knows is reported, never removed (it may be an administrator's).
+libvirt has are compared with the templates hosted there.  A template whose domain or one of whose
+disk files is gone is marked ``error``; a state that differs is corrected (lifecycle events do that at
+once; this catches missed ones); a ``tpl-`` domain no template knows is reported, never removed (it may be an administrator's).
 A node lacking (a file of) the latest version of a template of its pool is sent it again; version
 files of deleted templates the node kept while it was unreachable are removed (:mod:`.leftovers`).
 What was found is kept in :attr:`TemplateReconciler.drift` (node uuid -> list of findings) and logged.
@@ -52,6 +52,13 @@ class TemplateReconciler(Service):
                                  "detail": f"template {template['name']} has no domain on its node"})
                 await self._set_status(template, schema.ERROR)
                 continue
+            missing = await self._missing_disks(node, template)
+            if missing:
+                findings.append({"kind": "disk_missing", "template": template["uuid"],
+                                 "detail": f"template {template['name']} lacks its disk file(s) "
+                                           f"{', '.join(missing)} on its node"})
+                await self._set_status(template, schema.ERROR)
+                continue
             status = STATES.get(domain["state"], schema.ERROR)
             if status != template.get("status"):
                 findings.append({"kind": "state_differs", "template": template["uuid"],
@@ -68,6 +75,16 @@ class TemplateReconciler(Service):
             log.warn("node {node}: {detail}", node=node.get("ip"), detail=finding["detail"])
         self.drift[node["uuid"]] = findings
         return findings
+
+    async def _missing_disks(self, node: Mapping[str, Any], template: Mapping[str, Any]) -> list[str]:
+        """The device names of the template's working disks its node does not have (asked of the agent)."""
+        missing = []
+        for device in template["devices"]:
+            info = await nodes.call(self.core, node, "GET", f"/disks/template/{device['file_id']}",
+                                    params={"role": device["role"]}, template_name=template["name"], missing_ok=True)
+            if info is None:
+                missing.append(device.get("device_name") or device["file_id"])
+        return missing
 
     async def _check_versions(self, node: Mapping[str, Any], findings: list[dict]) -> None:
         """The latest version of each template of the node's pool must be on it (asked of the agent, not

@@ -65,7 +65,8 @@ def role_number(role: Any, field: str) -> Optional[int]:
 async def _resync(req: ApiRequest) -> dict:
     body = req.body
     req.oplog_detail = f"{body.image_id} -> {body.ipaddr}"
-    return await publish.resync(req.core, body.ipaddr, body.image_id, body.version, role_number(body.role, "param.role"))
+    role = role_number(body.role, "param.role")
+    return await publish.resync(req.core, body.ipaddr, body.image_id, body.version, role)
 
 
 async def resync_image(core: Any, node: dict, image_id: str, version: Optional[int], role: Any) -> dict:

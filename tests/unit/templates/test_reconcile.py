@@ -80,3 +80,18 @@ async def test_a_version_file_gone_from_a_node_is_sent_again(world):
     assert [f["kind"] for f in findings] == ["version_missing"]
     assert lost.read_bytes() == content
     assert await reconciler.reconcile_node(node) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disk_file_gone_from_the_node_is_reported_and_the_template_marked_error(world):
+    template = await world.create()
+    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+    data = stored["devices"][1]
+    agent = world.agent_of(template)
+    (lost,) = [p for p in (agent.data_dir / "storage").rglob(data["file_id"]) if p.is_file()]
+    lost.unlink()
+    node = await world.core.store.collection("nodes").find_one({"uuid": template["host_uuid"]})
+    findings = await world.core.extensions[reconcile.EXTENSION].reconcile_node(node)
+    assert [(f["kind"], f["template"]) for f in findings] == [("disk_missing", template["uuid"])]
+    assert "vdb" in findings[0]["detail"]
+    assert (await world.core.store.collection("templates").find_one({"uuid": template["uuid"]}))["status"] == "error"
