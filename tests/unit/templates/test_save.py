@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import pytest_twisted
 
@@ -178,16 +179,21 @@ async def test_download_streams_the_current_version_from_the_node(world):
     assert md5(system) == answer["md5"]
 
 
-@pytest_twisted.ensureDeferred
-async def test_resync_sends_one_disk_version_to_one_node_again(world):
+async def saved_elsewhere(world, device: int) -> tuple[dict, dict, Any, str]:
+    """A template saved once: ``(template, the other node, its version file of devices[device], md5)``."""
     template = await world.create()
-    ref = {"name": template["name"], "uuid": template["uuid"]}
-    await world.api.call("POST", T, {"action": "save", "param": ref})
+    await world.api.call("POST", T, {"action": "save", "param": {"name": template["name"], "uuid": template["uuid"]}})
     other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
     agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    image = template["devices"][device]["uuid"]
+    file = next(p for p in version_files(agent, template, 1) if p.name.startswith(image))
+    return template, other, file, md5(file)
+
+
+@pytest_twisted.ensureDeferred
+async def test_resync_sends_one_disk_version_to_one_node_again(world):
+    template, other, lost, expected = await saved_elsewhere(world, 0)
     system = template["devices"][0]["uuid"]
-    lost = next(p for p in version_files(agent, template, 1) if p.name.startswith(system))
-    expected = md5(lost)
     lost.unlink()
     param = {"ipaddr": other["ip"], "role": 1, "path": "/opt/slow", "image_id": system, "version": 1}
     for changes, status_code, code, word in [({"ipaddr": "10.9.9.9"}, 404, core_errors.NOT_FOUND.code, "10.9.9.9"),
@@ -205,14 +211,8 @@ async def test_resync_sends_one_disk_version_to_one_node_again(world):
 @pytest_twisted.ensureDeferred
 async def test_a_version_listed_among_a_nodes_template_images_is_resent_from_there(world):
     """#34's resync (``/resource_mgr/nodes/{node}/template_images/{image}/resync``) of what #34 lists."""
-    template = await world.create()
-    ref = {"name": template["name"], "uuid": template["uuid"]}
-    await world.api.call("POST", T, {"action": "save", "param": ref})
-    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
-    agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
+    template, other, lost, expected = await saved_elsewhere(world, 1)
     data = template["devices"][1]["uuid"]
-    lost = next(p for p in version_files(agent, template, 1) if p.name.startswith(data))
-    expected = md5(lost)
     path = f"/resource_mgr/nodes/{other['uuid']}/template_images/{data}/resync"
     status, body = await world.api.call("GET", f"/resource_mgr/nodes/{other['uuid']}/template_images")
     (entry,) = [e for e in body["data"]["results"] if e["uuid"] == template["uuid"]]
