@@ -11,7 +11,10 @@ For other plugins:
   it is refused then).
 - ``kvmdesk_domain_spec(core, spec, owner)``: adjust a domain spec before it is sent to the agent.
 - ``core.extensions["templates.usage_counts"]``: set by a desktops plugin, gives the query its
-  ``desktop_count`` / ``instance_count`` (0 without it).
+  ``desktop_count`` / ``instance_count`` and #77 its ``bind_desktop`` (the nodes of the desktops; 0
+  and false without it).
+- ``core.extensions["templates.node_images"]`` / ``["templates.resync_image"]``: set here, for the
+  storage plugin's list of a node's template images (#34) and its resync.
 - Templates answer ``kvmdesk_usage`` for base images, ISOs, data networks, subnets, pools and nodes.
 
 Work that touches nodes runs as ``core.jobs`` jobs (kinds ``templates.create``, ``templates.copy``,
