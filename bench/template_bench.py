@@ -124,11 +124,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         rounds = []
         for round_no in range(1, args.rounds + 1):
             before = load()
+            agent_processes = [psutil.Process(a.pid) for a in bed.agents]
+            agents_before = [sum(p.cpu_times()[:4]) for p in agent_processes]
             cpu_before, started = sum(me.cpu_times()[:2]), time.perf_counter()
             status, body = await api.call("POST", T, {"action": "save", "param": {"name": "t0",
                                                                                    "uuid": template["uuid"]}})
             elapsed = time.perf_counter() - started
             cpu = sum(me.cpu_times()[:2]) - cpu_before
+            agents_cpu = [sum(p.cpu_times()[:4]) - b for p, b in zip(agent_processes, agents_before)]
             assert status == 200, body
             states = sorted({v["status"] for v in body["data"]["publish"].values()})
             version = body["data"]["version"]
@@ -142,6 +145,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             print(f"  phases: host flatten {sum(found['flatten']):.2f} s, host md5 {sum(found['md5']):.2f} s; "
                   f"node transfers {', '.join(f'{t:.2f}' for t in found['transfer'])} s; "
                   f"node verifications {', '.join(f'{t:.2f}' for t in found['verify'])} s")
+            print(f"  CPU during the publish: host agent {agents_cpu[host_index]:.2f} s (with qemu-img), other agents "
+                  f"{', '.join(f'{c:.2f}' for i, c in enumerate(agents_cpu) if i != host_index)} s")
             print(f"  publish: {elapsed:.2f} s, {2 * mb / elapsed:.0f} MB/s landed; "
                   f"cp to 2 places + sync: {cp_elapsed:.2f} s, {2 * mb / cp_elapsed:.0f} MB/s; "
                   f"ratio {cp_elapsed / elapsed:.2f}; controller CPU {100 * cpu / elapsed:.1f}% of one core")

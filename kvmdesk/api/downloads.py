@@ -16,7 +16,7 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from kvmdesk.core.producers import FileRangeProducer, SharedReads
+from kvmdesk.core.producers import CHUNK, FileRangeProducer, SharedReads
 from kvmdesk.protocol.ranges import content_range
 
 log = Logger(namespace="kvmdesk.api.downloads")
@@ -58,6 +58,9 @@ class FileDownload(Resource):
         request.setHeader(b"content-length", b"%d" % length)
         if length == 0:
             return b""
+        if hasattr(request.transport, "SEND_LIMIT"):
+            # Twisted sends at most 128 KiB a call; a producer's chunks are 1 MiB: send them whole.
+            request.transport.SEND_LIMIT = max(request.transport.SEND_LIMIT, CHUNK)
         producer = FileRangeProducer(self.path, first, length, reactor=self.reactor, direct=self.direct,
                                      shared=self.shared)
         gone = []
