@@ -27,6 +27,8 @@ log = Logger(namespace="kvmdesk.templates.publish")
 DONE, SYNCING, FAILED = 0, 1, 2
 #: Seconds a fetch may take (a 2 GiB version over a slow link); the ticket itself is checked at once.
 FETCH_TIMEOUT = 6 * 3600.0
+#: Seconds a flatten, or the MD5 of what it made, may take (a 2 GiB version took 25 s on a busy host).
+SEAL_TIMEOUT = 6 * 3600.0
 
 
 def version_file(file_id: str, version: int) -> str:
@@ -72,7 +74,8 @@ async def send_sealing(core: Any, template: Mapping[str, Any], host: Mapping[str
     try:
         for f in files:
             sealed = await nodes.call(core, host, "POST", f"/disks/template/{f['file_id']}/seal",
-                                      params={"role": f["role"]}, template_name=template["name"])
+                                      params={"role": f["role"]}, template_name=template["name"],
+                                      timeout=SEAL_TIMEOUT)
             f["md5"] = sealed["md5"]
     finally:
         received = await defer.gatherResults(receiving, consumeErrors=True)
@@ -175,7 +178,7 @@ async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
             made = await nodes.call(core, host, "POST", f"/disks/template/{device['file_id']}/copy",
                                     {"role": device["role"], "version": version, "seal_later": True,
                                      "to": {"kind": "template", "role": device["role"], "file_id": name}},
-                                    template_name=template["name"], field="uuid")
+                                    template_name=template["name"], field="uuid", timeout=SEAL_TIMEOUT)
             undo.push(f"version file {name}", lambda n=name, r=device["role"]: nodes.call(
                 core, host, "DELETE", f"/disks/template/{n}", params={"role": r}))
             files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name, "md5": made["md5"],
