@@ -20,18 +20,21 @@ A point is ``{"c": cpu %, "mp": memory %, "mu": memory used bytes, "d": {disk: [
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import attrs
 from twisted.internet import defer
 
 from kvmdesk.core.store import Index, Store
+from kvmdesk.plugins.monitoring.columns import Columns, HourCache, hour_columns, join, put_point
 from kvmdesk.plugins.monitoring.samples import Sample
 
 ROLLUPS = "monitor_rollups"
 #: Hour documents written at once by a flush: a MongoDB server works on several; SQLite's one writer
 #: takes them in turn anyway.
 FLUSH_CONCURRENCY = 16
+#: Node-hours the hour cache keeps by default (a day of 100 nodes).
+DEFAULT_CACHE_HOURS = 2400
 INDEXES = [Index(ROLLUPS, ("node", "hour"), unique=True), Index(ROLLUPS, ("hour",))]
 
 
@@ -90,7 +93,10 @@ class Rollups:
     """
 
     store: Store
+    cache: HourCache = attrs.field(factory=lambda: HourCache(DEFAULT_CACHE_HOURS))
     pending: dict[tuple[str, int], MinuteSums] = attrs.field(factory=dict)
+    #: The last hour expiry has deleted: a read still under way must not cache it again.
+    expired_through: int = -1
 
     @property
     def collection(self) -> Any:
@@ -102,11 +108,13 @@ class Rollups:
         sums = self.pending.get(key)
         if sums is None:
             sums = self.pending[key] = MinuteSums()
+            self.cache.drop(node_uuid, hour_of(minute))  # a minute of a past hour (a clock set back)
         sums.add(sample)
 
     def forget(self, node_uuid: str) -> None:
         for key in [k for k in self.pending if k[0] == node_uuid]:
             del self.pending[key]
+        self.cache.forget(node_uuid)
 
     async def flush(self, before: Optional[float] = None) -> int:
         """Write the minutes that started before ``before`` (every pending one when ``None``).
@@ -125,6 +133,7 @@ class Rollups:
         async def write(node: str, hour: int, minutes: dict[str, Any]) -> int:
             update = {f"m.{slot}": sums.point() for slot, (_, sums) in minutes.items()}
             await self.collection.update_one({"node": node, "hour": hour}, {"$set": update}, upsert=True)
+            self.cache.drop(node, hour)
             for minute, _ in minutes.values():
                 self.pending.pop((node, minute), None)
             return len(minutes)
@@ -139,23 +148,34 @@ class Rollups:
                 value.raiseException()  # the others are written; the failed ones stay pending
         return sum(value for _, value in results)
 
-    async def points(self, node_uuid: str, first: int, last: int) -> dict[int, dict[str, Any]]:
-        """Minute Unix time -> point for ``first <= minute <= last``, stored or still in memory."""
-        # The hours by name, not as a range: both backends answer equality through the (node, hour)
-        # index, where briskdb scanned a range of hours past its command deadline.
-        hours = list(range(hour_of(first), hour_of(last) + 1, 3600))
-        docs = await self.collection.find({"node": node_uuid, "hour": {"$in": hours}})
-        found: dict[int, dict[str, Any]] = {}
-        for doc in docs:
-            hour = doc["hour"]
-            for slot, point in (doc.get("m") or {}).items():
-                minute = hour + int(slot) * 60
-                if first <= minute <= last:
-                    found[minute] = point
+    async def columns(self, node_uuid: str, first: int, count: int, now: float) -> Columns:
+        """The node's minute columns for ``count`` minutes from ``first``: stored hours (kept in the
+        hour cache once they are over, before ``now``), with the minutes still in memory on top."""
+        hours = range(hour_of(first), hour_of(first + (count - 1) * 60) + 1, 3600)
+        end = first + count * 60
+        # An hour with a minute still in memory (or being written) is not settled: not cached.
+        unsettled = {hour_of(minute) for node, minute in self.pending if node == node_uuid}
+        known: dict[int, Optional[Columns]] = {}
+        for hour in hours:
+            found, columns = self.cache.get(node_uuid, hour)
+            if found:
+                known[hour] = columns
+        missing = [hour for hour in hours if hour not in known]
+        if missing:
+            # The hours by name, not as a range: both backends answer equality through the (node, hour)
+            # index, where briskdb scanned a range of hours past its command deadline.
+            docs = await self.collection.find({"node": node_uuid, "hour": {"$in": missing}}, projection=["hour", "m"])
+            read = {doc["hour"]: hour_columns(doc.get("m") or {}) for doc in docs}
+            for hour in missing:
+                known[hour] = read.get(hour)
+                if hour + 3600 <= now and hour not in unsettled and hour > self.expired_through:
+                    self.cache.put(node_uuid, hour, known[hour])
+        joined = join((known[hour], (max(first, hour) - hour) // 60, (min(end, hour + 3600) - hour) // 60)
+                      for hour in hours)
         for (node, minute), sums in self.pending.items():
-            if node == node_uuid and first <= minute <= last:
-                found[minute] = sums.point()
-        return found
+            if node == node_uuid and first <= minute < end:
+                put_point(joined, (minute - first) // 60, count, sums.point())
+        return joined
 
     async def prune(self, cutoff: float, chunk: int) -> int:
         """Delete the hours that ended before ``cutoff``, ``chunk`` documents at a time.
@@ -164,6 +184,8 @@ class Rollups:
         """
         deleted = 0
         last_hour = int(cutoff // 3600 * 3600) - 3600
+        self.expired_through = max(self.expired_through, last_hour)
+        self.cache.expire(last_hour)
         while True:
             rows = await self.collection.find({"hour": {"$lte": last_hour}}, limit=chunk, projection=["id"])
             if not rows:
@@ -171,79 +193,3 @@ class Rollups:
             deleted += await self.collection.delete_many({"id": {"$in": [r["id"] for r in rows]}})
             if len(rows) < chunk:
                 return deleted
-
-
-def minute_series(points: dict[int, dict[str, Any]], starts: Iterable[int], step: int) -> dict[str, Any]:
-    """The history answer's series: one value per step starting at each of ``starts``, ``None`` where
-    no minute of the step has a point (a gap is unknown, not zero).  A step's value is the mean of
-    its minutes that have one.
-
-    :param step: seconds per step (a multiple of 60).
-    """
-    starts = list(starts)
-    count = len(starts)
-    # Field -> [values]; device fields are ("d"|"n", name, 0 read | 1 write).
-    series: dict[Any, list] = {"c": [None] * count, "mp": [None] * count, "mu": [None] * count}
-    for index, start in enumerate(starts):
-        if step == 60:  # one minute per step: the points are the values (the common, fast case)
-            found = points.get(start)
-            if found is not None:
-                _put(series, index, count, found, 1)
-            continue
-        sums: dict[Any, Any] = {}
-        for minute in range(start, start + step, 60):
-            found = points.get(minute)
-            if found is not None:
-                _add(sums, found)
-        if sums:
-            _put(series, index, count, {k: (v[0] / v[1]) for k, v in sums.items()}, 0)
-    return {
-        "cpu_util": [None if v is None else round(v, 2) for v in series["c"]],
-        "memory_util": {"percent": [None if v is None else round(v, 2) for v in series["mp"]],
-                        "used": [None if v is None else int(round(v)) for v in series["mu"]]},
-        "disk_io_util": _devices(series, "d"),
-        "nic_util": _devices(series, "n"),
-    }
-
-
-def _put(series: dict[Any, list], index: int, count: int, values: dict[Any, Any], nested: int) -> None:
-    """Store one step's values; ``nested``: ``values`` is a point (devices nested), else flat keys."""
-    for key, value in values.items():
-        if nested and key in ("d", "n"):
-            for name, rates in value.items():
-                for which in (0, 1):
-                    column = series.get((key, name, which))
-                    if column is None:
-                        column = series[(key, name, which)] = [None] * count
-                    column[index] = rates[which]
-            continue
-        column = series.get(key)
-        if column is None:
-            column = series[key] = [None] * count
-        column[index] = value
-
-
-def _add(sums: dict[Any, Any], found: dict[str, Any]) -> None:
-    for key, value in found.items():
-        if key in ("d", "n"):
-            for name, rates in value.items():
-                for which in (0, 1):
-                    if rates[which] is not None:
-                        entry = sums.setdefault((key, name, which), [0.0, 0])
-                        entry[0] += rates[which]
-                        entry[1] += 1
-        elif value is not None:
-            entry = sums.setdefault(key, [0.0, 0])
-            entry[0] += value
-            entry[1] += 1
-
-
-def _devices(series: dict[Any, list], prefix: str) -> dict[str, dict[str, list]]:
-    names = sorted({key[1] for key in series if isinstance(key, tuple) and key[0] == prefix})
-    empty = [None] * len(series["c"])
-    return {name: {"read_bytes_avg": _ints(series.get((prefix, name, 0), empty)),
-                   "write_bytes_avg": _ints(series.get((prefix, name, 1), empty))} for name in names}
-
-
-def _ints(values: list) -> list:
-    return [None if v is None else int(round(v)) for v in values]

@@ -5,7 +5,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from kvmdesk.plugins.monitoring.rollups import INDEXES, Rollups, minute_series
+from kvmdesk.plugins.monitoring.columns import series
+from kvmdesk.plugins.monitoring.rollups import INDEXES, Rollups
 from kvmdesk.plugins.monitoring.samples import Sample
 from kvmdesk.testing.stores import open_test_store
 
@@ -41,11 +42,13 @@ async def test_minutes_upsert_into_hour_documents_read_back_and_expire(store):
     assert [d["hour"] for d in docs] == [HOUR, HOUR + 3600] and sorted(docs[0]["m"]) == ["0", "1", "2"]
     assert docs[0]["m"]["1"] == {"c": 22.5, "mp": 50.0, "mu": 1000, "d": {"vda": [1, 2]}, "n": {"eth0": [10, None]}}
 
-    points = await rollups.points("n1", HOUR, HOUR + 3600)
-    assert sorted(points) == [HOUR, HOUR + 60, HOUR + 120, HOUR + 3600]
-    series = minute_series(points, [HOUR, HOUR + 60, HOUR + 120, HOUR + 180], 60)
-    assert series["cpu_util"] == [12.5, 22.5, 32.5, None]
-    assert series["nic_util"]["eth0"] == {"read_bytes_avg": [10, 10, 10, None], "write_bytes_avg": [None] * 4}
+    columns = await rollups.columns("n1", HOUR, 61, now=HOUR + 7200)
+    assert [i for i, v in enumerate(columns["c"]) if v is not None] == [0, 1, 2, 60]
+    answer = series(columns, 4, 1)  # the first four minutes
+    assert answer["cpu_util"][:4] == [12.5, 22.5, 32.5, None]
+    answer = series({k: v[:4] for k, v in columns.items()}, 4, 1)
+    assert answer["nic_util"]["eth0"] == {"read_bytes_avg": [10, 10, 10, None], "write_bytes_avg": [None] * 4}
+    assert series(columns, 60, 2)["cpu_util"][:3] == [17.5, 32.5, None]  # steps of two minutes: means
 
     # Expiry: hours that ended before the cutoff go, two documents per statement.
     assert await rollups.prune(HOUR + 3600, chunk=2) == 2
