@@ -145,12 +145,14 @@ def test_the_axis_is_formatted_like_every_other_time_across_a_daylight_saving_ch
 
     from kvmdesk.plugins.monitoring.perf import axis_times
 
-    monkeypatch.setenv("TZ", "Europe/Berlin")
-    time_module.tzset()
     try:
-        for first, step in ((1_700_000_000, 60), (1_698_541_200, 600)):  # the second spans 2023-10-29 03:00
-            starts = [first + i * step for i in range(40)]
-            assert axis_times(first, step, 40) == [format_time(t) for t in starts]
+        for zone in ("Europe/Berlin", "Asia/Kolkata"):  # a half-hour offset: local hours are not UTC's
+            monkeypatch.setenv("TZ", zone)
+            time_module.tzset()
+            # The second spans 2023-10-29 03:00 (Berlin); the third, 1,440 minutes, crosses a day.
+            for first, step, count in ((1_700_000_000, 60, 40), (1_698_541_200, 600, 40), (1_700_001_000, 60, 1440)):
+                starts = [first + i * step for i in range(count)]
+                assert axis_times(first, step, count) == [format_time(t) for t in starts]
     finally:
         monkeypatch.undo()
         time_module.tzset()

@@ -5,7 +5,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from kvmdesk.plugins.monitoring.columns import series
+from kvmdesk.plugins.monitoring.columns import HourCache, series
 from kvmdesk.plugins.monitoring.rollups import INDEXES, Rollups
 from kvmdesk.plugins.monitoring.samples import Sample
 from kvmdesk.testing.stores import open_test_store
@@ -55,3 +55,43 @@ async def test_minutes_upsert_into_hour_documents_read_back_and_expire(store):
     assert await store.collection("monitor_rollups").count() == 1
     assert await rollups.prune(HOUR + 7200, chunk=2) == 1
     assert await store.collection("monitor_rollups").count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_hours_are_cached_within_the_bound_and_dropped_when_written_or_expired(store):
+    rollups = Rollups(store, HourCache(capacity=3))
+    coll = store.collection("monitor_rollups")
+    for hour in range(4):  # minute 5 of four hours, and minute 0 of the hour under way
+        rollups.add("n1", sample(HOUR + hour * 3600 + 300, 10.0 + hour))
+    rollups.add("n1", sample(HOUR + 4 * 3600 + 5, 99.0))
+    await rollups.flush(before=HOUR + 4 * 3600)
+    now = HOUR + 4 * 3600 + 30  # minute 0 of hour 4 is still in memory
+
+    columns = await rollups.columns("n1", HOUR, 5 * 60, now)
+    assert [columns["c"][h * 60 + 5] for h in range(4)] == [10.0, 11.0, 12.0, 13.0] and columns["c"][240] == 99.0
+    # Four finished hours, three kept (the least recently used went); the hour under way is not kept.
+    assert list(rollups.cache.entries) == [("n1", HOUR + h * 3600) for h in (1, 2, 3)]
+
+    # A kept hour is answered from memory: its document may go, the answer stays.
+    await coll.delete_many({"hour": HOUR + 3600})
+    assert (await rollups.columns("n1", HOUR + 3600, 60, now))["c"][5] == 11.0
+    # A minute written late into a kept hour drops it: the next answer reads the store again.
+    rollups.add("n1", sample(HOUR + 2 * 3600 + 600, 50.0))
+    await rollups.flush(before=HOUR + 4 * 3600)
+    again = await rollups.columns("n1", HOUR + 2 * 3600, 60, now)
+    assert again["c"][5] == 12.0 and again["c"][10] == 50.0
+
+    # An hour with a minute still in memory is answered but not kept until that minute is written.
+    rollups.add("n1", sample(HOUR + 3 * 3600 + 900, 70.0))  # (a clock set back): the kept hour goes at once
+    assert ("n1", HOUR + 3 * 3600) not in rollups.cache.entries
+    assert (await rollups.columns("n1", HOUR + 3 * 3600, 60, now))["c"][15] == 70.0
+    assert ("n1", HOUR + 3 * 3600) not in rollups.cache.entries
+    # An hour without any document (a node offline) is kept as such.
+    assert series(await rollups.columns("n2", HOUR, 60, now), 60, 1)["cpu_util"] == [None] * 60
+    assert rollups.cache.get("n2", HOUR) == (True, None)
+
+    # Expiry drops the kept hours it deletes; a removed node's hours go too.
+    await rollups.prune(HOUR + 3 * 3600, chunk=10)
+    assert all(hour >= HOUR + 2 * 3600 for _, hour in rollups.cache.entries)
+    rollups.forget("n1")
+    assert all(node != "n1" for node, _ in rollups.cache.entries)
