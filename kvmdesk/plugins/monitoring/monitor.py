@@ -112,7 +112,10 @@ class Monitor:
         self.rollups.forget(uuid)
 
     async def flush(self) -> int:
-        return await self.rollups.flush(before=self.core.clock.seconds())
+        """Write the completed minutes, then seal the hours that are over into day documents."""
+        written = await self.rollups.flush(before=self.core.clock.seconds())
+        await self.rollups.seal(self.core.clock.seconds(), self.settings.prune_chunk)
+        return written
 
     async def prune(self) -> int:
         cutoff = self.core.clock.seconds() - self.settings.retention_days * 86400

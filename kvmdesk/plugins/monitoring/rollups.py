@@ -26,6 +26,7 @@ import attrs
 from twisted.internet import defer
 
 from kvmdesk.core.store import Index, Store
+from kvmdesk.plugins.monitoring import days
 from kvmdesk.plugins.monitoring.columns import Columns, HourCache, hour_columns, join, put_point
 from kvmdesk.plugins.monitoring.samples import Sample
 
@@ -39,7 +40,7 @@ DEFAULT_CACHE_HOURS = 2400
 #: hours by name).  A MongoDB server may not answer a query through the unique index: the store makes
 #: unique indexes partial (see :mod:`kvmdesk.core.store.mongo`), and briskdb then scans the collection
 #: (a node's 20 hours among 2,000 documents: 1.4 s; through this index: 37 ms).
-INDEXES = [Index(ROLLUPS, ("node", "hour"), unique=True), Index(ROLLUPS, ("hour", "node"))]
+INDEXES = [Index(ROLLUPS, ("node", "hour"), unique=True), Index(ROLLUPS, ("hour", "node")), *days.INDEXES]
 
 
 @attrs.define(slots=True)
@@ -101,6 +102,9 @@ class Rollups:
     pending: dict[tuple[str, int], MinuteSums] = attrs.field(factory=dict)
     #: The last hour expiry has deleted: a read still under way must not cache it again.
     expired_through: int = -1
+    #: Writes into hours so far (flushed minutes, sealed hours): a read that overlapped one does not
+    #: cache what it read.
+    writes: int = 0
 
     @property
     def collection(self) -> Any:
@@ -136,6 +140,7 @@ class Rollups:
 
         async def write(node: str, hour: int, minutes: dict[str, Any]) -> int:
             update = {f"m.{slot}": sums.point() for slot, (_, sums) in minutes.items()}
+            self.writes += 1
             await self.collection.update_one({"node": node, "hour": hour}, {"$set": update}, upsert=True)
             self.cache.drop(node, hour)
             for minute, _ in minutes.values():
@@ -153,10 +158,12 @@ class Rollups:
         return sum(value for _, value in results)
 
     async def columns(self, node_uuid: str, first: int, count: int, now: float) -> Columns:
-        """The node's minute columns for ``count`` minutes from ``first``: stored hours (kept in the
-        hour cache once they are over, before ``now``), with the minutes still in memory on top."""
+        """The node's minute columns for ``count`` minutes from ``first``: sealed hours and hour
+        documents (kept in the hour cache once they are over, before ``now``), with the minutes still
+        in memory on top."""
         hours = range(hour_of(first), hour_of(first + (count - 1) * 60) + 1, 3600)
         end = first + count * 60
+        writes = self.writes
         # An hour with a minute still in memory (or being written) is not settled: not cached.
         unsettled = {hour_of(minute) for node, minute in self.pending if node == node_uuid}
         known: dict[int, Optional[Columns]] = {}
@@ -166,13 +173,18 @@ class Rollups:
                 known[hour] = columns
         missing = [hour for hour in hours if hour not in known]
         if missing:
-            # The hours by name, not as a range: both backends answer equality through the (node, hour)
-            # index, where briskdb scanned a range of hours past its command deadline.
-            docs = await self.collection.find({"node": node_uuid, "hour": {"$in": missing}}, projection=["hour", "m"])
-            read = {doc["hour"]: hour_columns(doc.get("m") or {}) for doc in docs}
+            sealed, docs = await _both(
+                days.read_hours(self.store, node_uuid, [hour for hour in missing if hour + 3600 <= now]),
+                # The hours by name, not as a range: both backends answer equality through an index,
+                # where briskdb scanned a range of hours past its command deadline.
+                self.collection.find({"node": node_uuid, "hour": {"$in": missing}}, projection=["hour", "m"]),
+            )
+            unsealed = {doc["hour"]: hour_columns(doc.get("m") or {}) for doc in docs}
             for hour in missing:
-                known[hour] = read.get(hour)
-                if hour + 3600 <= now and hour not in unsettled and hour > self.expired_through:
+                base, top = sealed.get(hour), unsealed.get(hour)
+                known[hour] = days.overlay(base, top) if base is not None and top is not None else base or top
+                if (hour + 3600 <= now and hour not in unsettled and hour > self.expired_through
+                        and self.writes == writes):
                     self.cache.put(node_uuid, hour, known[hour])
         joined = join((known[hour], (max(first, hour) - hour) // 60, (min(end, hour + 3600) - hour) // 60)
                       for hour in hours)
@@ -181,15 +193,42 @@ class Rollups:
                 put_point(joined, (minute - first) // 60, count, sums.point())
         return joined
 
-    async def prune(self, cutoff: float, chunk: int) -> int:
-        """Delete the hours that ended before ``cutoff``, ``chunk`` documents at a time.
+    async def seal(self, now: float, chunk: int) -> int:
+        """Pack every hour document of an hour that is over (before ``now``) and has no minute left in
+        memory into its node's day document (:mod:`.days`), ``chunk`` documents at a time.
 
-        :returns: how many hour documents were deleted.
+        :returns: how many hours were sealed.
         """
-        deleted = 0
+        last_hour = hour_of(int(now)) - 3600
+        sealed = after = 0
+        while True:
+            docs = await self.collection.find({"hour": {"$lte": last_hour}, "id": {"$gt": after}}, sort=[("id", 1)],
+                                              limit=chunk)
+            unsettled = {(node, hour_of(minute)) for node, minute in self.pending}
+            done = []
+            for doc in docs:
+                if (doc["node"], doc["hour"]) in unsettled or doc["hour"] <= self.expired_through:
+                    continue
+                self.writes += 1
+                await days.seal(self.store, doc["node"], doc["hour"], hour_columns(doc.get("m") or {}))
+                done.append(doc["id"])
+            if done:
+                await self.collection.delete_many({"id": {"$in": done}})
+                sealed += len(done)
+            if len(docs) < chunk:
+                return sealed
+            after = docs[-1]["id"]
+
+    async def prune(self, cutoff: float, chunk: int) -> int:
+        """Delete the hours that ended before ``cutoff``, ``chunk`` documents at a time (sealed ones:
+        whole days, and the expired hours of the day the cutoff falls in).
+
+        :returns: how many documents (days and hours) were deleted.
+        """
         last_hour = int(cutoff // 3600 * 3600) - 3600
         self.expired_through = max(self.expired_through, last_hour)
         self.cache.expire(last_hour)
+        deleted = await days.expire(self.store, last_hour, chunk)
         while True:
             rows = await self.collection.find({"hour": {"$lte": last_hour}}, limit=chunk, projection=["id"])
             if not rows:
@@ -197,3 +236,13 @@ class Rollups:
             deleted += await self.collection.delete_many({"id": {"$in": [r["id"] for r in rows]}})
             if len(rows) < chunk:
                 return deleted
+
+
+async def _both(first: Any, second: Any) -> tuple[Any, Any]:
+    """Await two coroutines at once (two store reads: one round trip's wait); the first error is raised."""
+    try:
+        a, b = await defer.gatherResults([defer.ensureDeferred(first), defer.ensureDeferred(second)],
+                                         consumeErrors=True)
+    except defer.FirstError as failure:
+        failure.subFailure.raiseException()
+    return a, b

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest_twisted
 
 from kvmdesk.core.records import format_time
+from kvmdesk.plugins.monitoring import days
 from tests.unit.monitoring.monitoring_testlib import add_node, advance, heartbeat, make_clock, monitor, monitoring_api
 
 HISTORY = "/monitor_mgr/node/history/"
@@ -29,11 +30,17 @@ async def test_points_roll_up_into_minutes_and_an_offline_hour_is_null(tmp_path:
         # Hour 0: one minute at 10 %, the next at 30 % (12 heartbeats a minute), then one hour offline.
         await beat_for(api, clock, node, 55, cpu=10.0)   # :00:05 .. :00:55
         await beat_for(api, clock, node, 60, cpu=30.0)   # :01:00 .. :01:55 (the :01:00 one is minute 1)
-        await advance(api, 60 * 60 - 115)                      # no heartbeats: the flush loop writes minutes 0 and 1
+        await advance(api, 60 * 60 - 175)                      # no heartbeats: the flush loop writes minutes 0 and 1
         stored = await api.core.store.collection("monitor_rollups").find({"node": node["uuid"]})
         assert [d["hour"] for d in stored] == [hour0]
         assert stored[0]["m"]["0"]["c"] == 10.0 and stored[0]["m"]["1"]["c"] == 30.0
         assert stored[0]["m"]["0"]["n"]["eth0"] == [1000, 500]
+        # Once the hour is over, the next flush round seals it into the node's day document.
+        await advance(api, 60)
+        assert await api.core.store.collection("monitor_rollups").count({"node": node["uuid"]}) == 0
+        sealed = (await days.read_hours(api.core.store, node["uuid"], [hour0]))[hour0]
+        assert sealed["c"][:3] == [10.0, 30.0, None] and sealed[("n", "eth0", 0)][0] == 1000
+        assert sealed[("n", "eth0", 1)][0] == 500
         # Back for ten minutes in the next hour.
         await beat_for(api, clock, node, 600, cpu=50.0)
         await advance(api, 60)
@@ -99,43 +106,48 @@ async def test_points_expire_after_the_retention_in_chunks(tmp_path: Path):
             for node in nodes:
                 heartbeat(api, node, cpu=5.0)
         rollups = api.core.store.collection("monitor_rollups")
-        before = await rollups.count()
-        assert before >= 12
-        first_hour = min(d["hour"] for d in await rollups.find({}))
-        # A day later (quiet): every hour of the first four has expired; the delete went in chunks of 2.
-        deleted = []
-        original = mon.rollups.collection.delete_many
-
-        async def counting(filter):
-            deleted.append(len(filter["id"]["$in"]))
-            return await original(filter)
-
-        mon.rollups.store = _Spy(api.core.store, counting)
+        # The hours that are over were sealed into day documents; the one under way is an hour document.
+        assert await stored_hours(api.core.store) >= 12 and await rollups.count() == 3
+        # A day later (quiet): every hour of the first four has expired; deletes went in chunks of 2.
+        deleted: list[tuple[str, int]] = []
+        mon.rollups.store = _Spy(api.core.store, deleted)
         await advance(api, 86400 + 3600)
-        assert await rollups.count() == 0
-        assert deleted and max(deleted) <= 2 and sum(deleted) == before
+        assert await rollups.count() == 0 and await stored_hours(api.core.store) == 0
+        assert deleted and max(n for _, n in deleted) <= 2
+        assert {name for name, _ in deleted} == {"monitor_rollups", "monitor_days"}
         await api.login()  # the token expired during that day
         status, body = await api.call("GET", HISTORY, params={"node_uuid": nodes[0]["uuid"], "statis_hours": 24,
                                                               "step_minutes": 60})
         assert status == 200, body
-        assert all(v is None for v in body["data"]["cpu_util"]) and first_hour
+        assert all(v is None for v in body["data"]["cpu_util"])
         await api.core.services.stopService()
 
 
-class _Spy:
-    """The real store, with the rollups' ``delete_many`` observed (chunk sizes)."""
+async def stored_hours(store) -> int:
+    """Hours kept in either shape: hour documents and the filled slots of day documents."""
+    day_docs = await store.collection(days.DAYS).find({})
+    return await store.collection("monitor_rollups").count() + sum(slot in d for d in day_docs for slot in days.SLOTS)
 
-    def __init__(self, store, delete_many):
+
+class _Spy:
+    """The real store, with every ``delete_many`` by ids observed: ``(collection, ids)`` (chunk sizes)."""
+
+    def __init__(self, store, deleted: list):
         self.store = store
-        self.delete_many = delete_many
+        self.deleted = deleted
 
     def collection(self, name):
         real = self.store.collection(name)
-        spy = self
+        deleted = self.deleted
 
         class Observed:
+            async def delete_many(self, filter):
+                if "id" in filter:
+                    deleted.append((name, len(filter["id"]["$in"])))
+                return await real.delete_many(filter)
+
             def __getattr__(self, attr):
-                return spy.delete_many if attr == "delete_many" else getattr(real, attr)
+                return getattr(real, attr)
 
         return Observed()
 

@@ -5,6 +5,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from kvmdesk.plugins.monitoring import days
 from kvmdesk.plugins.monitoring.columns import HourCache, series
 from kvmdesk.plugins.monitoring.rollups import INDEXES, Rollups
 from kvmdesk.plugins.monitoring.samples import Sample
@@ -95,3 +96,39 @@ async def test_finished_hours_are_cached_within_the_bound_and_dropped_when_writt
     assert all(hour >= HOUR + 2 * 3600 for _, hour in rollups.cache.entries)
     rollups.forget("n1")
     assert all(node != "n1" for node, _ in rollups.cache.entries)
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_hours_are_sealed_into_day_documents_merged_and_expired(store):
+    """The stored shape of past hours: one day document per node, migrated from hour documents."""
+    day = HOUR - HOUR % 86400
+    rollups = Rollups(store, HourCache(capacity=0))  # no cache: every answer reads the store
+    for hour in (day + 22 * 3600, day + 23 * 3600, day + 86400):  # two hours of one day, one of the next
+        rollups.add("n1", sample(hour + 60, 10.0))
+    await rollups.flush()
+    rollups.add("n1", sample(day + 86400 + 120, 20.0))  # still in memory: its hour is not sealed
+    now = day + 86400 + 3600 + 30
+
+    assert await rollups.seal(now, chunk=2) == 2
+    hour_docs = await store.collection("monitor_rollups").find({})
+    assert [d["hour"] for d in hour_docs] == [day + 86400]
+    (sealed,) = await store.collection(days.DAYS).find({"node": "n1"})
+    assert sealed["day"] == day and sorted(k for k in sealed if k.startswith("h")) == ["h22", "h23"]
+    columns = await rollups.columns("n1", day + 22 * 3600, 3 * 60 + 3, now)  # both shapes and memory
+    assert [columns["c"][i] for i in (0, 1, 61, 121, 122)] == [None, 10.0, 10.0, 10.0, 20.0]
+    columns = await rollups.columns("n1", day + 86400, 60, now)
+    assert columns["c"][1:3] == [10.0, 20.0]
+
+    # A minute that comes late into a sealed hour is merged when that hour is sealed again.
+    rollups.add("n1", sample(day + 23 * 3600 + 300, 40.0))
+    await rollups.flush()
+    assert await rollups.seal(now, chunk=2) == 2  # that hour and the next day's first
+    late = (await days.read_hours(store, "n1", [day + 23 * 3600]))[day + 23 * 3600]
+    assert late["c"][1] == 10.0 and late["c"][5] == 40.0
+    assert (await rollups.columns("n1", day + 86400, 60, now))["c"][1:3] == [10.0, 20.0]
+
+    # Expiry: the whole first day goes; of the second, the slots up to the cutoff's last hour.
+    await rollups.prune(day + 86400 + 3600, chunk=10)
+    assert [d["day"] for d in await store.collection(days.DAYS).find({})] == [day + 86400]
+    assert await days.read_hours(store, "n1", [day + 86400]) == {}
+    assert series(await rollups.columns("n1", day + 23 * 3600, 120, now), 120, 1)["cpu_util"] == [None] * 120
