@@ -16,7 +16,7 @@ minute that came late, after the hour was sealed) merges the two.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import orjson
 
@@ -77,13 +77,13 @@ async def read_hours(store: Any, node: str, hours: Iterable[int]) -> dict[int, C
     return found
 
 
-async def seal(store: Any, node: str, hour: int, columns: Columns) -> None:
-    """Pack ``columns`` into the node's day document (merged with what its slot already holds)."""
-    existing = await read_hours(store, node, [hour])
-    if hour in existing:
-        columns = overlay(existing[hour], columns)
-    await store.collection(DAYS).update_one({"node": node, "day": day_of(hour)},
-                                            {"$set": {slot_of(hour): pack(columns)}}, upsert=True)
+async def seal(store: Any, node: str, day: int, hours: Mapping[int, Columns]) -> None:
+    """Pack ``hours`` (all of ``day``) into the node's day document with one write, each merged with
+    what its slot already holds."""
+    existing = await read_hours(store, node, hours)
+    update = {slot_of(hour): pack(overlay(existing[hour], columns) if hour in existing else columns)
+              for hour, columns in hours.items()}
+    await store.collection(DAYS).update_one({"node": node, "day": day}, {"$set": update}, upsert=True)
 
 
 async def expire(store: Any, last_hour: int, chunk: int) -> int:

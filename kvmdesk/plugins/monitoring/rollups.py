@@ -205,16 +205,27 @@ class Rollups:
             docs = await self.collection.find({"hour": {"$lte": last_hour}, "id": {"$gt": after}}, sort=[("id", 1)],
                                               limit=chunk)
             unsettled = {(node, hour_of(minute)) for node, minute in self.pending}
-            done = []
+            # One write per node and day (two writes to one day document would race to create it).
+            groups: dict[tuple[str, int], list[dict]] = {}
             for doc in docs:
-                if (doc["node"], doc["hour"]) in unsettled or doc["hour"] <= self.expired_through:
-                    continue
-                self.writes += 1
-                await days.seal(self.store, doc["node"], doc["hour"], hour_columns(doc.get("m") or {}))
-                done.append(doc["id"])
+                if (doc["node"], doc["hour"]) not in unsettled and doc["hour"] > self.expired_through:
+                    groups.setdefault((doc["node"], days.day_of(doc["hour"])), []).append(doc)
+            self.writes += 1
+            semaphore = defer.DeferredSemaphore(FLUSH_CONCURRENCY)
+            results = await defer.DeferredList(
+                [semaphore.run(lambda k=key, g=group: defer.ensureDeferred(days.seal(
+                    self.store, k[0], k[1], {d["hour"]: hour_columns(d.get("m") or {}) for d in g})))
+                 for key, group in groups.items()],
+                consumeErrors=True,
+            )
+            # A failed seal leaves its hour documents (read as before, sealed by a later round).
+            done = [doc["id"] for group, (ok, _) in zip(groups.values(), results) if ok for doc in group]
             if done:
                 await self.collection.delete_many({"id": {"$in": done}})
                 sealed += len(done)
+            for ok, value in results:
+                if not ok:
+                    value.raiseException()
             if len(docs) < chunk:
                 return sealed
             after = docs[-1]["id"]
