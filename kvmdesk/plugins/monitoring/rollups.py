@@ -1,13 +1,16 @@
 """Minute rollups of every node's samples, persisted for ``history`` and kept for ``retention``.
 
 Samples are summed in memory per node and minute (weighted by the seconds each covers); completed
-minutes are flushed to the store every ``flush_interval``.  Storage: one document per node and hour
-in ``monitor_rollups``, ``{"node", "hour", "m": {"0".."59": point}}``, unique on ``(node, hour)``:
+minutes are flushed to the store every ``flush_interval``.  Storage of the hours under way: one
+document per node and hour in ``monitor_rollups``, ``{"node", "hour", "m": {"0".."59": point}}``, unique on ``(node, hour)``:
 
 - a flush is one upsert per node (its new minutes ``$set`` into the hour's document);
-- 24 hours of one node are 25 documents read through the ``(node, hour)`` index, not 1,440 rows;
-- expiry deletes whole hours, ``prune_chunk`` documents per statement (each chunk its own write, so
-  other writers and the reactor get their turn between chunks).
+- once an hour is over and none of its minutes is left in memory, :meth:`Rollups.seal` (after each
+  flush) packs it into the node's day document (:mod:`.days`) and deletes the hour document: 24 hours
+  of one node are then two day documents and the current hour's, not 25 documents of 60 nested points;
+- finished hours read once stay in a bounded cache as minute columns (:mod:`.columns`);
+- expiry deletes whole hours and days, ``prune_chunk`` documents per statement (each chunk its own
+  write, so other writers and the reactor get their turn between chunks).
 
 The same layout serves both store backends.  MongoDB's time-series collections are not used: they
 bucket points per series and hour internally just like this, but take one insert per point with a
