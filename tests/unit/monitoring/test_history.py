@@ -168,3 +168,34 @@ def test_the_axis_is_formatted_like_every_other_time_across_a_daylight_saving_ch
     finally:
         monkeypatch.undo()
         time_module.tzset()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hour_documents_of_an_older_version_are_sealed_and_answer_the_same(tmp_path: Path):
+    """Migration: a store written before day documents existed holds only hour documents."""
+    clock = make_clock()
+    clock.advance(3600 - clock.seconds() % 3600 + 1800)  # half past an hour
+    now_hour = int(clock.seconds()) - 1800
+    async with monitoring_api(tmp_path, clock, prune_chunk=7) as api:
+        node = await add_node(api, "n1", "10.0.0.1")
+        old = [{"node": node["uuid"], "hour": now_hour - h * 3600,
+                "m": {str(m): {"c": float(h), "mp": 50.0, "mu": 10, "n": {"eth0": [h, m]}} for m in range(0, 60, 7)}}
+               for h in range(30)]
+        await api.core.store.collection("monitor_rollups").insert_many(old)
+        query = {"node_uuid": node["uuid"], "statis_hours": 24, "step_minutes": 1}
+        status, before = await api.call("GET", HISTORY, params=query)
+        assert status == 200 and 0 < before["data"]["cpu_util"].count(None) < 24 * 60
+
+        api.core.services.startService()
+        await advance(api, 60)  # one flush round seals every hour that is over, 7 at a time
+        assert [d["hour"] for d in await api.core.store.collection("monitor_rollups").find({})] == [now_hour]
+        assert await stored_hours(api.core.store) == 30
+        monitor(api).rollups.cache.entries.clear()
+        status, after = await api.call("GET", HISTORY, params=query)
+        assert status == 200, after
+        # The axis moved on by one minute: the answers agree on every minute both cover.
+        assert after["data"]["time"][:-1] == before["data"]["time"][1:]
+        assert after["data"]["cpu_util"][:-1] == before["data"]["cpu_util"][1:]
+        for key in ("read_bytes_avg", "write_bytes_avg"):
+            assert after["data"]["nic_util"]["eth0"][key][:-1] == before["data"]["nic_util"]["eth0"][key][1:]
+        await api.core.services.stopService()
