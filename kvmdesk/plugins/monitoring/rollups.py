@@ -2,7 +2,8 @@
 
 Samples are summed in memory per node and minute (weighted by the seconds each covers); completed
 minutes are flushed to the store every ``flush_interval``.  Storage of the hours under way: one
-document per node and hour in ``monitor_rollups``, ``{"node", "hour", "m": {"0".."59": point}}``, unique on ``(node, hour)``:
+document per node and hour in ``monitor_rollups``, ``{"node", "hour", "m": {"0".."59": point}}``,
+unique on ``(node, hour)``:
 
 - a flush is one upsert per node (its new minutes ``$set`` into the hour's document);
 - once an hour is over and none of its minutes is left in memory, :meth:`Rollups.seal` (after each
@@ -105,8 +106,8 @@ class Rollups:
     pending: dict[tuple[str, int], MinuteSums] = attrs.field(factory=dict)
     #: The last hour expiry has deleted: a read still under way must not cache it again.
     expired_through: int = -1
-    #: Writes into hours so far (flushed minutes, sealed hours): a read that overlapped one does not
-    #: cache what it read.
+    #: Moves at the start and the end of every write into hours (flushed minutes, sealed hours): a read
+    #: that overlapped one does not cache what it read.
     writes: int = 0
 
     @property
@@ -145,6 +146,7 @@ class Rollups:
             update = {f"m.{slot}": sums.point() for slot, (_, sums) in minutes.items()}
             self.writes += 1
             await self.collection.update_one({"node": node, "hour": hour}, {"$set": update}, upsert=True)
+            self.writes += 1
             self.cache.drop(node, hour)
             for minute, _ in minutes.values():
                 self.pending.pop((node, minute), None)
@@ -226,6 +228,7 @@ class Rollups:
             if done:
                 await self.collection.delete_many({"id": {"$in": done}})
                 sealed += len(done)
+            self.writes += 1  # a read between the day's write and the hour's delete may have missed both
             for ok, value in results:
                 if not ok:
                     value.raiseException()
