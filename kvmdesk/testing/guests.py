@@ -139,3 +139,31 @@ async def domain_state(api: Any, node: dict, desktop: dict) -> str:
     """The state of ``desktop``'s domain as its node's agent reports it."""
     stored = await api.core.store.collection("nodes").find_one({"uuid": node["uuid"]})
     return (await api.core.extensions["agents"].call(stored, "GET", f"/domains/{desktop['uuid']}"))["state"]
+
+
+async def guest_template(api: Any, pool: str, image_uuid: str, name: str, *, classify: int, net: str,
+                         created: list[dict]) -> tuple[dict, dict, dict]:
+    """A flat data network with the subnet ``{net}.0/24`` and a saved template of the guest on it (one
+    vCPU, 64 MiB, the uploaded guest image ``image_uuid`` as its disk), made through the API; the
+    template is appended to ``created`` as soon as it exists (for the caller's clean-up).
+
+    :returns: ``(network, subnet, template)``.
+    """
+    async def ok(method: str, path: str, body: dict) -> dict:
+        status, answer = await api.call(method, path, body)
+        assert status == 200 and answer["code"] == 0, (method, path, answer)
+        return answer["data"]
+
+    switch = await ok("POST", "/resource_mgr/vswitchs", {"name": f"sw-{name}", "type": "flat", "uplinks": []})
+    network = await ok("POST", "/resource_mgr/data_networks", {
+        "name": f"net-{name}", "switch_uuid": switch["uuid"],
+        "subnet_info": {"name": "s", "start_ip": f"{net}.10", "end_ip": f"{net}.30", "netmask": "255.255.255.0",
+                        "gateway": f"{net}.1", "dns1": f"{net}.1"}})
+    subnet = await api.core.store.collection("subnets").find_one({"network_uuid": network["uuid"]})
+    template = await ok("POST", "/education/template", {"action": "create", "param": {
+        "name": name, "os_type": "Linux", "classify": classify, "pool_uuid": pool, "network_uuid": network["uuid"],
+        "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 0.0625, "system_disk": {"image_id": image_uuid, "size": 1},
+        "data_disks": []}})
+    created.append(template)
+    await ok("POST", "/education/template", {"action": "save", "param": {"name": template["name"], "uuid": template["uuid"]}})
+    return network, subnet, template

@@ -21,7 +21,7 @@ pytest.importorskip("kvmdesk.protocol.domains")
 
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent  # noqa: E402
 from kvmdesk.testing.guests import (  # noqa: E402
-    BOOT_WAIT, boot_disk, domain_state, has_marker, overlay_of, reboot_in_place, reset_guest, until, write_marker)
+    BOOT_WAIT, boot_disk, domain_state, guest_template, has_marker, overlay_of, reboot_in_place, reset_guest, until, write_marker)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "storage"))
 from storage_testlib import wait_all  # noqa: E402
@@ -76,19 +76,8 @@ async def test_a_static_desktop_keeps_its_disk_across_a_guest_reboot_a_restore_r
                                             {"file": ("reset.qcow2", boot_disk(tmp_path / "reset.qcow2").read_bytes())})
             assert status == 200, body
             await arrived
-            switch = await ok(api, "POST", "/resource_mgr/vswitchs", {"name": "sw", "type": "flat", "uplinks": []})
-            network = await ok(api, "POST", "/resource_mgr/data_networks", {
-                "name": "net", "switch_uuid": switch["uuid"],
-                "subnet_info": {"name": "s", "start_ip": "10.9.1.10", "end_ip": "10.9.1.30", "netmask": "255.255.255.0",
-                                "gateway": "10.9.1.1", "dns1": "10.9.1.1"}})
-            subnet = await api.core.store.collection("subnets").find_one({"network_uuid": network["uuid"]})
-            template = await ok(api, "POST", "/education/template", {"action": "create", "param": {
-                "name": f"reset-tpl-{run}", "os_type": "Linux", "classify": 2, "pool_uuid": pool, "network_uuid": network["uuid"],
-                "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 0.0625, "system_disk": {"image_id": body["data"]["uuid"], "size": 1},
-                "data_disks": []}})
-            templates.append(template)
-            await ok(api, "POST", "/education/template", {"action": "save", "param": {"name": template["name"],
-                                                                                     "uuid": template["uuid"]}})
+            network, subnet, template = await guest_template(api, pool, body["data"]["uuid"], f"reset-tpl-{run}", classify=2,
+                                                             net="10.9.1", created=templates)
             staff, students = await users_of(api, "staff", "st"), await users_of(api, "students", "s")
             staff_user = await api.core.store.collection("users").find_one({"user_name": "st1"})
 
