@@ -76,10 +76,14 @@ async def drive(args: argparse.Namespace) -> None:
     items = json.loads(Path(args.items).read_text())
 
     async def post(path: str, body: dict, token: str = "") -> list:
+        """``[status, body, sent, done]``; a request lost on the way is status 0 (reported, not fatal)."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         sent = time.perf_counter()
-        response = await treq.post(args.drive + path, json=body, headers=headers, pool=pool)
-        answer = await response.json()
+        try:
+            response = await treq.post(args.drive + path, json=body, headers=headers, pool=pool)
+            answer = await response.json()
+        except Exception as exc:  # e.g. a reset when the loopback accept queue overflows on a loaded host
+            return [0, {"error": repr(exc)[:200]}, sent, time.perf_counter()]
         return [response.code, answer, sent, time.perf_counter()]
 
     cpu, began = cpu_seconds(), time.perf_counter()
