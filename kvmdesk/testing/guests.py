@@ -1,15 +1,4 @@
-"""A tiny real guest for the integration set (a real libvirtd + QEMU/KVM), and a marker on its disk.
-
-The guest is a 512-byte boot sector that waits for a key (BIOS int 16h) and then resets the machine
-through the keyboard controller: the guest reboots itself, but only when the test presses a key
-(libvirt's send-key), so nothing depends on how fast a busy host runs.  A restore desktop runs with
-``on_reboot=destroy`` (the reset ends the domain, the controller restores and restarts it); one
-without restore is reset in place by libvirt (its ``reboot`` event: :func:`reboot_in_place`).
-
-The marker is written while the domain runs, through QEMU's own block layer (the monitor's
-``qemu-io``; a restore desktop gets a fresh overlay at every start, so it cannot be written while the
-domain is off), and read from the overlay file with ``qemu-io -U``.
-"""
+"""Tiny real guests for real-KVM tests and benches: a disk whose first sector is the whole program."""
 from __future__ import annotations
 
 import json
@@ -18,23 +7,43 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from twisted.internet import reactor, task, threads
+from twisted.internet import reactor, task
+
+#: cli; hlt; jmp back to the hlt: boots and then idles without using the CPU
+HALTING_BOOT_SECTOR = bytes.fromhex("faf4ebfd")
+
+
+def boot_sector_disk(path: Path, code: bytes = HALTING_BOOT_SECTOR, size: int = 1024 * 1024) -> Path:
+    """A qcow2 at ``path`` of ``size`` bytes whose boot sector is ``code`` (at most 510 bytes) and the
+    BIOS signature; the BIOS loads it at 0x7c00 and jumps to it."""
+    if len(code) > 510:
+        raise ValueError(f"a boot sector holds 510 bytes of code, not {len(code)}")
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(code.ljust(510, b"\0") + b"\x55\xaa" + bytes(size - 512))
+    try:
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True, timeout=60)
+    finally:
+        raw.unlink(missing_ok=True)
+    return path
+
+
+# -- a guest that reboots itself when a key is pressed, and a marker on its disk ------------------------
+#
+# The guest (KEY_RESET_BOOT_SECTOR) waits for a key (BIOS int 16h) and then resets the machine through
+# the keyboard controller: it reboots itself, but only when the test presses a key (libvirt's
+# send-key), so nothing depends on how fast a busy host runs.  A restore desktop runs with
+# on_reboot=destroy (the reset ends the domain, the controller restores and restarts it); one without
+# restore is reset in place by libvirt (its reboot event: reboot_in_place).  The marker is written
+# while the domain runs, through QEMU's own block layer (the monitor's qemu-io; a restore desktop gets
+# a fresh overlay at every start), and read from the overlay file with qemu-io -U.
 
 #: mov ah,0; int 16h (wait for a key); mov al,FEh; out 64h,al (reset); jmp $
-BOOT_SECTOR = bytes.fromhex("b400cd16b0fee664ebfe")
+KEY_RESET_BOOT_SECTOR = bytes.fromhex("b400cd16b0fee664ebfe")
 KEY_ENTER = 28  # Linux keycode
 #: Seconds a guest may take to reach its boot sector: SeaBIOS took 75 s on a shared host at load 20.
 BOOT_WAIT = 300.0
 #: qemu-io's pattern byte, offset and length of the marker.
 MARKER = ("0x5a", "1M", "64k")
-
-
-def boot_disk(path: Path) -> Path:
-    """A 1 MiB qcow2 disk at ``path`` that boots the guest."""
-    raw = path.with_suffix(".raw")
-    raw.write_bytes(BOOT_SECTOR.ljust(510, b"\0") + b"\x55\xaa" + bytes(1024 * 1024 - 512))
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True, timeout=60)
-    return path
 
 
 def write_marker(uri: str, domain_uuid: str) -> None:
@@ -108,7 +117,8 @@ async def reset_guest(uri: str, domain_uuid: str, reset_seen: Callable[[], Await
     while not await reset_seen():
         if time.monotonic() > deadline:
             raise AssertionError(f"domain {domain_uuid}: no reset seen after {timeout:.0f} s of key presses")
-        await threads.deferToThread(press_key, uri, domain_uuid)
+        # from the test's own thread: the reactor's pool may be taken by what earlier tests left there
+        press_key(uri, domain_uuid)
         await until(reset_seen, "the guest's reset", timeout=3.0, quiet=True)
 
 

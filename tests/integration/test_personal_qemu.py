@@ -21,7 +21,8 @@ pytest.importorskip("kvmdesk.protocol.domains")
 
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent  # noqa: E402
 from kvmdesk.testing.guests import (  # noqa: E402
-    BOOT_WAIT, boot_disk, domain_state, guest_template, has_marker, overlay_of, reboot_in_place, reset_guest, until, write_marker)
+    BOOT_WAIT, KEY_RESET_BOOT_SECTOR, boot_sector_disk, domain_state, guest_template, has_marker, overlay_of,
+    reboot_in_place, reset_guest, until, write_marker)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "storage"))
 from storage_testlib import wait_all  # noqa: E402
@@ -72,8 +73,9 @@ async def test_a_static_desktop_keeps_its_disk_across_a_guest_reboot_a_restore_r
         run = uuid.uuid4().hex[:6]  # names of this run: domains on the shared libvirtd never collide
         try:
             arrived = wait_all(distributor, "done", [node["uuid"]])
+            guest = boot_sector_disk(tmp_path / "reset.qcow2", KEY_RESET_BOOT_SECTOR)
             status, body = await api.upload(f"{POOLS}/{pool}/base_images", {"name": "reset", "os_type": "Linux"},
-                                            {"file": ("reset.qcow2", boot_disk(tmp_path / "reset.qcow2").read_bytes())})
+                                            {"file": ("reset.qcow2", guest.read_bytes())})
             assert status == 200, body
             await arrived
             network, subnet, template = await guest_template(api, pool, body["data"]["uuid"], f"reset-tpl-{run}", classify=2,

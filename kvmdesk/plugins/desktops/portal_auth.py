@@ -114,7 +114,8 @@ class DesktopUserAuth:
         cached = self._cache.get(hashed)
         if cached is not None and cached[1] > now:
             return cached[0]
-        session = await self.sessions.find_one({"token_hash": hashed, "expires_at": {"$gt": now}, "seen_at": {"$gt": now - self.idle}})
+        session = await self.sessions.find_one({"token_hash": hashed, "expires_at": {"$gt": now},
+                                                "seen_at": {"$gt": now - self.idle}})
         user = await self.core.store.collection(USERS).find_one({"uuid": session["user_uuid"]}) if session else None
         if user is None or not user.get("enabled", True) or user.get("deleted"):
             self._cache.pop(hashed, None)
