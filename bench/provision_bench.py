@@ -193,6 +193,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                     await ok(api, "DELETE", "/education/desktop", ref)
                 await ok(api, "DELETE", T, template_ref)
                 await distributor.stopService()
+    except BaseException:
+        for agent in agents:  # what went wrong on a node is in its agent's log
+            print(f"--- agent {agent.ip}, last lines:\n" + "\n".join(agent.output.splitlines()[-40:]), file=sys.stderr)
+        raise
     finally:
         for agent in agents:
             await agent.stop()

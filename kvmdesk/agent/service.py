@@ -43,7 +43,7 @@ from kvmdesk.agent.services import SystemdServices
 from kvmdesk.core import agentauth
 from kvmdesk.core.auth import Throttle
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.filemodes import restrict_tree
+from kvmdesk.core.filemodes import reachable_dirs, restrict_tree
 from kvmdesk.core.process import listen_failure_line
 from kvmdesk.core.threadpools import stop_pool
 from kvmdesk.protocol import hostfacts as host
@@ -323,7 +323,7 @@ class Agent(MultiService):
     def _host_facts(self) -> dict[str, Any]:
         paths = self.config.storage_paths()
         for path in set(paths.values()):
-            Path(path).mkdir(parents=True, exist_ok=True)
+            reachable_dirs(Path(path))
         return host.host_facts(paths)
 
     async def facts(self) -> dict[str, Any]:
