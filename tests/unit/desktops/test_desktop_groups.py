@@ -174,6 +174,19 @@ async def test_activate_deactivate_and_inactive_groups_do_not_start(api):
 
 
 @pytest_twisted.ensureDeferred
+async def test_unknown_groups_in_every_group_batch_are_reported_per_item(api):
+    ghosts = {"desktops": [{"uuid": "nope-1", "name": "ghost1"}, {"uuid": "nope-2", "name": "ghost2"}]}
+    requests = [("POST", {"action": action, "param": ghosts}) for action in ("start", "stop", "reboot", "active", "inactive")]
+    for method, request in requests + [("DELETE", ghosts)]:
+        answer = ok(*await api.call(method, DESKTOP_GROUPS, request, headers=EN))
+        assert (answer["success_num"], answer["failed_num"]) == (0, 2), (request, answer)
+        assert [(f["name"], f["code"]) for f in answer["failures"]] == [("ghost1", 1012), ("ghost2", 1012)]
+        status, single = await api.call(method, DESKTOP_GROUPS, {**request, "param": {"desktops": ghosts["desktops"][:1]}}
+                                        if method == "POST" else {"desktops": ghosts["desktops"][:1]}, headers=EN)
+        failed(status, single, 404, 1012, "nope-1")
+
+
+@pytest_twisted.ensureDeferred
 async def test_edit_name_and_order(api):
     w = await world(api)
     group, _ = await stored_group(api, w)
