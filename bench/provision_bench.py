@@ -55,8 +55,6 @@ T = "/education/template"
 KVM_URI = "qemu:///system"
 KVM_IMAGES = Path("/var/lib/libvirt/images")
 STORAGE_ROLES = ("template_sys", "template_data", "instance_sys", "instance_data")
-#: cli; hlt; jmp back to the hlt: a guest that boots and then idles without using the CPU
-HALTING_BOOT_SECTOR = bytes.fromhex("faf4ebfd")
 
 
 def hosts(count: int) -> list[str]:
@@ -65,14 +63,6 @@ def hosts(count: int) -> list[str]:
 
 def make_image(path: Path) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"], check=True)
-    return path
-
-
-def make_boot_image(path: Path) -> Path:
-    """A 1 MiB qcow2 whose first sector boots and halts (the ``--kvm`` template's base)."""
-    raw = path.with_suffix(".raw")
-    raw.write_bytes(HALTING_BOOT_SECTOR.ljust(510, b"\0") + b"\x55\xaa" + bytes(1024 * 1024 - 512))
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
     return path
 
 
@@ -110,6 +100,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     import psutil
 
     from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller
+    from kvmdesk.testing.guests import boot_sector_disk
 
     ips = hosts(args.agents)
     port = free_port(*ips)
@@ -131,7 +122,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                 await ok(api, "POST", f"{POOLS}/{pool}/nodes", {"ip": ip, "password": AGENT_PASSWORD})
             distributor = core.extensions["storage.distributor"]
             distributor.startService()
-            base = make_boot_image(workdir / "base.qcow2") if args.kvm else make_image(workdir / "base.qcow2")
+            base = boot_sector_disk(workdir / "base.qcow2") if args.kvm else make_image(workdir / "base.qcow2")
             status, body = await api.upload(f"{POOLS}/{pool}/base_images", {"name": "base", "os_type": "Linux"},
                                             {"file": ("base.qcow2", base.read_bytes())})
             image = body["data"]

@@ -24,6 +24,7 @@ from twisted.internet import reactor, task
 pytest.importorskip("kvmdesk.protocol.domains")
 
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent  # noqa: E402
+from kvmdesk.testing.guests import boot_sector_disk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "storage"))
 from storage_testlib import wait_all  # noqa: E402
@@ -36,13 +37,6 @@ ROLES = ("template_sys", "template_data", "instance_sys", "instance_data")
 BOOT_SECTOR = bytes.fromhex("b400cd16b0fee664ebfe")
 KEY_ENTER = 28  # Linux keycode
 MARKER = ("0x5a", "1M", "64k")
-
-
-def boot_disk(path: Path) -> Path:
-    raw = path.with_suffix(".raw")
-    raw.write_bytes(BOOT_SECTOR.ljust(510, b"\0") + b"\x55\xaa" + bytes(1024 * 1024 - 512))
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True, timeout=60)
-    return path
 
 
 def write_marker(uri: str, domain_uuid: str) -> None:
@@ -151,7 +145,7 @@ async def test_restore_desktops_come_back_clean_after_a_guest_reboot(libvirtd, i
         try:
             arrived = wait_all(distributor, "done", [n["uuid"] for n in nodes])
             status, body = await api.upload(f"{POOLS}/{pool}/base_images", {"name": "reset", "os_type": "Linux"},
-                                            {"file": ("reset.qcow2", boot_disk(tmp_path / "reset.qcow2").read_bytes())})
+                                            {"file": ("reset.qcow2", boot_sector_disk(tmp_path / "reset.qcow2", BOOT_SECTOR).read_bytes())})
             assert status == 200, body
             image = body["data"]
             await arrived
