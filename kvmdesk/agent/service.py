@@ -322,8 +322,14 @@ class Agent(MultiService):
 
     def _host_facts(self) -> dict[str, Any]:
         paths = self.config.storage_paths()
+        private = self.data_dir.absolute()
         for path in set(paths.values()):
-            reachable_dirs(Path(path))
+            # inside the private data directory a storage root stays private (restrict_tree keeps it so);
+            # elsewhere QEMU, another user, must reach the disks below
+            if Path(path).is_relative_to(private):
+                Path(path).mkdir(parents=True, exist_ok=True)
+            else:
+                reachable_dirs(Path(path))
         return host.host_facts(paths)
 
     async def facts(self) -> dict[str, Any]:
