@@ -184,6 +184,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                     await ok(api, "DELETE", "/education/desktop", ref)
                 await ok(api, "DELETE", T, template_ref)
                 await distributor.stopService()
+                for agent in agents:  # before the controller stops: their last events find its store open
+                    await agent.stop()
     except BaseException:
         for agent in agents:  # what went wrong on a node is in its agent's log
             print(f"--- agent {agent.ip}, last lines:\n" + "\n".join(agent.output.splitlines()[-40:]), file=sys.stderr)
