@@ -392,11 +392,13 @@ class JobService(Service):
         return job.snapshot()
 
     async def run_items(self, req: "RequestLike", kind: str, items: Sequence[Any],
-                        operation: Callable[[Any], Awaitable[Any]], *, concurrency: int = 1,
+                        operation: Optional[Callable[[Any], Awaitable[Any]]] = None, *, concurrency: int = 1,
                         title: Optional[str] = None, params: Optional[Mapping] = None) -> dict[str, Any]:
         """Run a batch as a job and answer as :func:`kvmdesk.core.jobs.run_batch` does, plus ``job_id``.
 
-        ``operation`` gets each item as given.  With one item its failure is raised as the answer.
+        ``operation`` gets each item as given.  Without ``operation`` the kind's registered runner runs
+        the job (the items, mappings, are stored whole): a kind registered ``on_restart="resume"`` then
+        resumes after a restart.  With one item its failure is raised as the answer.
 
         :raises ApiError: no items; the single item failed; the controller stopped before the end.
         """
@@ -404,15 +406,16 @@ class JobService(Service):
             raise ApiError(errors.BATCH_EMPTY)
         given = list(items)
 
-        async def runner(core: Any, job: Job) -> None:
+        async def one_off(core: Any, job: Job) -> None:
             originals = {id(record): item for record, item in zip(job.items, given)}
-            await job.for_each(lambda record: operation(originals[id(record)]))
+            await job.for_each(lambda record: operation(originals[id(record)]))  # type: ignore[misc]
 
         admin = (req.admin or {}).get("username")
-        # the job keeps each item's uuid and name only: the operation gets the item itself
-        job = await self._submit(kind, title=title or kind, items=[identity(item) for item in given], params=params,
-                                 admin=admin, concurrency=concurrency, lang=req.lang, request_id=req.request_id,
-                                 runner=runner)
+        # a one-off operation gets the item itself: the job keeps each item's uuid and name only
+        runner = one_off if operation is not None else None
+        stored = given if runner is None else [identity(item) for item in given]
+        job = await self._submit(kind, title=title or kind, items=stored, params=params, admin=admin,
+                                 concurrency=concurrency, lang=req.lang, request_id=req.request_id, runner=runner)
         record = await job.done()
         if record["state"] not in FINISHED:
             raise ApiError(JOB_INTERRUPTED)

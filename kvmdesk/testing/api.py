@@ -167,6 +167,18 @@ async def make_core(
 
 
 @contextlib.asynccontextmanager
+async def running_jobs(core: Core) -> AsyncIterator[Core]:
+    """Run the core's job service and scheduler (test cores do not start their services); stopped after."""
+    core.jobs.startService()
+    core.scheduler.startService()
+    try:
+        yield core
+    finally:
+        await core.scheduler.stopService()
+        await core.jobs.stopService()
+
+
+@contextlib.asynccontextmanager
 async def listening_api(core: Core, interface: str = "127.0.0.1") -> AsyncIterator[str]:
     """Serve ``core``'s API on a real loopback port (the production site); yields ``http://host:port/api/v1.0``."""
     port = core.reactor.listenTCP(0, make_site(core.router), interface=interface)

@@ -13,5 +13,10 @@ For other plugins:
 - ``core.extensions["templates.usage_counts"]``: set by a desktops plugin, gives the query its
   ``desktop_count`` / ``instance_count`` (0 without it).
 - Templates answer ``kvmdesk_usage`` for base images, ISOs, data networks, subnets, pools and nodes.
+
+Work that touches nodes runs as ``core.jobs`` jobs (kinds ``templates.create``, ``templates.copy``,
+``templates.save`` (resumed after a restart), ``templates.<power action>``, ``templates.delete``);
+``run_date`` saves are ``core.scheduler`` entries (:mod:`.schedule`); version files an unreachable
+node kept at a delete are removed when it answers again (:mod:`.leftovers`).
 """
 from kvmdesk.plugins.templates.plugin import *  # noqa: F401,F403  (the hook implementations)

@@ -20,6 +20,5 @@ TEMPLATE_STATE = define(5009, 409, "模板 {name} 当前状态不允许此操作
                         "not possible in the state of template {name}: {reason}")
 NODE_UNAVAILABLE = define(5010, 503, "模板 {name} 所在节点不可用: {reason}",
                           "the node of template {name} is unavailable: {reason}")
-RUN_DATE_PAST = define(5011, 400, "参数错误: run_date: {run_date} 已经过去", "invalid parameter run_date: {run_date} is in the past")
 SEND_FAILED = define(5012, 502, "模板 {name} 的镜像未能送达节点 {node}: {reason}",
                      "the image of template {name} did not reach node {node}: {reason}")

@@ -8,11 +8,13 @@ from kvmdesk.core.errors import ApiError, Resource
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from kvmdesk.plugins.templates import publish, reconcile, routes, schedule, schema, service, views
+from kvmdesk.plugins.templates import leftovers, publish, reconcile, routes, schedule, schema, service, views
 
 __all__ = [
     "kvmdesk_config_defaults",
+    "kvmdesk_configure",
     "kvmdesk_domain_event",
+    "kvmdesk_node_removed",
     "kvmdesk_node_status_changed",
     "kvmdesk_services",
     "kvmdesk_startup",
@@ -94,19 +96,28 @@ def kvmdesk_domain_event(core: Any, node: Mapping[str, Any], event: Mapping[str,
 
 
 @hookimpl
+def kvmdesk_configure(core: Any) -> None:
+    schedule.register(core)  # the save job and its run_date entries
+
+
+@hookimpl
 def kvmdesk_services(core):
-    saves = schedule.SaveSchedule(core, core.clock)
-    core.extensions[schedule.EXTENSION] = saves
     reconciler = reconcile.TemplateReconciler(core, float(core.config.get("templates.reconcile_interval", 60.0)))
     core.extensions[reconcile.EXTENSION] = reconciler
     # What the storage plugin's list of a node's template images (#34) adds for published versions.
     core.extensions[NODE_IMAGES] = lambda node: views.node_images(core, node)
-    return [saves, reconciler]
+    return [reconciler]
 
 
 @hookimpl
 def kvmdesk_startup(core):
-    return publish.recover_interrupted(core)
+    return startup(core)
+
+
+async def startup(core: Any) -> None:
+    # before the job service starts: the save jobs it resumes find their templates usable again
+    await publish.recover_interrupted(core)
+    await schedule.take_over_saved_schedules(core)
 
 
 @hookimpl
@@ -114,5 +125,18 @@ def kvmdesk_node_status_changed(core: Any, node: Mapping[str, Any], old: Optiona
     # A node back online (or new) gets the latest version of its pool's templates it lacks.
     if new != "online" or old == "online":
         return
-    d = defer.ensureDeferred(publish.catch_up(core, node))
-    d.addErrback(lambda f: log.failure("sending template versions to node {node} failed", f, node=node.get("uuid")))
+    d = defer.ensureDeferred(node_returned(core, node))
+    d.addErrback(lambda f: log.failure("cleaning or catching up node {node} failed", f, node=node.get("uuid")))
+
+
+async def node_returned(core: Any, node: Mapping[str, Any]) -> None:
+    """What deleted templates left on the node goes; the versions it lacks come."""
+    enrolled = await core.store.collection(schema.NODES).find_one({"uuid": node["uuid"]})  # with its secret
+    if enrolled is not None and enrolled.get("agent_secret"):
+        await leftovers.clean_node(core, enrolled)
+    await publish.catch_up(core, node)
+
+
+@hookimpl
+def kvmdesk_node_removed(core: Any, node: Mapping[str, Any]):
+    return leftovers.forget_node(core, node["uuid"])

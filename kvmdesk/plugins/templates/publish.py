@@ -118,8 +118,9 @@ async def pool_targets(core: Any, template: Mapping[str, Any]) -> list[dict]:
     return [n for n in found if n["uuid"] != template.get("host_uuid")]
 
 
-async def save(core: Any, uuid: str) -> dict:
-    """Publish a new version now; answers the template's publish state per node."""
+async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
+    """Publish a new version now (the version remembers ``job_id``, the save job's uuid); answers the
+    template's publish state per node."""
     template = await template_or_404(core, uuid)
     refuse_if_updating(template)
     host = await nodes.host_of(core, template)
@@ -161,9 +162,9 @@ async def save(core: Any, uuid: str) -> dict:
     publish = {host["uuid"]: {"version": version, "status": DONE, "error": None}}
     publish.update({n["uuid"]: s for n, s in zip(targets, states)})
     stamp = now_text(core.clock)
-    entry = {"version": version, "files": files, "created_at": stamp}
+    entry = {"version": version, "files": files, "created_at": stamp, "job_id": job_id}
     changes = {"version": version, "publish": publish, "status": schema.INACTIVE, "updated_time": stamp,
-               "updated_at": stamp, "scheduled_save": None}
+               "updated_at": stamp, "save_error": None}
     saved = await templates(core).find_one_and_update({"uuid": uuid}, {"$set": changes, "$push": {"versions": entry}})
     await core.updated(schema.KIND, saved, changes)
     return saved
@@ -231,12 +232,12 @@ async def resync(core: Any, ipaddr: str, image_id: str, version: Optional[int], 
 
 async def recover_interrupted(core: Any) -> int:
     """At start-up: a template left ``updating`` by a controller that stopped mid-save is ``inactive``
-    again, with the reason kept in ``save_error``; its unfinished version is redone by the next save.
-    Returns how many were recovered."""
+    again, with the reason kept in ``save_error``; its save job, resumed once the services start,
+    redoes the unfinished version (and clears ``save_error``).  Returns how many were recovered."""
     stuck = await templates(core).find({"status": schema.UPDATING})
     for template in stuck:
         await templates(core).update_one({"uuid": template["uuid"], "status": schema.UPDATING}, {"$set": {
             "status": schema.INACTIVE, "save_error": "the controller stopped while this template was being saved"}})
-        log.warn("template {name} was being saved when the controller stopped: marked inactive, save it again",
+        log.warn("template {name} was being saved when the controller stopped: marked inactive; its save job resumes",
                  name=template["name"])
     return len(stuck)

@@ -4,7 +4,8 @@ Every ``[templates] reconcile_interval`` seconds (and at start), for each reacha
 libvirt has are compared with the templates hosted there.  A template whose domain is gone is marked
 ``error``; a state that differs is corrected (lifecycle events do that at once; this catches missed
 ones); a ``tpl-`` domain no template knows is reported, never removed (it may be an administrator's).
-A node lacking (a file of) the latest version of a template of its pool is sent it again.
+A node lacking (a file of) the latest version of a template of its pool is sent it again; version
+files of deleted templates the node kept while it was unreachable are removed (:mod:`.leftovers`).
 What was found is kept in :attr:`TemplateReconciler.drift` (node uuid -> list of findings) and logged.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from kvmdesk.core.errors import ApiError
-from kvmdesk.plugins.templates import nodes, publish, schema
+from kvmdesk.plugins.templates import leftovers, nodes, publish, schema
 from kvmdesk.plugins.templates.service import STATES, domain_name, templates
 
 log = Logger(namespace="kvmdesk.templates.reconcile")
@@ -62,6 +63,7 @@ class TemplateReconciler(Service):
                 findings.append({"kind": "unknown_domain", "template": domain["uuid"],
                                  "detail": f"domain {domain['name']} belongs to no template of this node"})
         await self._check_versions(node, findings)
+        findings.extend(await leftovers.clean_node(self.core, node))
         for finding in findings:
             log.warn("node {node}: {detail}", node=node.get("ip"), detail=finding["detail"])
         self.drift[node["uuid"]] = findings

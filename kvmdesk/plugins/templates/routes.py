@@ -1,12 +1,11 @@
 """The template endpoints (#64-#78) under ``/education/template``."""
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 from kvmdesk.api.router import Action, ApiRequest, Router
 from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.jobs import run_batch
 from kvmdesk.core.paging import paged_search
 from kvmdesk.plugins.templates import copy, download, publish, schedule, schema, service, views
 from kvmdesk.plugins.templates.models import (AttachSource, ResyncParam, SaveParam, TemplateBatch, TemplateCopy,
@@ -17,14 +16,23 @@ TAGS = ("templates",)
 
 
 def batch(action: str) -> Callable[[ApiRequest], Awaitable[dict]]:
-    """A batch power action (#65-#67): per-item results (``run_batch``; jobs replace it once they land)."""
+    """A batch power action (#65-#67) as a persisted job: per-item results and ``job_id``."""
 
     async def handler(req: ApiRequest) -> dict:
         req.oplog_detail = ", ".join(t.name or t.uuid for t in req.body.templates)
-        return await run_batch(req, [t.model_dump() for t in req.body.templates],
-                               lambda item: service.power(req.core, item["uuid"], action), concurrency=4)
+        return await req.core.jobs.run_items(req, f"templates.{action}", [t.model_dump() for t in req.body.templates],
+                                             lambda item: service.power(req.core, item["uuid"], action), concurrency=4)
 
     return handler
+
+
+async def as_job(req: ApiRequest, kind: str, item: dict,
+                 operation: Optional[Callable[[dict], Awaitable[dict]]] = None) -> dict:
+    """One operation that touches nodes, as a persisted job: the contract's answer (what the operation
+    said) plus ``job_id``; its failure is the answer.  Without ``operation``: the kind's registered runner."""
+    answer = await req.core.jobs.run_items(req, kind, [item], operation, title=f"{kind}: {item.get('name')}")
+    (said,) = answer["results"]
+    return {**said, "job_id": answer["job_id"]}
 
 
 def single(operation: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[ApiRequest], Awaitable[Any]]:
@@ -37,9 +45,12 @@ def single(operation: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[ApiRequ
 
 async def _create(req: ApiRequest) -> dict:
     req.oplog_detail = req.body.name
-    admin = req.admin or {}
-    created = await service.create(req.core, req.body, owner=admin.get("username") or "")
-    return (await views.with_details(req.core, [created]))[0]
+
+    async def create(item: dict) -> dict:
+        created = await service.create(req.core, req.body, owner=(req.admin or {}).get("username") or "")
+        return (await views.with_details(req.core, [created]))[0]
+
+    return await as_job(req, "templates.create", {"uuid": None, "name": req.body.name}, create)
 
 
 async def _resync(req: ApiRequest) -> dict:
@@ -55,21 +66,22 @@ async def _resync(req: ApiRequest) -> dict:
 
 async def _copy(req: ApiRequest) -> dict:
     req.oplog_detail = req.body.name
-    admin = req.admin or {}
-    created = await copy.copy(req.core, req.body, owner=admin.get("username") or "")
-    return (await views.with_details(req.core, [created]))[0]
+
+    async def copy_one(item: dict) -> dict:
+        created = await copy.copy(req.core, req.body, owner=(req.admin or {}).get("username") or "")
+        return (await views.with_details(req.core, [created]))[0]
+
+    return await as_job(req, "templates.copy", {"uuid": req.body.template_uuid, "name": req.body.name}, copy_one)
 
 
 async def _save(req: ApiRequest) -> dict:
-    """#70: publish now, or at ``run_date`` (replacing a pending scheduled save)."""
+    """#70: publish now (a save job, resumed after a restart), or at ``run_date`` (replacing a pending
+    scheduled save)."""
     req.oplog_detail = req.body.name or req.body.uuid
-    core = req.core
-    template = await service.template_or_404(core, req.body.uuid)
+    template = await service.template_or_404(req.core, req.body.uuid)
     if req.body.run_date:
-        service.refuse_if_updating(template)
-        return await core.extensions[schedule.EXTENSION].schedule(template["uuid"], req.body.run_date)
-    saved = await publish.save(core, template["uuid"])
-    return {"uuid": saved["uuid"], "name": saved["name"], "version": saved["version"], "publish": saved["publish"]}
+        return await schedule.schedule_save(req.core, template, req.body.run_date)
+    return await as_job(req, schedule.SAVE, {"uuid": template["uuid"], "name": template["name"]})
 
 
 def register_routes(router: Router) -> None:
@@ -98,8 +110,8 @@ def register_routes(router: Router) -> None:
                      tags=TAGS, body=TemplateBatch, oplog="删除模板")
     async def delete_templates(req: ApiRequest) -> dict:
         req.oplog_detail = ", ".join(t.name or t.uuid for t in req.body.templates)
-        return await run_batch(req, [t.model_dump() for t in req.body.templates],
-                               lambda item: service.delete(req.core, item["uuid"]))
+        return await req.core.jobs.run_items(req, "templates.delete", [t.model_dump() for t in req.body.templates],
+                                             lambda item: service.delete(req.core, item["uuid"]))
 
     @router.endpoint("PUT", BASE, summary="Change a template's attributes (name, network, IP, vCPU, RAM, disks)",
                      tags=TAGS, body=TemplateEdit, oplog="修改模板属性")

@@ -1,114 +1,80 @@
-"""Scheduled saves (#70 ``run_date``): one pending save per template, kept in the template's record so
-it survives a controller restart; a new ``run_date`` replaces the pending one.
+"""Saves as persisted jobs, now (#70) or at ``run_date`` through ``core.scheduler``.
 
-A seam for the core scheduler (``core.scheduler``, being built): :meth:`SaveSchedule.schedule` and the
-record's ``scheduled_save`` are all the routes see, so moving onto it changes this module only.
+A save is a job of kind :data:`SAVE` (``GET /api/v1.0/jobs/{uuid}``): resumed after a controller
+restart (the version it made is stamped with the job's uuid, so a save that had finished is not
+made twice).  ``run_date`` is one scheduler entry per template (key :func:`schema.save_key`): a new
+``run_date`` replaces the pending one, the entry survives a restart, and when it fires it submits
+the save job (the job's uuid is the run's result in the scheduler's history).
 """
 from __future__ import annotations
 
-import re
-import time
 from typing import Any, Optional
 
-import attrs
-from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.logger import Logger
 
-from kvmdesk.core import errors as core_errors
-from kvmdesk.core.errors import ApiError
-from kvmdesk.plugins.templates import errors, publish, schema
+from kvmdesk.core.scheduler import parse_run_date
+from kvmdesk.plugins.templates import publish, schema
+from kvmdesk.plugins.templates.service import refuse_if_updating, templates
 
 log = Logger(namespace="kvmdesk.templates.schedule")
-EXTENSION = "templates.schedule"
-_RUN_DATE = re.compile(r"^(\d{4})-(\d{1,2})-(\d{1,2}) (\d{1,2}):(\d{1,2}):(\d{1,2})$")
+
+#: The kind of the save job and of its scheduler entries.
+SAVE = "templates.save"
 
 
-def parse_run_date(text: str, now: float) -> float:
-    """The Unix time of a contract ``run_date`` (``2020-4-19 15:48:15``, the controller's local time).
+def register(core: Any) -> None:
+    core.jobs.register(SAVE, run_save, on_restart="resume")
+    core.scheduler.register(SAVE, fire_save)
 
-    :raises ApiError: malformed (``INVALID_PARAM``) or not in the future (:data:`errors.RUN_DATE_PAST`),
-        both naming ``run_date``.
+
+async def run_save(core: Any, job: Any) -> None:
+    """The save job: publish a new version of each item (one template)."""
+
+    async def one(item: dict) -> dict:
+        current = await templates(core).find_one({"uuid": item["uuid"]})
+        done = (current or {}).get("versions") or []
+        if done and done[-1].get("job_id") == job.uuid:
+            saved = current  # resumed after a restart that came once the version was stored
+        else:
+            saved = await publish.save(core, item["uuid"], job_id=job.uuid)
+        return {"uuid": saved["uuid"], "name": saved["name"], "version": saved["version"], "publish": saved["publish"]}
+
+    await job.for_each(one)
+
+
+async def schedule_save(core: Any, template: dict, run_date: Any) -> dict:
+    """Save ``template`` at ``run_date`` (replacing its pending save); answers ``{"uuid", "run_date"}``.
+
+    :raises ApiError: ``run_date`` malformed or not in the future (naming the field); the template updating.
     """
-    found = _RUN_DATE.match(text.strip())
-    if not found:
-        raise ApiError(core_errors.INVALID_PARAM, field="run_date", reason="expected YYYY-M-D H:M:S")
-    year, month, day, hour, minute, second = (int(g) for g in found.groups())
-    try:
-        parsed = time.strptime(f"{year}-{month}-{day} {hour}:{minute}:{second}", "%Y-%m-%d %H:%M:%S")
-    except ValueError:
-        raise ApiError(core_errors.INVALID_PARAM, field="run_date", reason="not a date and time") from None
-    at = time.mktime(parsed)
-    if at <= now:
-        raise ApiError(errors.RUN_DATE_PAST, run_date=text)
-    return at
+    refuse_if_updating(template)
+    at = parse_run_date(run_date, now=core.clock.seconds())
+    await core.scheduler.schedule(schema.save_key(template["uuid"]), at, SAVE, {"uuid": template["uuid"]})
+    return {"uuid": template["uuid"], "run_date": run_date}
 
 
-@attrs.define(eq=False)
-class SaveSchedule(Service):
-    """Runs each template's pending save at its time; re-armed from the store when started."""
+async def fire_save(core: Any, entry: dict) -> Optional[str]:
+    """A ``run_date`` came: submit the save job; answers its uuid (``None`` if the template is gone)."""
+    template = await templates(core).find_one({"uuid": entry["payload"]["uuid"]})
+    if template is None:
+        return None
+    record = await core.jobs.submit(SAVE, title=f"scheduled save of template {template['name']}",
+                                    items=[{"uuid": template["uuid"], "name": template["name"]}])
+    return record["uuid"]
 
-    core: Any
-    clock: Any
-    _calls: dict[str, Any] = attrs.field(factory=dict)
-    _running: set = attrs.field(factory=set)
-    #: Fires once the pending saves in the store are armed again (after :meth:`startService`).
-    ready: Optional[defer.Deferred] = None
 
-    def startService(self) -> None:
-        super().startService()
-        self.ready = defer.ensureDeferred(self._rearm())
-        self.ready.addErrback(lambda f: log.failure("re-arming scheduled template saves failed", f))
-
-    async def _rearm(self) -> None:
-        for template in await self.core.store.collection(schema.TEMPLATES).find({"scheduled_save": {"$ne": None}}):
-            pending = template.get("scheduled_save")
-            if pending and self.running:
-                self._arm(template["uuid"], float(pending["at"]))
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        for call in self._calls.values():
-            if call.active():
-                call.cancel()
-        self._calls.clear()
-        return defer.gatherResults(list(self._running) + ([self.ready] if self.ready else []), consumeErrors=True)
-
-    def idle(self) -> defer.Deferred:
-        """Fires when no scheduled save is running."""
-        return defer.gatherResults(list(self._running), consumeErrors=True)
-
-    async def schedule(self, uuid: str, run_date: str) -> dict:
-        """Save ``uuid`` at ``run_date`` (replacing a pending save); answers ``{"uuid", "run_date"}``."""
-        at = parse_run_date(run_date, self.clock.seconds())
-        pending = {"at": at, "run_date": run_date}
-        await self.core.store.collection(schema.TEMPLATES).update_one({"uuid": uuid}, {"$set": {"scheduled_save": pending}})
-        self._arm(uuid, at)
-        return {"uuid": uuid, "run_date": run_date}
-
-    def pending(self, uuid: str) -> Optional[float]:
-        call = self._calls.get(uuid)
-        return call.getTime() if call is not None and call.active() else None
-
-    def _arm(self, uuid: str, at: float) -> None:
-        previous = self._calls.pop(uuid, None)
-        if previous is not None and previous.active():
-            previous.cancel()
-        self._calls[uuid] = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._fire, uuid)
-
-    def _fire(self, uuid: str) -> None:
-        self._calls.pop(uuid, None)
-        d = defer.ensureDeferred(self._save(uuid))
-        self._running.add(d)
-        d.addBoth(lambda result: (self._running.discard(d), result)[1])
-
-    async def _save(self, uuid: str) -> None:
-        try:
-            await publish.save(self.core, uuid)
-            log.info("scheduled save of template {uuid} done", uuid=uuid)
-        except ApiError as exc:
-            log.warn("scheduled save of template {uuid} failed: {why}", uuid=uuid, why=exc.message("en"))
-            await self.core.store.collection(schema.TEMPLATES).update_one(
-                {"uuid": uuid}, {"$set": {"scheduled_save": None, "scheduled_save_error": exc.message("en")}})
-        except Exception:
-            log.failure("scheduled save of template {uuid} failed", uuid=uuid)
+async def take_over_saved_schedules(core: Any) -> int:
+    """At start-up: pending saves of the old per-template schedule (a template's ``scheduled_save``,
+    ``{"at", "run_date"}``) become scheduler entries, once (a time already past fires at start, as a
+    misfire).  Returns how many were taken over."""
+    taken = 0
+    for template in await templates(core).find({"scheduled_save": {"$ne": None}}):
+        pending = template.get("scheduled_save")
+        key = schema.save_key(template["uuid"])
+        if pending and await core.scheduler.get(key) is None:
+            await core.scheduler.schedule(key, float(pending["at"]), SAVE, {"uuid": template["uuid"]})
+            log.info("the scheduled save of template {name} ({run_date}) moved to the scheduler",
+                     name=template["name"], run_date=pending.get("run_date"))
+            taken += 1
+        await templates(core).update_one({"uuid": template["uuid"]}, {"$set": {"scheduled_save": None}})
+    return taken

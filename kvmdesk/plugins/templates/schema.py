@@ -5,6 +5,10 @@ from kvmdesk.core.errors import Resource
 from kvmdesk.core.store import Index
 
 TEMPLATES = "templates"
+#: Version files a template's delete could not remove from a node that was unreachable then
+#: (one row per template and node: ``{uuid, template_uuid, template_name, node_uuid, files: [{file_id,
+#: role}], error}``); removed when the node answers again (:mod:`.leftovers`).
+LEFTOVERS = "template_leftovers"
 
 #: Read here, owned by others: nodes and pools (nodes), base images, ISOs and transfers (storage),
 #: networks, subnets and switches (network).  Written only through their services (IPAM, placement).
@@ -22,6 +26,8 @@ INDEXES = [
     Index(TEMPLATES, ["name"], unique=True),
     Index(TEMPLATES, ["pool_uuid"]),
     Index(TEMPLATES, ["host_uuid"]),
+    Index(LEFTOVERS, ["uuid"], unique=True),
+    Index(LEFTOVERS, ["node_uuid"]),
 ]
 
 #: Template states (the contract's ``status``), plus ``updating`` while a version is published.
@@ -42,3 +48,8 @@ TEMPLATE_IMAGE = Resource("模板镜像", "template image")
 NETWORK = Resource("数据网络", "data network")
 SUBNET = Resource("子网", "subnet")
 SWITCH = Resource("虚拟交换机", "virtual switch")
+
+
+def save_key(template_uuid: str) -> str:
+    """The ``core.scheduler`` key of a template's pending ``run_date`` save."""
+    return f"template.save:{template_uuid}"

@@ -19,7 +19,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.ostypes import os_type_simple
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
-from kvmdesk.plugins.templates import errors, nodes, schema
+from kvmdesk.plugins.templates import errors, leftovers, nodes, schema
 from kvmdesk.plugins.templates.models import ExistingDevice, NewDataDisk, TemplateCreate, TemplateValue
 
 log = Logger(namespace="kvmdesk.templates")
@@ -221,8 +221,11 @@ async def edit(core: Any, uuid: str) -> dict:
     return {"uuid": uuid, "name": template["name"], "status": schema.ACTIVE}
 
 
-async def delete(core: Any, uuid: str) -> None:
-    """#68: refused while something uses it; its domain and disks go from its node, its address back."""
+async def delete(core: Any, uuid: str) -> Optional[dict]:
+    """#68: refused while something uses it; its domain and disks go from its node, its versions from
+    every node of its pool (what an unreachable node keeps is removed when it answers again), its
+    address back, its pending ``run_date`` save cancelled.  Answers ``{"leftover_nodes": [ip]}`` when
+    a node kept version files."""
     template = await template_or_404(core, uuid)
     refuse_if_updating(template)
     await core.refuse_if_used(schema.KIND, uuid, RESOURCE.named(template["name"]))
@@ -233,27 +236,12 @@ async def delete(core: Any, uuid: str) -> None:
         for device in template["devices"]:  # a disk the domain no longer named (or no domain at all)
             await nodes.call(core, node, "DELETE", f"/disks/template/{device['file_id']}",
                              params={"role": device["role"]}, template_name=template["name"])
-    await remove_versions(core, template)
+    kept = await leftovers.remove_versions(core, template)
     await core.extensions["ipam"].release_owner(f"template:{uuid}")
+    await core.scheduler.cancel(schema.save_key(uuid))
     await templates(core).delete_one({"uuid": uuid})
     await core.deleted(schema.KIND, template)
-
-
-async def remove_versions(core: Any, template: Mapping[str, Any]) -> None:
-    """Remove every version file of a template from every node of its pool that answers."""
-    names = [(f["file_id"], f["role"]) for v in template.get("versions") or [] for f in v["files"]]
-    if not names:
-        return
-    for node in await core.store.collection(schema.NODES).find({"resource_pool_uuid": template["pool_uuid"]}):
-        if not node.get("agent_secret"):
-            continue
-        try:
-            for file_id, role in names:
-                await nodes.call(core, node, "DELETE", f"/disks/template/{file_id}", params={"role": role},
-                                 template_name=template["name"])
-        except ApiError as exc:
-            log.warn("could not remove versions of template {t} from node {node}: {why}", t=template["name"],
-                     node=node.get("ip"), why=exc.message("en"))
+    return {"leftover_nodes": kept} if kept else None
 
 
 async def change_media(core: Any, uuid: str, iso_uuid: Optional[str]) -> dict:

@@ -1,9 +1,8 @@
 """Persisted jobs: per-item results and progress, the batch answer with job_id, restarts, cancel, the API."""
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -15,6 +14,7 @@ from kvmdesk.core import errors, jobqueue
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.jobs import run_batch
 from kvmdesk.testing.api import make_core
+from kvmdesk.testing.api import running_jobs as started
 
 
 def _req(lang: str = "zh") -> SimpleNamespace:
@@ -54,18 +54,6 @@ class Gates:
             raise error
 
 
-@contextlib.asynccontextmanager
-async def started(core: Any) -> AsyncIterator[Any]:
-    """Run the core's job service and scheduler (the API fixtures do not start services)."""
-    core.jobs.startService()
-    core.scheduler.startService()
-    try:
-        yield core
-    finally:
-        await core.scheduler.stopService()
-        await core.jobs.stopService()
-
-
 async def stored(core: Any, uuid: str) -> dict:
     return await core.store.collection(jobqueue.COLLECTION).find_one({"uuid": uuid})
 
@@ -90,6 +78,23 @@ async def test_run_items_answers_the_batch_shape_with_a_job_id(tmp_path, clock):
         ]
         assert record["items"][1]["msg"] == "资源池 not found: missing-1"
         assert record["finished_at"] and record["started_at"] and record["error"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_items_without_an_operation_runs_the_registered_kind_on_whole_items(tmp_path, clock):
+    async def runner(core, job):
+        await job.for_each(lambda item: _operation(item["name"]) if item["node"] else _operation("missing"))
+
+    items = [{"uuid": "u-1", "name": "a", "node": "n1"}, {"uuid": "u-2", "name": "b", "node": None}]
+    async with running_api(tmp_path, clock) as api:
+        api.core.jobs.register("test.registered", runner, on_restart="resume")
+        answer = await api.core.jobs.run_items(_req("en"), "test.registered", items)
+        assert (answer["success_num"], answer["failed_num"]) == (1, 1)
+        assert answer["failures"] == [{"uuid": "u-2", "name": "b", "code": errors.NOT_FOUND.code,
+                                       "msg": "资源池 not found: missing"}]
+        record = await stored(api.core, answer["job_id"])
+        # kept whole, with the registered runner: a restart resumes such a job
+        assert [i["node"] for i in record["items"]] == ["n1", None] and record["custom_runner"] is False
 
 
 @pytest_twisted.ensureDeferred

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 import attrs
 
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent
+from kvmdesk.testing.api import running_jobs as started  # noqa: F401  (the tests import it from here)
 from storage_testlib import make_qcow2, wait_all
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -26,6 +27,7 @@ class World:
     network: dict
     subnet: dict
     tmp: Path
+    port: int
 
     @property
     def core(self) -> Any:
@@ -77,6 +79,16 @@ def assert_error(status: int, body: dict, expected_status: int, code: int, *word
 
 
 @contextlib.asynccontextmanager
+async def restarted(world: World) -> AsyncIterator[Any]:
+    """The controller restarted: the first core's store closes and a new core starts over the same
+    SQLite store (same clock, same agents); yields its logged-in API client."""
+    old = world.core
+    await old.store.close()
+    async with nodes_controller(world.tmp / "controller", world.port, clock=old.clock) as api:
+        yield api
+
+
+@contextlib.asynccontextmanager
 async def world_of(tmp_path: Path, clock: Any) -> AsyncIterator[World]:
     port = free_port(*HOSTS)
     image = make_qcow2(tmp_path / "win7.qcow2", 1, virtual="2G")
@@ -110,6 +122,6 @@ async def world_of(tmp_path: Path, clock: Any) -> AsyncIterator[World]:
             assert status == 200, body
             network = body["data"]
             subnet = await api.core.store.collection("subnets").find_one({"network_uuid": network["uuid"]})
-            yield World(api, pool, nodes, [first, second], base, network, subnet, tmp_path)
+            yield World(api, pool, nodes, [first, second], base, network, subnet, tmp_path, port)
         finally:
             await distributor.stopService()

@@ -9,8 +9,9 @@ import time
 import pytest_twisted
 
 from kvmdesk.core import errors as core_errors
-from kvmdesk.plugins.templates import errors, publish, schedule
-from templates_testlib import T, assert_error
+from kvmdesk.core import scheduler
+from kvmdesk.plugins.templates import errors, publish, schedule, schema
+from templates_testlib import T, assert_error, restarted, started
 
 
 def md5(path) -> str:
@@ -84,37 +85,60 @@ async def test_run_date_is_validated_replaced_and_survives_a_restart(world):
     clock = world.core.clock
     clock.advance(time.time())
     await world.api.login()  # the session would have expired on the jump to the present
-    saves = world.core.extensions[schedule.EXTENSION]
-    saves.startService()
     template = await world.create()
     ref = {"name": template["name"], "uuid": template["uuid"]}
-    before = await world.snapshot()
-    for run_date, code, word in [("2020-4-19 15:48:15", errors.RUN_DATE_PAST.code, "run_date"),
-                                 ("tomorrow", core_errors.INVALID_PARAM.code, "run_date"),
-                                 ("2099-2-30 10:00:00", core_errors.INVALID_PARAM.code, "run_date")]:
-        status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
-        assert_error(status, body, 400, code, word)
-        assert await world.snapshot() == before
-    soon = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 3600))
-    later = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 7200))
-    for run_date in (later, soon):  # the second replaces the first
-        status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
-        assert status == 200 and body["data"]["run_date"] == run_date, body
-    assert abs(saves.pending(template["uuid"]) - (clock.seconds() + 3600)) < 2
+    key = schema.save_key(template["uuid"])
+    async with started(world.core):
+        before = await world.snapshot()
+        for run_date, code in [("2020-4-19 15:48:15", scheduler.RUN_DATE_PAST.code),
+                               ("tomorrow", scheduler.RUN_DATE_INVALID.code),
+                               ("2099-2-30 10:00:00", scheduler.RUN_DATE_INVALID.code)]:
+            status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
+            assert_error(status, body, 400, code, "run_date")
+            assert await world.snapshot() == before
+            assert await world.core.scheduler.get(key) is None
+        soon = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 3600))
+        later = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(clock.seconds() + 7200))
+        for run_date in (later, soon):  # the second replaces the first
+            status, body = await world.api.call("POST", T, {"action": "save", "param": {**ref, "run_date": run_date}})
+            assert status == 200 and body["data"]["run_date"] == run_date, body
+        (entry,) = await world.core.scheduler.list("template.save:")
+        assert entry["key"] == key and abs(entry["next_time"] - (clock.seconds() + 3600)) < 2
 
-    # a restarted controller re-arms it from the store
-    await saves.stopService()
-    assert saves.pending(template["uuid"]) is None
-    again = schedule.SaveSchedule(world.core, clock)
-    again.startService()
-    await again.ready
-    assert abs(again.pending(template["uuid"]) - (clock.seconds() + 3600)) < 2
-    clock.advance(3601)
+    # a restarted controller (a new core over the same store) fires it at its time, as a save job
+    async with restarted(world) as api:
+        async with started(api.core):
+            assert abs((await api.core.scheduler.get(key))["next_time"] - (clock.seconds() + 3600)) < 2
+            clock.advance(3601)
+            await api.core.scheduler.idle()
+            (run,) = await api.core.scheduler.history(key)
+            assert run["error"] is None and run["result"], run
+            job = await api.core.jobs.wait(run["result"])
+            assert job["kind"] == schedule.SAVE and job["state"] == "succeeded", job
+            assert job["items"][0]["result"]["version"] == 1
+            stored = await api.core.store.collection("templates").find_one({"uuid": template["uuid"]})
+            assert stored["version"] == 1 and stored["versions"][-1]["job_id"] == job["uuid"]
+            assert await api.core.scheduler.get(key) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pending_saves_of_the_old_schedule_are_taken_over_once_at_start_up(world):
+    clock = world.core.clock
+    clock.advance(time.time())
     await world.api.login()
-    await again.idle()
-    stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
-    assert stored["version"] == 1 and stored["scheduled_save"] is None
-    await again.stopService()
+    template = await world.create()
+    other = await world.create(name="template2")
+    # what the per-template schedule of earlier releases kept: the pending save in the record
+    at = clock.seconds() + 600
+    await world.core.store.collection("templates").update_one(
+        {"uuid": template["uuid"]}, {"$set": {"scheduled_save": {"at": at, "run_date": "then"}}})
+    async with restarted(world) as api:
+        (entry,) = await api.core.scheduler.list("template.save:")
+        assert (entry["key"], entry["kind"], entry["next_time"]) == (schema.save_key(template["uuid"]), schedule.SAVE, at)
+        assert entry["payload"] == {"uuid": template["uuid"]}
+        for uuid in (template["uuid"], other["uuid"]):
+            assert (await api.core.store.collection("templates").find_one({"uuid": uuid})).get("scheduled_save") is None
+        assert await schedule.take_over_saved_schedules(api.core) == 0  # once
 
 
 @pytest_twisted.ensureDeferred
@@ -161,21 +185,49 @@ async def test_resync_sends_one_disk_version_to_one_node_again(world):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_is_redone(world):
+async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_its_job_resumes(world):
     template = await world.create()
     ref = {"name": template["name"], "uuid": template["uuid"]}
     host = world.agent_of(template)
-    # what a controller that died mid-save leaves: the template updating, a version file half made
-    store = world.core.store.collection("templates")
-    await store.update_one({"uuid": template["uuid"]}, {"$set": {"status": "updating"}})
+    (other,) = [a for a in world.agents if a is not host]
+    # the controller stops as a save job begins: the job is left running, its item not done ...
+    await world.core.jobs.stopService()
+    record = await world.core.jobs.submit(schedule.SAVE, title="save template1", items=[ref])
+    left = await world.core.jobs.wait(record["uuid"])
+    assert (left["state"], left["items"][0]["state"]) == ("running", "pending")
+    # ... and what a controller that died mid-save leaves: the template updating, a version file half made
+    await world.core.store.collection("templates").update_one({"uuid": template["uuid"]},
+                                                              {"$set": {"status": "updating"}})
     leftover = host.data_dir / "storage" / "instances" / "_template" / f"{template['devices'][0]['uuid']}.v1"
     leftover.write_bytes(b"half a version")
-    assert await publish.recover_interrupted(world.core) == 1
-    stored = await store.find_one({"uuid": template["uuid"]})
-    assert stored["status"] == "inactive" and "save_error" in stored
-    status, body = await world.api.call("POST", T, {"action": "save", "param": ref})
-    assert status == 200 and body["data"]["version"] == 1, body
-    assert leftover.read_bytes()[:4] == b"QFI\xfb"  # a real qcow2 now
+
+    async with restarted(world) as api:
+        templates = api.core.store.collection("templates")
+        stored = await templates.find_one({"uuid": template["uuid"]})  # usable again at start-up, with the reason
+        assert stored["status"] == "inactive" and "controller stopped" in stored["save_error"]
+        async with started(api.core):
+            await api.core.jobs.recovered
+            final = await api.core.jobs.wait(record["uuid"])
+        assert (final["state"], final["resumed"], final["success_num"]) == ("succeeded", 1, 1), final
+        assert final["items"][0]["result"]["version"] == 1
+        status, body = await api.call("GET", f"/jobs/{record['uuid']}")
+        assert status == 200 and body["data"]["state"] == "succeeded", body
+        stored = await templates.find_one({"uuid": template["uuid"]})
+        assert (stored["status"], stored["version"], stored["save_error"]) == ("inactive", 1, None)
+        assert stored["versions"][-1]["job_id"] == record["uuid"]
+        assert leftover.read_bytes()[:4] == b"QFI\xfb"  # a real qcow2 now
+        for ours, theirs in zip(version_files(host, template, 1), version_files(other, template, 1)):
+            assert md5(ours) == md5(theirs)
+
+        # a save job resumed once its version was stored (the restart came just after) makes no second one
+        await api.core.jobs.collection.update_one({"uuid": record["uuid"]}, {"$set": {
+            "state": "running", "items": [{**ref, "state": "pending", "code": None, "msg": None}]}})
+        async with started(api.core):
+            await api.core.jobs.recovered
+            again = await api.core.jobs.wait(record["uuid"])
+        assert (again["state"], again["items"][0]["result"]["version"]) == ("succeeded", 1), again
+        assert (await templates.find_one({"uuid": template["uuid"]}))["version"] == 1
+        assert not any(p.exists() for p in version_files(host, template, 2))
 
 
 @pytest_twisted.ensureDeferred
