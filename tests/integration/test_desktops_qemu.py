@@ -75,12 +75,16 @@ def press_key(uri: str, domain_uuid: str) -> None:
         conn.close()
 
 
-async def reset_guest(uri: str, domain_uuid: str, reset_seen) -> None:
-    """Make the guest reboot itself: press a key, and again while ``reset_seen()`` says it has not."""
-    from twisted.internet import threads
+async def reset_guest(uri: str, domain_uuid: str, reset_seen, timeout: float = 120.0) -> None:
+    """Make the guest reboot itself: press a key, and again while ``reset_seen()`` says it has not.
 
+    The key is pressed from the test's own thread, like :func:`write_marker`'s monitor commands (the
+    reactor's thread pool may be taken by what earlier tests of a whole run left there)."""
+    deadline = time.monotonic() + timeout
     while not await reset_seen():
-        await threads.deferToThread(press_key, uri, domain_uuid)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the guest of {domain_uuid} did not reset on a key press within {timeout} s")
+        press_key(uri, domain_uuid)
         await until(reset_seen, "the guest's reset", timeout=3.0, quiet=True)
 
 
