@@ -169,6 +169,12 @@ class Collection(Protocol):
     ) -> Document | None:
         """Atomically update the first match; return it after (``return_new``) or before the update."""
 
+    async def find_one_and_update_each(self, operations: Sequence[tuple[Filter, Update, Sort | None]]) -> list[Document | None]:
+        """:meth:`find_one_and_update` (no upsert, the document after) of each ``(filter, update, sort)`` in
+        order, each atomic and seeing those before it; one round trip where the backend allows it (SQLite:
+        one writer transaction, so a burst of claims does not queue one by one on the writer thread).
+        An error fails the call (on SQLite nothing of it is written)."""
+
     async def delete_one(self, filter: Filter) -> int:
         """Delete the first match; return 1 or 0."""
 

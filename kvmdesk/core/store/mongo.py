@@ -569,6 +569,10 @@ class MongoCollection:
             raise
         return _strip(found)
 
+    async def find_one_and_update_each(self, operations: Sequence[tuple[Filter, Update, Sort | None]]) -> list[Document | None]:
+        # No multi-document transaction here (briskdb has no sessions): one atomic update after another.
+        return [await self.find_one_and_update(filter, update, sort=sort) for filter, update, sort in operations]
+
     async def delete_one(self, filter: Filter) -> int:
         query = _check_filter(filter)
 

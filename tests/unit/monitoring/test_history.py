@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest_twisted
 
 from kvmdesk.core.records import format_time
+from kvmdesk.plugins.monitoring import days
 from tests.unit.monitoring.monitoring_testlib import add_node, advance, heartbeat, make_clock, monitor, monitoring_api
 
 HISTORY = "/monitor_mgr/node/history/"
@@ -29,11 +30,17 @@ async def test_points_roll_up_into_minutes_and_an_offline_hour_is_null(tmp_path:
         # Hour 0: one minute at 10 %, the next at 30 % (12 heartbeats a minute), then one hour offline.
         await beat_for(api, clock, node, 55, cpu=10.0)   # :00:05 .. :00:55
         await beat_for(api, clock, node, 60, cpu=30.0)   # :01:00 .. :01:55 (the :01:00 one is minute 1)
-        await advance(api, 60 * 60 - 115)                      # no heartbeats: the flush loop writes minutes 0 and 1
+        await advance(api, 60 * 60 - 175)                      # no heartbeats: the flush loop writes minutes 0 and 1
         stored = await api.core.store.collection("monitor_rollups").find({"node": node["uuid"]})
         assert [d["hour"] for d in stored] == [hour0]
         assert stored[0]["m"]["0"]["c"] == 10.0 and stored[0]["m"]["1"]["c"] == 30.0
         assert stored[0]["m"]["0"]["n"]["eth0"] == [1000, 500]
+        # Once the hour is over, the next flush round seals it into the node's day document.
+        await advance(api, 60)
+        assert await api.core.store.collection("monitor_rollups").count({"node": node["uuid"]}) == 0
+        sealed = (await days.read_hours(api.core.store, node["uuid"], [hour0]))[hour0]
+        assert sealed["c"][:3] == [10.0, 30.0, None] and sealed[("n", "eth0", 0)][0] == 1000
+        assert sealed[("n", "eth0", 1)][0] == 500
         # Back for ten minutes in the next hour.
         await beat_for(api, clock, node, 600, cpu=50.0)
         await advance(api, 60)
@@ -99,43 +106,48 @@ async def test_points_expire_after_the_retention_in_chunks(tmp_path: Path):
             for node in nodes:
                 heartbeat(api, node, cpu=5.0)
         rollups = api.core.store.collection("monitor_rollups")
-        before = await rollups.count()
-        assert before >= 12
-        first_hour = min(d["hour"] for d in await rollups.find({}))
-        # A day later (quiet): every hour of the first four has expired; the delete went in chunks of 2.
-        deleted = []
-        original = mon.rollups.collection.delete_many
-
-        async def counting(filter):
-            deleted.append(len(filter["id"]["$in"]))
-            return await original(filter)
-
-        mon.rollups.store = _Spy(api.core.store, counting)
+        # The hours that are over were sealed into day documents; the one under way is an hour document.
+        assert await stored_hours(api.core.store) >= 12 and await rollups.count() == 3
+        # A day later (quiet): every hour of the first four has expired; deletes went in chunks of 2.
+        deleted: list[tuple[str, int]] = []
+        mon.rollups.store = _Spy(api.core.store, deleted)
         await advance(api, 86400 + 3600)
-        assert await rollups.count() == 0
-        assert deleted and max(deleted) <= 2 and sum(deleted) == before
+        assert await rollups.count() == 0 and await stored_hours(api.core.store) == 0
+        assert deleted and max(n for _, n in deleted) <= 2
+        assert {name for name, _ in deleted} == {"monitor_rollups", "monitor_days"}
         await api.login()  # the token expired during that day
         status, body = await api.call("GET", HISTORY, params={"node_uuid": nodes[0]["uuid"], "statis_hours": 24,
                                                               "step_minutes": 60})
         assert status == 200, body
-        assert all(v is None for v in body["data"]["cpu_util"]) and first_hour
+        assert all(v is None for v in body["data"]["cpu_util"])
         await api.core.services.stopService()
 
 
-class _Spy:
-    """The real store, with the rollups' ``delete_many`` observed (chunk sizes)."""
+async def stored_hours(store) -> int:
+    """Hours kept in either shape: hour documents and the filled slots of day documents."""
+    day_docs = await store.collection(days.DAYS).find({})
+    return await store.collection("monitor_rollups").count() + sum(slot in d for d in day_docs for slot in days.SLOTS)
 
-    def __init__(self, store, delete_many):
+
+class _Spy:
+    """The real store, with every ``delete_many`` by ids observed: ``(collection, ids)`` (chunk sizes)."""
+
+    def __init__(self, store, deleted: list):
         self.store = store
-        self.delete_many = delete_many
+        self.deleted = deleted
 
     def collection(self, name):
         real = self.store.collection(name)
-        spy = self
+        deleted = self.deleted
 
         class Observed:
+            async def delete_many(self, filter):
+                if "id" in filter:
+                    deleted.append((name, len(filter["id"]["$in"])))
+                return await real.delete_many(filter)
+
             def __getattr__(self, attr):
-                return spy.delete_many if attr == "delete_many" else getattr(real, attr)
+                return getattr(real, attr)
 
         return Observed()
 
@@ -145,12 +157,45 @@ def test_the_axis_is_formatted_like_every_other_time_across_a_daylight_saving_ch
 
     from kvmdesk.plugins.monitoring.perf import axis_times
 
-    monkeypatch.setenv("TZ", "Europe/Berlin")
-    time_module.tzset()
     try:
-        for first, step in ((1_700_000_000, 60), (1_698_541_200, 600)):  # the second spans 2023-10-29 03:00
-            starts = [first + i * step for i in range(40)]
-            assert axis_times(starts) == [format_time(t) for t in starts]
+        for zone in ("Europe/Berlin", "Asia/Kolkata"):  # a half-hour offset: local hours are not UTC's
+            monkeypatch.setenv("TZ", zone)
+            time_module.tzset()
+            # The second spans 2023-10-29 03:00 (Berlin); the third, 1,440 minutes, crosses a day.
+            for first, step, count in ((1_700_000_000, 60, 40), (1_698_541_200, 600, 40), (1_700_001_000, 60, 1440)):
+                starts = [first + i * step for i in range(count)]
+                assert axis_times(first, step, count) == [format_time(t) for t in starts]
     finally:
         monkeypatch.undo()
         time_module.tzset()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hour_documents_of_an_older_version_are_sealed_and_answer_the_same(tmp_path: Path):
+    """Migration: a store written before day documents existed holds only hour documents."""
+    clock = make_clock()
+    clock.advance(3600 - clock.seconds() % 3600 + 1800)  # half past an hour
+    now_hour = int(clock.seconds()) - 1800
+    async with monitoring_api(tmp_path, clock, prune_chunk=7) as api:
+        node = await add_node(api, "n1", "10.0.0.1")
+        old = [{"node": node["uuid"], "hour": now_hour - h * 3600,
+                "m": {str(m): {"c": float(h), "mp": 50.0, "mu": 10, "n": {"eth0": [h, m]}} for m in range(0, 60, 7)}}
+               for h in range(30)]
+        await api.core.store.collection("monitor_rollups").insert_many(old)
+        query = {"node_uuid": node["uuid"], "statis_hours": 24, "step_minutes": 1}
+        status, before = await api.call("GET", HISTORY, params=query)
+        assert status == 200 and 0 < before["data"]["cpu_util"].count(None) < 24 * 60
+
+        api.core.services.startService()
+        await advance(api, 60)  # one flush round seals every hour that is over, 7 at a time
+        assert [d["hour"] for d in await api.core.store.collection("monitor_rollups").find({})] == [now_hour]
+        assert await stored_hours(api.core.store) == 30
+        monitor(api).rollups.cache.entries.clear()
+        status, after = await api.call("GET", HISTORY, params=query)
+        assert status == 200, after
+        # The axis moved on by one minute: the answers agree on every minute both cover.
+        assert after["data"]["time"][:-1] == before["data"]["time"][1:]
+        assert after["data"]["cpu_util"][:-1] == before["data"]["cpu_util"][1:]
+        for key in ("read_bytes_avg", "write_bytes_avg"):
+            assert after["data"]["nic_util"]["eth0"][key][:-1] == before["data"]["nic_util"]["eth0"][key][1:]
+        await api.core.services.stopService()

@@ -5,7 +5,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from kvmdesk.plugins.monitoring.rollups import INDEXES, Rollups, minute_series
+from kvmdesk.plugins.monitoring import days
+from kvmdesk.plugins.monitoring.columns import HourCache, series
+from kvmdesk.plugins.monitoring.rollups import INDEXES, Rollups
 from kvmdesk.plugins.monitoring.samples import Sample
 from kvmdesk.testing.stores import open_test_store
 
@@ -41,14 +43,92 @@ async def test_minutes_upsert_into_hour_documents_read_back_and_expire(store):
     assert [d["hour"] for d in docs] == [HOUR, HOUR + 3600] and sorted(docs[0]["m"]) == ["0", "1", "2"]
     assert docs[0]["m"]["1"] == {"c": 22.5, "mp": 50.0, "mu": 1000, "d": {"vda": [1, 2]}, "n": {"eth0": [10, None]}}
 
-    points = await rollups.points("n1", HOUR, HOUR + 3600)
-    assert sorted(points) == [HOUR, HOUR + 60, HOUR + 120, HOUR + 3600]
-    series = minute_series(points, [HOUR, HOUR + 60, HOUR + 120, HOUR + 180], 60)
-    assert series["cpu_util"] == [12.5, 22.5, 32.5, None]
-    assert series["nic_util"]["eth0"] == {"read_bytes_avg": [10, 10, 10, None], "write_bytes_avg": [None] * 4}
+    columns = await rollups.columns("n1", HOUR, 61, now=HOUR + 7200)
+    assert [i for i, v in enumerate(columns["c"]) if v is not None] == [0, 1, 2, 60]
+    answer = series(columns, 4, 1)  # the first four minutes
+    assert answer["cpu_util"][:4] == [12.5, 22.5, 32.5, None]
+    answer = series({k: v[:4] for k, v in columns.items()}, 4, 1)
+    assert answer["nic_util"]["eth0"] == {"read_bytes_avg": [10, 10, 10, None], "write_bytes_avg": [None] * 4}
+    assert series(columns, 60, 2)["cpu_util"][:3] == [17.5, 32.5, None]  # steps of two minutes: means
 
     # Expiry: hours that ended before the cutoff go, two documents per statement.
     assert await rollups.prune(HOUR + 3600, chunk=2) == 2
     assert await store.collection("monitor_rollups").count() == 1
     assert await rollups.prune(HOUR + 7200, chunk=2) == 1
     assert await store.collection("monitor_rollups").count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_hours_are_cached_within_the_bound_and_dropped_when_written_or_expired(store):
+    rollups = Rollups(store, HourCache(capacity=3))
+    coll = store.collection("monitor_rollups")
+    for hour in range(4):  # minute 5 of four hours, and minute 0 of the hour under way
+        rollups.add("n1", sample(HOUR + hour * 3600 + 300, 10.0 + hour))
+    rollups.add("n1", sample(HOUR + 4 * 3600 + 5, 99.0))
+    await rollups.flush(before=HOUR + 4 * 3600)
+    now = HOUR + 4 * 3600 + 30  # minute 0 of hour 4 is still in memory
+
+    columns = await rollups.columns("n1", HOUR, 5 * 60, now)
+    assert [columns["c"][h * 60 + 5] for h in range(4)] == [10.0, 11.0, 12.0, 13.0] and columns["c"][240] == 99.0
+    # Four finished hours, three kept (the least recently used went); the hour under way is not kept.
+    assert list(rollups.cache.entries) == [("n1", HOUR + h * 3600) for h in (1, 2, 3)]
+
+    # A kept hour is answered from memory: its document may go, the answer stays.
+    await coll.delete_many({"hour": HOUR + 3600})
+    assert (await rollups.columns("n1", HOUR + 3600, 60, now))["c"][5] == 11.0
+    # A minute written late into a kept hour drops it: the next answer reads the store again.
+    rollups.add("n1", sample(HOUR + 2 * 3600 + 600, 50.0))
+    await rollups.flush(before=HOUR + 4 * 3600)
+    again = await rollups.columns("n1", HOUR + 2 * 3600, 60, now)
+    assert again["c"][5] == 12.0 and again["c"][10] == 50.0
+
+    # An hour with a minute still in memory is answered but not kept until that minute is written.
+    rollups.add("n1", sample(HOUR + 3 * 3600 + 900, 70.0))  # (a clock set back): the kept hour goes at once
+    assert ("n1", HOUR + 3 * 3600) not in rollups.cache.entries
+    assert (await rollups.columns("n1", HOUR + 3 * 3600, 60, now))["c"][15] == 70.0
+    assert ("n1", HOUR + 3 * 3600) not in rollups.cache.entries
+    # An hour without any document (a node offline) is kept as such.
+    assert series(await rollups.columns("n2", HOUR, 60, now), 60, 1)["cpu_util"] == [None] * 60
+    assert rollups.cache.get("n2", HOUR) == (True, None)
+
+    # Expiry drops the kept hours it deletes; a removed node's hours go too.
+    await rollups.prune(HOUR + 3 * 3600, chunk=10)
+    assert all(hour >= HOUR + 2 * 3600 for _, hour in rollups.cache.entries)
+    rollups.forget("n1")
+    assert all(node != "n1" for node, _ in rollups.cache.entries)
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_hours_are_sealed_into_day_documents_merged_and_expired(store):
+    """The stored shape of past hours: one day document per node, migrated from hour documents."""
+    day = HOUR - HOUR % 86400
+    rollups = Rollups(store, HourCache(capacity=0))  # no cache: every answer reads the store
+    for hour in (day + 22 * 3600, day + 23 * 3600, day + 86400):  # two hours of one day, one of the next
+        rollups.add("n1", sample(hour + 60, 10.0))
+    await rollups.flush()
+    rollups.add("n1", sample(day + 86400 + 120, 20.0))  # still in memory: its hour is not sealed
+    now = day + 86400 + 3600 + 30
+
+    assert await rollups.seal(now, chunk=2) == 2
+    hour_docs = await store.collection("monitor_rollups").find({})
+    assert [d["hour"] for d in hour_docs] == [day + 86400]
+    (sealed,) = await store.collection(days.DAYS).find({"node": "n1"})
+    assert sealed["day"] == day and sorted(k for k in sealed if k.startswith("h")) == ["h22", "h23"]
+    columns = await rollups.columns("n1", day + 22 * 3600, 3 * 60 + 3, now)  # both shapes and memory
+    assert [columns["c"][i] for i in (0, 1, 61, 121, 122)] == [None, 10.0, 10.0, 10.0, 20.0]
+    columns = await rollups.columns("n1", day + 86400, 60, now)
+    assert columns["c"][1:3] == [10.0, 20.0]
+
+    # A minute that comes late into a sealed hour is merged when that hour is sealed again.
+    rollups.add("n1", sample(day + 23 * 3600 + 300, 40.0))
+    await rollups.flush()
+    assert await rollups.seal(now, chunk=2) == 2  # that hour and the next day's first
+    late = (await days.read_hours(store, "n1", [day + 23 * 3600]))[day + 23 * 3600]
+    assert late["c"][1] == 10.0 and late["c"][5] == 40.0
+    assert (await rollups.columns("n1", day + 86400, 60, now))["c"][1:3] == [10.0, 20.0]
+
+    # Expiry: the whole first day goes; of the second, the slots up to the cutoff's last hour.
+    await rollups.prune(day + 86400 + 3600, chunk=10)
+    assert [d["day"] for d in await store.collection(days.DAYS).find({})] == [day + 86400]
+    assert await days.read_hours(store, "n1", [day + 86400]) == {}
+    assert series(await rollups.columns("n1", day + 23 * 3600, 120, now), 120, 1)["cpu_util"] == [None] * 120
