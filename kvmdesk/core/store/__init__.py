@@ -169,6 +169,21 @@ class Collection(Protocol):
     ) -> Document | None:
         """Atomically update the first match; return it after (``return_new``) or before the update."""
 
+    async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
+        """Upsert each ``(filter, update)``: apply ``update`` to the document the filter names, or create
+        it from the filter's fields; in one round trip where the backend allows it (SQLite: one writer
+        transaction; MongoDB: one query for which exist, one unordered bulk update, one bulk insert).
+
+        Each filter names one document by plain top-level fields (see :func:`.updates.check_upserts`);
+        operations on the same document apply in order.  Per operation, in order: ``"created"``,
+        ``"updated"``, or the error that refused it (:class:`DuplicateKeyError` on both backends; on
+        MongoDB, which writes each operation on its own, any other server refusal as a
+        :class:`StoreError`).  On SQLite any other failure rolls the whole batch back and is raised.
+
+        :raises ValueError: an empty batch or a bad operation (the message names its index); nothing
+            is written.
+        """
+
     async def delete_one(self, filter: Filter) -> int:
         """Delete the first match; return 1 or 0."""
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import bson
 import orjson
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
@@ -42,6 +42,7 @@ from txmongo import filter as qf
 from txmongo.connection import ConnectionPool
 from txmongo.errors import TimeExceeded
 
+from ..together import both
 from . import (
     Document,
     DuplicateKeyError,
@@ -57,7 +58,7 @@ from . import (
 )
 from .projection import project
 from .sqlite_sql import compile_filter, compile_sort
-from .updates import apply_update, check_update, upsert_seed
+from .updates import apply_update, check_update, check_upserts, upsert_seed
 
 T = TypeVar("T")
 
@@ -192,6 +193,20 @@ def _index_spec(index: Index, present: Mapping[str, Any]) -> dict[str, Any]:
         spec["unique"] = True
         spec["partialFilterExpression"] = {path: dict(present) for path, _ in index.keys()}
     return spec
+
+
+def _filter_key(filter: Mapping[str, Any]) -> tuple:
+    """A hashable name of the document an equality filter names (JSON values, so 1 and 1.0 agree)."""
+    return tuple(sorted((field, orjson.dumps(_number(value))) for field, value in filter.items()))
+
+
+def _number(value: Any) -> Any:
+    # MongoDB finds 3600.0 by 3600 (and JSON keeps the int): one key for both.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    return list({orjson.dumps(_number(value)): value for value in values}.values())
 
 
 def _is_duplicate(exc: BaseException) -> bool:
@@ -568,6 +583,83 @@ class MongoCollection:
                 raise await self._duplicate(exc, await self._preimage(query, update, order)) from exc
             raise
         return _strip(found)
+
+    async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
+        checked = [(_json_copy(dict(filter)), update) for filter, update in check_upserts(operations)]
+        outcomes: list[str | StoreError | None] = [None] * len(checked)
+        # Unordered writes may run in any order: a document named twice gets its later operations in
+        # later rounds, so they apply in the order given.
+        rounds: list[list[int]] = []
+        seen: dict[tuple, int] = {}
+        for index, (filter, _) in enumerate(checked):
+            key = _filter_key(filter)
+            seen[key] = seen.get(key, -1) + 1
+            if seen[key] == len(rounds):
+                rounds.append([])
+            rounds[seen[key]].append(index)
+        for indexes in rounds:
+            done = await self.store.run(lambda: self._upsert_round([checked[i] for i in indexes]))
+            for index, outcome in zip(indexes, done):
+                outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    async def _upsert_round(self, operations: list[tuple[dict, Update]]) -> list[str | StoreError]:
+        """Upsert operations that name different documents: which exist (one query), then the updates
+        (one unordered bulk write) beside the inserts (one ``insert_many``)."""
+        present = await self._present_keys([filter for filter, _ in operations])
+        updating = [i for i, (filter, _) in enumerate(operations) if _filter_key(filter) in present]
+        creating = [i for i, (filter, _) in enumerate(operations) if _filter_key(filter) not in present]
+        # Built before anything is written: an update the seed cannot take fails the batch here.
+        seeds = [apply_update(upsert_seed(operations[i][0]), operations[i][1]) for i in creating]
+        outcomes: list[str | StoreError] = ["updated"] * len(operations)
+        update_errors, inserted = await both(
+            self._bulk_update([operations[i] for i in updating]),
+            self._insert_many(seeds) if seeds else defer.succeed([]),
+        )
+        for position, error in update_errors.items():
+            outcomes[updating[position]] = error
+        for index, result in zip(creating, inserted):
+            if not isinstance(result, DuplicateKeyError):
+                outcomes[index] = "created"
+                continue
+            # Created meanwhile by another writer (or a clash on another unique index): update it.
+            filter, update = operations[index]
+            found = await self._update_first(filter, update, _sort_spec(None), True)
+            outcomes[index] = "updated" if found is not None else result
+        return outcomes
+
+    async def _present_keys(self, filters: list[dict]) -> set[tuple]:
+        """The keys (:func:`_filter_key`) of ``filters`` that name an existing document: one query per
+        set of filter fields, ``$in`` on each field (a superset, matched exactly here)."""
+        by_fields: dict[tuple[str, ...], list[dict]] = {}
+        for filter in filters:
+            by_fields.setdefault(tuple(sorted(filter)), []).append(filter)
+        wanted = {_filter_key(filter) for filter in filters}
+        present: set[tuple] = set()
+        for fields, group in by_fields.items():
+            query = {field: {"$in": _distinct([f[field] for f in group])} for field in fields}
+            for doc in await self._coll.find(query, {field: 1 for field in fields} | {"_id": 0}):
+                key = _filter_key({field: doc.get(field) for field in fields})
+                if key in wanted:
+                    present.add(key)
+        return present
+
+    async def _bulk_update(self, operations: list[tuple[dict, Update]]) -> dict[int, StoreError]:
+        """Apply each update to its one document, unordered; return the failures by position."""
+        if not operations:
+            return {}
+        requests = [UpdateOne(filter, _json_copy(update), upsert=False) for filter, update in operations]
+        try:
+            await self._coll.bulk_write(requests, ordered=False)
+        except BulkWriteError as exc:
+            failures: dict[int, StoreError] = {}
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") == _DUPLICATE_KEY:
+                    failures[error["index"]] = DuplicateKeyError(self.name, await self._clashing_fields(error, []))
+                else:
+                    failures[error["index"]] = StoreError(f"MongoDB error: {error.get('errmsg')}")
+            return failures
+        return {}
 
     async def delete_one(self, filter: Filter) -> int:
         query = _check_filter(filter)

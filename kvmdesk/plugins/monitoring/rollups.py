@@ -30,6 +30,7 @@ import attrs
 from twisted.internet import defer
 
 from kvmdesk.core.store import Index, Store
+from kvmdesk.core.together import both
 from kvmdesk.plugins.monitoring import days
 from kvmdesk.plugins.monitoring.columns import Columns, HourCache, hour_columns, join, put_point
 from kvmdesk.plugins.monitoring.samples import Sample
@@ -178,7 +179,7 @@ class Rollups:
                 known[hour] = columns
         missing = [hour for hour in hours if hour not in known]
         if missing:
-            sealed, docs = await _both(
+            sealed, docs = await both(
                 days.read_hours(self.store, node_uuid, [hour for hour in missing if hour + 3600 <= now]),
                 # The hours by name, not as a range: both backends answer equality through an index,
                 # where briskdb scanned a range of hours past its command deadline.
@@ -253,13 +254,3 @@ class Rollups:
             deleted += await self.collection.delete_many({"id": {"$in": [r["id"] for r in rows]}})
             if len(rows) < chunk:
                 return deleted
-
-
-async def _both(first: Any, second: Any) -> tuple[Any, Any]:
-    """Await two coroutines at once (two store reads: one round trip's wait); the first error is raised."""
-    try:
-        a, b = await defer.gatherResults([defer.ensureDeferred(first), defer.ensureDeferred(second)],
-                                         consumeErrors=True)
-    except defer.FirstError as failure:
-        failure.subFailure.raiseException()
-    return a, b
