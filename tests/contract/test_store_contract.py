@@ -380,3 +380,16 @@ async def test_upsert_each_that_fails_midway_writes_nothing_new(store):
         with pytest.raises(ValueError):
             await coll.upsert_each([({"key": 2}, {"$set": {"a": 1}}), ({"key": 1}, {"$inc": {"label": 1}})])
         assert [d["key"] for d in await coll.find({})] == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_each_of_more_than_one_write_command(store):
+    """Past a backend's per-command bounds (MongoDB: 100 operations or 64 kB) a batch still has one
+    outcome per operation, in order."""
+    coll = store.collection("hours")
+    await store.ensure_indexes([Index("hours", ["node", "hour"], unique=True)])
+    await coll.insert_many([{"node": f"n{i:03d}", "hour": 0} for i in range(0, 150, 10)])
+    outcomes = await coll.upsert_each([({"node": f"n{i:03d}", "hour": 0}, {"$set": {"v": i, "pad": "x" * 600}})
+                                       for i in range(150)])
+    assert outcomes == ["updated" if i % 10 == 0 else "created" for i in range(150)]
+    assert sorted(d["v"] for d in await coll.find({}, projection=["v"])) == list(range(150))

@@ -65,6 +65,12 @@ T = TypeVar("T")
 DEFAULT_DATABASE = "kvmdesk"
 COUNTERS = "_counters"
 _DUPLICATE_KEY = 11000
+#: One write command of a batch (``upsert_each``) holds at most this many operations and BSON bytes:
+#: briskdb refuses a command past its decoded-memory budget (1,000 one-minute rollup seeds, 170 kB, are
+#: too many) and charges 40-50 ms per update in a batch, so a command of 100 updates takes ~4 s and
+#: each command gets its own deadline.
+WRITE_BATCH_OPS = 100
+WRITE_BATCH_BYTES = 64 * 1024
 _PARTIAL_REFUSED = frozenset({2, 9, 67})  # BadValue, FailedToParse, CannotCreateIndex
 _URI_OPTION = "implicit_session"
 _FALSE = ("false", "0", "no", "off")
@@ -207,6 +213,21 @@ def _number(value: Any) -> Any:
 
 def _distinct(values: list[Any]) -> list[Any]:
     return list({orjson.dumps(_number(value)): value for value in values}.values())
+
+
+def _write_batches(sized: list[Any], items: list[Any]) -> list[list[Any]]:
+    """``items`` cut into runs of at most :data:`WRITE_BATCH_OPS`, whose ``sized`` counterparts (what
+    goes on the wire) take at most :data:`WRITE_BATCH_BYTES` of BSON (a run holds one item at least)."""
+    batches: list[list[Any]] = []
+    size = 0
+    for item, wire in zip(items, sized):
+        length = len(bson.encode(wire))
+        if not batches or len(batches[-1]) >= WRITE_BATCH_OPS or size + length > WRITE_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += length
+    return batches
 
 
 def _is_duplicate(exc: BaseException) -> bool:
@@ -598,24 +619,23 @@ class MongoCollection:
                 rounds.append([])
             rounds[seen[key]].append(index)
         for indexes in rounds:
-            done = await self.store.run(lambda: self._upsert_round([checked[i] for i in indexes]))
+            done = await self._upsert_round([checked[i] for i in indexes])
             for index, outcome in zip(indexes, done):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
 
     async def _upsert_round(self, operations: list[tuple[dict, Update]]) -> list[str | StoreError]:
         """Upsert operations that name different documents: which exist (one query), then the updates
-        (one unordered bulk write) beside the inserts (one ``insert_many``)."""
-        present = await self._present_keys([filter for filter, _ in operations])
+        (unordered bulk writes) beside the inserts (``insert_many``), each write command within
+        :data:`WRITE_BATCH_OPS` / :data:`WRITE_BATCH_BYTES` and its own deadline."""
+        present = await self.store.run(lambda: self._present_keys([filter for filter, _ in operations]))
         updating = [i for i, (filter, _) in enumerate(operations) if _filter_key(filter) in present]
         creating = [i for i, (filter, _) in enumerate(operations) if _filter_key(filter) not in present]
         # Built before anything is written: an update the seed cannot take fails the batch here.
         seeds = [apply_update(upsert_seed(operations[i][0]), operations[i][1]) for i in creating]
         outcomes: list[str | StoreError] = ["updated"] * len(operations)
-        update_errors, inserted = await both(
-            self._bulk_update([operations[i] for i in updating]),
-            self._insert_many(seeds) if seeds else defer.succeed([]),
-        )
+        update_errors, inserted = await both(self._bulk_update([operations[i] for i in updating]),
+                                             self._insert_chunks(seeds))
         for position, error in update_errors.items():
             outcomes[updating[position]] = error
         for index, result in zip(creating, inserted):
@@ -624,9 +644,15 @@ class MongoCollection:
                 continue
             # Created meanwhile by another writer (or a clash on another unique index): update it.
             filter, update = operations[index]
-            found = await self._update_first(filter, update, _sort_spec(None), True)
+            found = await self.store.run(lambda: self._update_first(filter, update, _sort_spec(None), True))
             outcomes[index] = "updated" if found is not None else result
         return outcomes
+
+    async def _insert_chunks(self, bodies: list[Document]) -> list[Document | DuplicateKeyError]:
+        results: list[Document | DuplicateKeyError] = []
+        for chunk in _write_batches(bodies, [(body, None) for body in bodies]):
+            results.extend(await self.store.run(lambda: self._insert_many([body for body, _ in chunk])))
+        return results
 
     async def _present_keys(self, filters: list[dict]) -> set[tuple]:
         """The keys (:func:`_filter_key`) of ``filters`` that name an existing document: one query per
@@ -646,9 +672,16 @@ class MongoCollection:
 
     async def _bulk_update(self, operations: list[tuple[dict, Update]]) -> dict[int, StoreError]:
         """Apply each update to its one document, unordered; return the failures by position."""
-        if not operations:
-            return {}
-        requests = [UpdateOne(filter, _json_copy(update), upsert=False) for filter, update in operations]
+        failures: dict[int, StoreError] = {}
+        offset = 0
+        for chunk in _write_batches([update for _, update in operations], operations):
+            requests = [UpdateOne(filter, _json_copy(update), upsert=False) for filter, update in chunk]
+            errors = await self.store.run(lambda: self._bulk_write(requests))
+            failures.update({offset + index: error for index, error in errors.items()})
+            offset += len(chunk)
+        return failures
+
+    async def _bulk_write(self, requests: list[UpdateOne]) -> dict[int, StoreError]:
         try:
             await self._coll.bulk_write(requests, ordered=False)
         except BulkWriteError as exc:
