@@ -6,7 +6,8 @@
 What runs, all on this machine (loopback):
 
 - ``--agents`` node agents as ``twistd kvmdesk-agent`` processes (127.0.0.2..., libvirt's test driver),
-  enrolled by a controller running in this process (the real plugins, a SQLite store);
+  enrolled by a controller running in this process (the real plugins, a SQLite store), through
+  :func:`kvmdesk.testing.agents.agent_testbed`;
 - a small base image, a template made from it and saved (its version published to every node), a data
   network whose subnet has room for every desktop, a teaching group;
 - one desktop group of ``--desktops`` desktops with ``sys_restore``, spread evenly (``create_info``),
@@ -36,12 +37,7 @@ from pathlib import Path
 
 from twisted.internet import defer, task
 
-POOLS = "/resource_mgr/resource_pools"
 T = "/education/template"
-
-
-def hosts(count: int) -> list[str]:
-    return [f"127.0.0.{i + 2}" for i in range(count)]
 
 
 def make_image(path: Path) -> Path:
@@ -68,78 +64,56 @@ async def ok(api, method: str, path: str, body=None):
 async def run(args: argparse.Namespace, workdir: Path) -> None:
     import psutil
 
-    from kvmdesk.testing.agents import AGENT_PASSWORD, AgentProcess, free_port, nodes_controller
+    from kvmdesk.testing.agents import agent_testbed
 
-    ips = hosts(args.agents)
-    port = free_port(*ips)
-    agents = [AgentProcess(workdir / f"agent-{i}", ip, port) for i, ip in enumerate(ips)]
-    for agent in agents:
-        await agent.start()
     # Every node is this host: let it take the whole class (the figures are about speed, not capacity).
     config = {"desktops": {"cpu_overcommit": 1000.0, "ram_overcommit": 100.0, "disk_per_desktop_gib": 0.01}}
-    try:
-        async with nodes_controller(workdir / "controller", port, config=config) as api:
-            core = api.core
-            pool = (await ok(api, "GET", POOLS))["results"][0]["uuid"]
-            for ip in ips:
-                await ok(api, "POST", f"{POOLS}/{pool}/nodes", {"ip": ip, "password": AGENT_PASSWORD})
-            distributor = core.extensions["storage.distributor"]
-            distributor.startService()
-            status, body = await api.upload(f"{POOLS}/{pool}/base_images", {"name": "base", "os_type": "Linux"},
-                                            {"file": ("base.qcow2", make_image(workdir / "base.qcow2").read_bytes())})
-            image = body["data"]
-            while await core.store.collection("image_transfers").count({"image_uuid": image["uuid"], "status": 0}) < len(ips):
-                await task.deferLater(core.reactor, 0.2, lambda: None)
-            switch = await ok(api, "POST", "/resource_mgr/vswitchs", {"name": "sw", "type": "flat", "uplinks": []})
-            network = await ok(api, "POST", "/resource_mgr/data_networks", {
-                "name": "net", "switch_uuid": switch["uuid"], "subnet_info": subnet_for(args.desktops)})
-            subnet = await core.store.collection("subnets").find_one({"network_uuid": network["uuid"]})
-            template = await ok(api, "POST", T, {"action": "create", "param": {
-                "name": "tpl", "os_type": "Linux", "classify": 1, "pool_uuid": pool, "network_uuid": network["uuid"],
-                "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 1, "system_disk": {"image_id": image["uuid"], "size": 20},
-                "data_disks": []}})
-            await ok(api, "POST", T, {"action": "save", "param": {"name": "tpl", "uuid": template["uuid"]}})
-            teaching = await ok(api, "POST", "/education/group", {
-                "name": "class", "group_type": 1, "desc": "", "network_uuid": network["uuid"], "subnet_uuid": subnet["uuid"],
-                "start_ip": "192.168.200.10", "end_ip": "192.168.200.250"})
-            share, extra = divmod(args.desktops, len(ips))
-            create_info = {ip: share + (1 if i < extra else 0) for i, ip in enumerate(ips)}
-            me = psutil.Process()
+    async with agent_testbed(workdir, args.agents, config=config) as bed:
+        api, core, pool, ips = bed.api, bed.api.core, bed.pool, bed.ips
+        image = await bed.distributed_image(make_image(workdir / "base.qcow2"))
+        network, subnet = await bed.data_network(subnet_for(args.desktops))
+        template = await ok(api, "POST", T, {"action": "create", "param": {
+            "name": "tpl", "os_type": "Linux", "classify": 1, "pool_uuid": pool, "network_uuid": network["uuid"],
+            "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 1, "system_disk": {"image_id": image["uuid"], "size": 20},
+            "data_disks": []}})
+        await ok(api, "POST", T, {"action": "save", "param": {"name": "tpl", "uuid": template["uuid"]}})
+        teaching = await ok(api, "POST", "/education/group", {
+            "name": "class", "group_type": 1, "desc": "", "network_uuid": network["uuid"], "subnet_uuid": subnet["uuid"],
+            "start_ip": "192.168.200.10", "end_ip": "192.168.200.250"})
+        share, extra = divmod(args.desktops, len(ips))
+        create_info = {ip: share + (1 if i < extra else 0) for i, ip in enumerate(ips)}
+        me = psutil.Process()
 
-            def measured():
-                return time.perf_counter(), sum(me.cpu_times()[:2])
+        def measured():
+            return time.perf_counter(), sum(me.cpu_times()[:2])
 
-            wall, cpu = measured()
-            group = await ok(api, "POST", "/education/desktop", {"action": "create", "param": {
-                "name": "lab", "group_uuid": teaching["uuid"], "template_uuid": template["uuid"], "pool_uuid": pool,
-                "network_uuid": network["uuid"], "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 0.125,
-                "sys_restore": 1, "data_restore": 0, "instance_num": args.desktops, "prefix": "pc", "postfix": 4,
-                "postfix_start": 1, "create_info": create_info}})
-            wall2, cpu2 = measured()
-            created_s, created_cpu = wall2 - wall, cpu2 - cpu
-            ref = {"desktops": [{"uuid": group["uuid"], "name": "lab"}]}
-            await ok(api, "POST", "/education/desktop", {"action": "start", "param": ref})
-            wall3, cpu3 = measured()
-            started_s, started_cpu = wall3 - wall2, cpu3 - cpu2
-            (shown,) = (await ok(api, "GET", "/education/desktop"))["results"]
-            print(f"desktops: {args.desktops} over {len(ips)} agents (test driver), {shown['active_count']} running")
-            print(f"created in {created_s:.1f} s: {args.desktops / created_s:.1f} desktops/s "
-                  f"(targets: >= 10/s, group < 60 s); controller CPU {100 * created_cpu / created_s:.0f}% of one core")
-            print(f"started in {started_s:.1f} s: {args.desktops / started_s:.1f} desktops/s (target >= 10/s); "
-                  f"controller CPU {100 * started_cpu / started_s:.0f}% of one core")
-            figures = core.extensions["start_admission"].figures()
-            nodes = {n["uuid"]: n["ip"] for n in await core.store.collection("nodes").find({})}
-            over = 0
-            for node, f in sorted(figures.items(), key=lambda kv: nodes.get(kv[0], "")):
-                over += f["worst_excess"] > 0
-                print(f"  node {nodes.get(node, node)}: peak {f['peak']} concurrent starts, limit {f['limit_at_peak']} "
-                      f"then; admitted {f['admitted']}, waited {f['waited']}, timed out {f['timed_out']}")
-            print(f"nodes above their admission limit: {over} (target 0)")
-            await ok(api, "DELETE", "/education/desktop", ref)
-            await distributor.stopService()
-    finally:
-        for agent in agents:
-            await agent.stop()
+        wall, cpu = measured()
+        group = await ok(api, "POST", "/education/desktop", {"action": "create", "param": {
+            "name": "lab", "group_uuid": teaching["uuid"], "template_uuid": template["uuid"], "pool_uuid": pool,
+            "network_uuid": network["uuid"], "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 0.125,
+            "sys_restore": 1, "data_restore": 0, "instance_num": args.desktops, "prefix": "pc", "postfix": 4,
+            "postfix_start": 1, "create_info": create_info}})
+        wall2, cpu2 = measured()
+        created_s, created_cpu = wall2 - wall, cpu2 - cpu
+        ref = {"desktops": [{"uuid": group["uuid"], "name": "lab"}]}
+        await ok(api, "POST", "/education/desktop", {"action": "start", "param": ref})
+        wall3, cpu3 = measured()
+        started_s, started_cpu = wall3 - wall2, cpu3 - cpu2
+        (shown,) = (await ok(api, "GET", "/education/desktop"))["results"]
+        print(f"desktops: {args.desktops} over {len(ips)} agents (test driver), {shown['active_count']} running")
+        print(f"created in {created_s:.1f} s: {args.desktops / created_s:.1f} desktops/s "
+              f"(targets: >= 10/s, group < 60 s); controller CPU {100 * created_cpu / created_s:.0f}% of one core")
+        print(f"started in {started_s:.1f} s: {args.desktops / started_s:.1f} desktops/s (target >= 10/s); "
+              f"controller CPU {100 * started_cpu / started_s:.0f}% of one core")
+        figures = core.extensions["start_admission"].figures()
+        nodes = {n["uuid"]: n["ip"] for n in await core.store.collection("nodes").find({})}
+        over = 0
+        for node, f in sorted(figures.items(), key=lambda kv: nodes.get(kv[0], "")):
+            over += f["worst_excess"] > 0
+            print(f"  node {nodes.get(node, node)}: peak {f['peak']} concurrent starts, limit {f['limit_at_peak']} "
+                  f"then; admitted {f['admitted']}, waited {f['waited']}, timed out {f['timed_out']}")
+        print(f"nodes above their admission limit: {over} (target 0)")
+        await ok(api, "DELETE", "/education/desktop", ref)
 
 
 def main() -> None:

@@ -356,6 +356,10 @@ class StreamingRequest(Request):
     """
 
     body_stream: Optional[BodyStream] = None
+    #: twisted.web would parse every POST's Content-Type with the stdlib's email package (a third of
+    #: the server's CPU per request in bench/broker_bench.py) to merge form bodies into ``args``; the
+    #: API takes JSON bodies and streams its multipart uploads, so no form is ever merged.
+    _parsePOSTFormSubmission = False
     _body_limit: Optional[int] = None
     _body_size = 0
     _refused = False

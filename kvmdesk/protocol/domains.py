@@ -23,8 +23,9 @@ Agent routes (relative to ``/agent/v1``; every answer is the usual envelope):
     ``agent.vnc_listen``), its port (``None`` while the domain is not running) and its password.
 ``POST /disks`` (body: :class:`DiskCreate`), ``GET|DELETE /disks/{kind}/{file_id}?role=R``,
 ``PUT /disks/{kind}/{file_id}/size`` (body: :class:`DiskResize`), ``POST /disks/{kind}/{file_id}/copy``
-(body: :class:`DiskCopy`)
-    qcow2 files: create (empty or an overlay on a backing file), info, remove, grow, flatten a copy.
+(body: :class:`DiskCopy`), ``POST /disks/{kind}/{file_id}/seal?role=R``
+    qcow2 files: create (empty or an overlay on a backing file), info, remove, grow, flatten a copy;
+    a version file's ``{"md5", "size", "version"}`` (waiting while a ``seal_later`` copy is hashed).
 """
 from __future__ import annotations
 
@@ -147,6 +148,8 @@ class DiskCopy(Model):
     to: FileRef
     #: Seal the copy as this version of an image file (MD5 recorded; peers can fetch it).
     version: Optional[int] = Field(default=None, ge=1)
+    #: Answer once the file is in place and compute its MD5 meanwhile (``POST .../seal`` gives it).
+    seal_later: bool = False
 
 
 def valid_file_id(value: str) -> bool:

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 
-from twisted.internet import defer, protocol
+import attrs
+from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
 from kvmdesk.agent.config import AgentConfig
@@ -29,6 +30,7 @@ from kvmdesk.testing.api import ApiClient, listening_api, make_core
 log = Logger(namespace="kvmdesk.testing.agents")
 
 AGENT_PASSWORD = "test-enrolment-password"
+POOLS = "/resource_mgr/resource_pools"
 #: Thresholds that never put a test node in "warning" (the machine running the tests may be busy).
 NO_WARNINGS = {"warn_cpu": 101.0, "warn_memory": 101.0, "warn_storage": 101.0}
 
@@ -246,15 +248,97 @@ async def added_node(api: ApiClient, ip: str, password: str = AGENT_PASSWORD) ->
     return await api.core.store.collection("nodes").find_one({"uuid": body["data"]["uuid"]})
 
 
+def loopback_hosts(count: int) -> list[str]:
+    """``count`` loopback addresses for agents, from 127.0.0.2 on (127.0.0.1 is the controller's)."""
+    return [f"127.0.0.{i + 2}" for i in range(count)]
+
+
+@attrs.define
+class Testbed:
+    """A controller in this process and the agent processes it enrolled (see :func:`agent_testbed`).
+
+    :ivar nodes: the add-node answers, in the order of ``ips``.
+    """
+
+    api: ApiClient
+    pool: str
+    ips: list[str]
+    nodes: list[dict]
+    agents: list[AgentProcess]
+
+    async def distributed_image(self, path: Path, name: str = "base", poll: float = 0.2) -> dict:
+        """Upload ``path`` (small: sent in one body) as a base image; returns it once every node has it."""
+        status, body = await self.api.upload(f"{POOLS}/{self.pool}/base_images", {"name": name, "os_type": "Linux"},
+                                             {"file": (path.name, path.read_bytes())})
+        if status != 200:
+            raise RuntimeError(f"base image upload: {status} {body}")
+        image = body["data"]
+        transfers = self.api.core.store.collection("image_transfers")
+        while await transfers.count({"image_uuid": image["uuid"], "status": 0}) < len(self.ips):
+            await task.deferLater(self.api.core.reactor, poll, lambda: None)
+        return image
+
+    async def data_network(self, subnet_info: Mapping[str, Any], name: str = "net") -> tuple[dict, dict]:
+        """A flat switch and a data network on it with one subnet; returns ``(network, subnet)``."""
+        status, switch = await self.api.call("POST", "/resource_mgr/vswitchs",
+                                             {"name": f"{name}-sw", "type": "flat", "uplinks": []})
+        if status != 200:
+            raise RuntimeError(f"switch: {status} {switch}")
+        status, network = await self.api.call("POST", "/resource_mgr/data_networks", {
+            "name": name, "switch_uuid": switch["data"]["uuid"], "subnet_info": dict(subnet_info)})
+        if status != 200:
+            raise RuntimeError(f"data network: {status} {network}")
+        subnet = await self.api.core.store.collection("subnets").find_one({"network_uuid": network["data"]["uuid"]})
+        return network["data"], subnet
+
+
+@contextlib.asynccontextmanager
+async def agent_testbed(directory: Path, count: int, *, config: Optional[Mapping[str, Any]] = None,
+                        **agent_kwargs: Any) -> AsyncIterator[Testbed]:
+    """``count`` ``twistd kvmdesk-agent`` processes on 127.0.0.2... (test driver), enrolled into the
+    default pool of a controller running in this process, whose image distributor runs.  For the
+    benches: every process is real, and everything is stopped after.
+
+    :param config: controller configuration layered over :func:`controller_config`'s.
+    :param agent_kwargs: passed to every :class:`AgentProcess` (``agent={...}`` sets ``[agent]`` keys).
+    """
+    ips = loopback_hosts(count)
+    port = free_port(*ips)
+    agents = [AgentProcess(directory / f"agent-{i}", ip, port, **agent_kwargs) for i, ip in enumerate(ips)]
+    try:
+        await defer.gatherResults([defer.ensureDeferred(a.start()) for a in agents], consumeErrors=True)
+        async with nodes_controller(directory / "controller", port, config=config) as api:
+            status, body = await api.call("GET", POOLS)
+            pool = body["data"]["results"][0]["uuid"]
+            nodes = []
+            for ip in ips:
+                status, body = await api.call("POST", f"{POOLS}/{pool}/nodes", {"ip": ip, "password": AGENT_PASSWORD})
+                if status != 200:
+                    raise RuntimeError(f"enrolling {ip}: {status} {body}")
+                nodes.append(body["data"])
+            distributor = api.core.extensions["storage.distributor"]
+            distributor.startService()
+            try:
+                yield Testbed(api, pool, ips, nodes, agents)
+            finally:
+                await distributor.stopService()
+    finally:
+        for agent in agents:
+            await agent.stop()
+
+
 __all__ = [
     "AGENT_PASSWORD",
     "AgentProcess",
     "NO_WARNINGS",
+    "Testbed",
     "added_node",
     "agent_layers",
+    "agent_testbed",
     "controller_config",
     "free_port",
     "listening_api",
+    "loopback_hosts",
     "nodes_controller",
     "running_agent",
 ]

@@ -169,6 +169,18 @@ async def test_find_one_and_update_returns_before_or_after(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_find_one_and_update_each_applies_in_order_each_seeing_the_last(store):
+    coll = store.collection("slots")
+    await coll.insert_many([{"name": n, "holder": None} for n in ("b", "a", "c")])
+    claim = [({"holder": None}, {"$set": {"holder": f"u{i}"}}, [("name", 1)]) for i in range(4)]
+    found = await coll.find_one_and_update_each(claim + [({"name": "a"}, {"$set": {"seen": 1}}, None)])
+    assert [(d["name"], d["holder"]) for d in found[:3]] == [("a", "u0"), ("b", "u1"), ("c", "u2")]
+    assert found[3] is None and (found[4]["holder"], found[4]["seen"]) == ("u0", 1)
+    assert await coll.find_one_and_update_each([]) == []
+    assert {d["name"]: d["holder"] for d in await coll.find({})} == {"a": "u0", "b": "u1", "c": "u2"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_find_one_and_update_is_atomic_under_concurrency(store):
     """Many concurrent claims of free slots: no slot is handed out twice."""
     from twisted.internet import defer

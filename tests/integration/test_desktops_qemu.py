@@ -9,7 +9,6 @@ restore desktop is back on a fresh overlay without it, and the desktop without r
 Skipped without libvirtd/QEMU (the integration fixtures) or without the domain layer."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from twisted.internet import reactor, task
 pytest.importorskip("kvmdesk.protocol.domains")
 
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent  # noqa: E402
+from kvmdesk.testing.guests import domain_state, guest_template, has_marker, overlay_of, write_marker  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "storage"))
 from storage_testlib import wait_all  # noqa: E402
@@ -33,7 +33,6 @@ POOLS = "/resource_mgr/resource_pools"
 ROLES = ("template_sys", "template_data", "instance_sys", "instance_data")
 #: mov ah,86h; mov cx,0098h; mov dx,9680h; int 15h (wait 10 s); mov al,FEh; out 64h,al (reset); jmp $
 BOOT_SECTOR = bytes.fromhex("b486b99800ba8096cd15b0fee664ebfe")
-MARKER = ("0x5a", "1M", "64k")
 
 
 def boot_disk(path: Path) -> Path:
@@ -43,41 +42,6 @@ def boot_disk(path: Path) -> Path:
     return path
 
 
-def write_marker(uri: str, domain_uuid: str) -> None:
-    """Write the marker into a running domain's system disk through QEMU (HMP ``qemu-io``)."""
-    import libvirt
-    import libvirt_qemu
-
-    pattern, offset, length = MARKER
-    conn = libvirt.open(uri)
-    try:
-        dom = conn.lookupByUUIDString(domain_uuid)
-        # the disk's own block backend (another user of the node could not share its write permission)
-        blocks = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-block"}', 0))["return"]
-        (qdev,) = [b["qdev"] for b in blocks if "virtio-disk0" in b.get("qdev", "") and b.get("inserted")]
-        # qemu-io writes its report to QEMU's stdout: the monitor answers only errors; flush so the
-        # qcow2 metadata reaches the file, where has_marker reads it
-        for command in (f"write -P {pattern} {offset} {length}", "flush"):
-            out = libvirt_qemu.qemuMonitorCommand(dom, f'qemu-io -d {qdev} "{command}"',
-                                                  libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-            assert out.strip() == "", out
-    finally:
-        conn.close()
-
-
-def has_marker(overlay: Path) -> bool:
-    """Read the marker's place (``-U``: the domain may be running and hold its lock)."""
-    pattern, offset, length = MARKER
-    done = subprocess.run(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", f"read -P {pattern} {offset} {length}", str(overlay)],
-                          capture_output=True, text=True, timeout=60)
-    return done.returncode == 0 and "Pattern verification failed" not in done.stdout + done.stderr
-
-
-def overlay_of(storage: Path, desktop: dict) -> Path:
-    (found,) = [p for p in storage.rglob(f"{desktop['uuid']}-0") if p.is_file()]
-    return found
-
-
 async def until(condition, what: str, timeout: float = 90.0) -> None:
     """Wait for something a real guest and real daemons do in their own time (integration only)."""
     deadline = time.monotonic() + timeout
@@ -85,11 +49,6 @@ async def until(condition, what: str, timeout: float = 90.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await task.deferLater(reactor, 0.2, lambda: None)
-
-
-async def domain_state(api, node: dict, desktop: dict) -> str:
-    stored = await api.core.store.collection("nodes").find_one({"uuid": node["uuid"]})
-    return (await api.core.extensions["agents"].call(stored, "GET", f"/domains/{desktop['uuid']}"))["state"]
 
 
 async def ok(api, method, path, body=None, params=None):
@@ -121,19 +80,8 @@ async def test_restore_desktops_come_back_clean_after_a_guest_reboot(libvirtd, i
             assert status == 200, body
             image = body["data"]
             await arrived
-            switch = await ok(api, "POST", "/resource_mgr/vswitchs", {"name": "sw", "type": "flat", "uplinks": []})
-            network = await ok(api, "POST", "/resource_mgr/data_networks", {
-                "name": "net", "switch_uuid": switch["uuid"],
-                "subnet_info": {"name": "s", "start_ip": "10.9.0.10", "end_ip": "10.9.0.30", "netmask": "255.255.255.0",
-                                "gateway": "10.9.0.1", "dns1": "10.9.0.1"}})
-            subnet = await api.core.store.collection("subnets").find_one({"network_uuid": network["uuid"]})
-            template = await ok(api, "POST", "/education/template", {"action": "create", "param": {
-                "name": f"reset-tpl-{run}", "os_type": "Linux", "classify": 1, "pool_uuid": pool, "network_uuid": network["uuid"],
-                "subnet_uuid": subnet["uuid"], "vcpu": 1, "ram": 0.0625, "system_disk": {"image_id": image["uuid"], "size": 1},
-                "data_disks": []}})
-            templates.append(template)
-            await ok(api, "POST", "/education/template", {"action": "save", "param": {"name": template["name"],
-                                                                                     "uuid": template["uuid"]}})
+            network, subnet, template = await guest_template(api, pool, image["uuid"], f"reset-tpl-{run}", classify=1,
+                                                             net="10.9.0", created=templates)
             teaching = await ok(api, "POST", "/education/group", {
                 "name": "it-class", "group_type": 1, "desc": "", "network_uuid": network["uuid"], "subnet_uuid": subnet["uuid"],
                 "start_ip": "10.9.0.100", "end_ip": "10.9.0.110"})

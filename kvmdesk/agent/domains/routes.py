@@ -97,7 +97,13 @@ def register_routes(router: Router, agent: Any) -> Domains:
 
     @endpoint("POST", "/disks/{kind}/{file_id}/copy", "Flatten a disk into a new standalone qcow2", body=DiskCopy)
     async def copy_disk(req: ApiRequest) -> dict:
-        return await disk_call(domains.disks.copy(_ref(req, req.body.role), req.body.to, req.body.version))
+        return await disk_call(domains.disks.copy(_ref(req, req.body.role), req.body.to, req.body.version,
+                                                  req.body.seal_later))
+
+    @endpoint("POST", "/disks/{kind}/{file_id}/seal", "The MD5 and size of a version file (waits while it is "
+              "being computed)")
+    async def seal_disk(req: ApiRequest) -> dict:
+        return await disk_call(domains.disks.seal(_ref(req)))
 
     @endpoint("DELETE", "/disks/{kind}/{file_id}", "Remove a disk file")
     async def remove_disk(req: ApiRequest) -> dict:

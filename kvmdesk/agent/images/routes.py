@@ -16,13 +16,16 @@ from typing import Any, Mapping, Optional
 from pydantic import Field
 
 from kvmdesk.agent.images import peers
-from kvmdesk.api.models import Model
-from kvmdesk.protocol import images as protocol
 from kvmdesk.agent.images.store import ImageStore
+from kvmdesk.api.downloads import FileDownload
+from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.producers import SharedReads
 from kvmdesk.core.threadpools import in_reactor_pool
+from kvmdesk.protocol import images as protocol
+from kvmdesk.protocol.ranges import byte_range
 
 TAGS = ("images",)
 
@@ -43,7 +46,9 @@ class FetchBody(Model):
     """Where to fetch a file from: the source agent's content URL and the signed headers (the ticket)."""
 
     role: int = Field(ge=1, le=4)
-    md5: str = Field(pattern=protocol.MD5.pattern)
+    #: ``None``: the source is still hashing it; the file is received but not committed (fetch it again
+    #: with the MD5 to verify and commit it: the bytes are not sent again).
+    md5: Optional[str] = Field(default=None, pattern=protocol.MD5.pattern)
     total: int = Field(ge=0)
     version: Optional[int] = None
     url: str = Field(pattern=r"^https?://", max_length=2048)
@@ -81,7 +86,7 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
         )
 
     base = "/images/{kind}/{file_id}"
-    shared = peers.SharedReads()
+    shared = SharedReads()
 
     @router.endpoint("GET", base + "/content", summary="The bytes of an image file (Range: bytes=N- resumes); "
                      "peers fetch with a controller ticket", tags=TAGS, auth=False)
@@ -91,8 +96,9 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
         state = await in_thread(images.state, req.path["kind"], role, req.path["file_id"])
         if not state["exists"]:
             raise ApiError(protocol.IMAGE_NOT_FOUND, file_id=req.path["file_id"])
-        offset = peers.start_offset(req.http.getHeader(b"range"), state["size"])
-        return peers.FileSending(final, offset, state["size"], reactor, shared)
+        wanted = byte_range(req.http.getHeader(b"range"), state["size"])
+        return FileDownload(final, state["size"], b"application/octet-stream", wanted=wanted, reactor=reactor,
+                            shared=shared)
 
     @router.endpoint("POST", base + "/fetch", summary="Fetch an image file from a peer agent on a controller ticket",
                      tags=TAGS, auth=False, body=FetchBody, oplog="")

@@ -127,7 +127,7 @@ class ImageStore:
         partial = 0
         part_meta = _read_json(self.part_meta_path(final)) or {}
         part = self.part_path(final)
-        if part.is_file() and (md5 is None or part_meta.get("md5") == md5):
+        if part.is_file() and (md5 is None or part_meta.get("md5") in (md5, None)):
             partial = part.stat().st_size
         return {
             "exists": exists,
@@ -180,15 +180,18 @@ class ImageStore:
 
     # -- receiving -------------------------------------------------------------------------------
 
-    def receiver(self, context: Any, kind: str, role: int, file_id: str, offset: int, total: int, md5: str,
-                 version: Optional[int] = None) -> "ImageReceiver":
+    def receiver(self, context: Any, kind: str, role: int, file_id: str, offset: int, total: int,
+                 md5: Optional[str], version: Optional[int] = None) -> "ImageReceiver":
         """Prepare to receive bytes ``offset..total-1`` of a file (the headers of a PUT are in).
+
+        ``md5`` ``None`` (a peer fetch of a version still being hashed at its source): the bytes are
+        received and hashed but only a later transfer that knows the MD5 can :meth:`~ImageReceiver.commit`.
 
         Only checks (and reads) here: nothing is written until the first byte of an authenticated
         body arrives (:meth:`ImageReceiver.open`).
         """
         final = self.final_path(kind, role, file_id)
-        if not protocol.MD5.match(md5):
+        if md5 is not None and not protocol.MD5.match(md5):
             raise ApiError(protocol.BAD_TRANSFER, reason="md5 must be 32 lowercase hex digits")
         if total < 0 or not 0 <= offset <= total:
             raise ApiError(protocol.BAD_TRANSFER, reason=f"offset {offset} and total {total} do not fit")
@@ -197,7 +200,9 @@ class ImageStore:
                            reason=f"body of {context.length} bytes for range {offset}..{total}")
         part = self.part_path(final)
         meta = _read_json(self.part_meta_path(final)) or {}
-        same_content = meta.get("md5") == md5 and meta.get("total") == total
+        # A partial received before its MD5 was known (md5 None) is of the same file: the MD5 check of the
+        # whole, at the commit, decides whether its bytes are right.
+        same_content = meta.get("total") == total and (md5 is None or meta.get("md5") in (md5, None))
         have = part.stat().st_size if same_content and part.is_file() else 0
         if offset != have:
             raise ApiError(protocol.OFFSET_MISMATCH, data={"partial": have}, offset=offset, partial=have)
@@ -211,8 +216,8 @@ class ImageStore:
 class ImageReceiver:
     """The body sink of one PUT: appends to the partial file, verifies, and renames into place."""
 
-    def __init__(self, store: ImageStore, context: Any, final: Path, offset: int, total: int, md5: str,
-                 version: Optional[int]):
+    def __init__(self, store: ImageStore, context: Any, final: Path, offset: int, total: int,
+                 md5: Optional[str], version: Optional[int]):
         self.store = store
         self.context = context
         self.final = final
@@ -331,13 +336,20 @@ class ImageReceiver:
             raise ApiError(protocol.TRANSFER_INCOMPLETE, received=size, total=self.total)
         return self
 
+    async def received_md5(self) -> str:
+        """The MD5 of the whole partial file, once :meth:`finish` has it complete (kept for the commit)."""
+        remembered = self.store.partials.get(self.final)
+        if remembered is None or remembered.size != self.total:
+            remembered = Partial(await self._in_thread(md5_file, self.part), self.total)
+            self.store.partials[self.final] = remembered
+        return remembered.hasher.hexdigest()
+
     async def commit(self) -> dict[str, Any]:
         """Verify the MD5 of the whole file, then rename it into place (called by the authenticated handler)."""
-        remembered = self.store.partials.pop(self.final, None)
-        if remembered is not None and remembered.size == self.total:
-            actual = remembered.hasher.hexdigest()
-        else:
-            actual = (await self._in_thread(md5_file, self.part)).hexdigest()
+        if self.md5 is None:
+            raise ApiError(protocol.BAD_TRANSFER, reason="no md5 to verify the file against")
+        actual = await self.received_md5()
+        self.store.partials.pop(self.final, None)
         if actual != self.md5:
             _unlink(self.part)
             _unlink(self.store.part_meta_path(self.final))

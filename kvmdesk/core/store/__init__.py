@@ -169,10 +169,17 @@ class Collection(Protocol):
     ) -> Document | None:
         """Atomically update the first match; return it after (``return_new``) or before the update."""
 
+    async def find_one_and_update_each(self, operations: Sequence[tuple[Filter, Update, Sort | None]]) -> list[Document | None]:
+        """:meth:`find_one_and_update` (no upsert, the document after) of each ``(filter, update, sort)`` in
+        order, each atomic and seeing those before it; one round trip where the backend allows it (SQLite:
+        one writer transaction, so a burst of claims does not queue one by one on the writer thread).
+        An error fails the call (on SQLite nothing of it is written)."""
+
     async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
         """Upsert each ``(filter, update)``: apply ``update`` to the document the filter names, or create
         it from the filter's fields; in one round trip where the backend allows it (SQLite: one writer
-        transaction; MongoDB: one query for which exist, one unordered bulk update, one bulk insert).
+        transaction; MongoDB: one query for which exist, then unordered ``bulk_write`` updates beside
+        ``insert_many`` inserts, in commands of at most 100 operations).
 
         Each filter names one document by plain top-level fields (see :func:`.updates.check_upserts`);
         operations on the same document apply in order.  Per operation, in order: ``"created"``,
@@ -182,6 +189,7 @@ class Collection(Protocol):
 
         :raises ValueError: an empty batch or a bad operation (the message names its index); nothing
             is written.
+        :raises StoreUnavailable: MongoDB lost (the commands before the loss stay written).
         """
 
     async def delete_one(self, filter: Filter) -> int:

@@ -605,6 +605,10 @@ class MongoCollection:
             raise
         return _strip(found)
 
+    async def find_one_and_update_each(self, operations: Sequence[tuple[Filter, Update, Sort | None]]) -> list[Document | None]:
+        # No multi-document transaction here (briskdb has no sessions): one atomic update after another.
+        return [await self.find_one_and_update(filter, update, sort=sort) for filter, update, sort in operations]
+
     async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
         checked = [(_json_copy(dict(filter)), update) for filter, update in check_upserts(operations)]
         outcomes: list[str | StoreError | None] = [None] * len(checked)

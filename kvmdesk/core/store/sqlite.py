@@ -551,6 +551,20 @@ class SQLiteCollection:
 
         return await self.store.write(self.name, run)
 
+    async def find_one_and_update_each(self, operations: Sequence[tuple[Filter, Update, Sort | None]]) -> list[Document | None]:
+        for filter, update, _ in operations:
+            check_update(update)
+            check_filter(filter)
+
+        def run(conn) -> list[Document | None]:
+            found: list[Document | None] = []
+            for filter, update, sort in operations:
+                rows = self._select(conn, filter, sort, 0, 1)
+                found.append(self._update_rows(conn, rows, update)[0][1] if rows else None)
+            return found
+
+        return await self.store.write(self.name, run) if operations else []
+
     async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
         checked = check_upserts(operations)
 

@@ -3,7 +3,9 @@
 - A static user gets the desktop bound to them (``desktops.user_uuid``).
 - A random user gets a free desktop of a random group bound to their user group: one atomic
   ``find_one_and_update`` claims it (``holder: None`` -> the user), so two users never get the same
-  desktop whatever the concurrency; running desktops are preferred (no boot).  A user who already
+  desktop whatever the concurrency; running desktops are preferred (no boot).  The claims of
+  concurrent requests go to the store together (:class:`.group_commit.GroupCommit`: one writer
+  transaction for a burst instead of one each), each still atomic.  A user who already
   holds a desktop gets it again.  The desktop is held for the user's portal session until it logs out
   or idles out (:class:`IdleReleaser`).
 - A desktop that is off is started through the teaching desktops' power module (admission per node,
@@ -23,6 +25,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.desktops import power, schema
 from kvmdesk.plugins.desktops.domain_ops import restores
+from kvmdesk.plugins.desktops.group_commit import GroupCommit
 from kvmdesk.plugins.desktops import personal_codes as codes
 from kvmdesk.plugins.desktops.personal_schema import PERSONAL_GROUPS, RANDOM, RANDOM_BINDINGS, STATIC
 from kvmdesk.plugins.desktops.portal_auth import EXTENSION as AUTH
@@ -73,6 +76,11 @@ class Broker:
     _groups: dict[str, tuple[list[dict], float]] = attrs.field(factory=dict)
     #: Restores of released desktops in progress.
     restoring: set[defer.Deferred] = attrs.field(factory=set)
+    #: The claims of concurrent requests, written together (one writer transaction per batch).
+    _claims: GroupCommit = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._claims = GroupCommit(lambda claims: self.desktops.find_one_and_update_each(claims))
 
     async def random_groups(self, user: dict) -> list[dict]:
         now = self.core.clock.seconds()
@@ -149,11 +157,11 @@ class Broker:
         held = next((d for d in mine if d.get("holder") == user["uuid"] and d["desktop_uuid"] in by_uuid), None)
         if held is not None:
             return held, by_uuid[held["desktop_uuid"]]
-        claimed = await self.desktops.find_one_and_update(
+        claimed = await self._claims.submit((
             {"desktop_uuid": {"$in": list(by_uuid)}, "holder": None, "status": {"$in": list(CLAIMABLE)}},
             {"$set": {"holder": user["uuid"], "holder_session": user.get("session"), "held_at": now_text(self.core.clock),
                       "user_name": user["user_name"]}},
-            sort=[("status", 1), ("name", 1)])  # "active" sorts first: a running desktop needs no boot
+            [("status", 1), ("name", 1)]))  # "active" sorts first: a running desktop needs no boot
         if claimed is None:
             raise ApiError(codes.NONE_FREE, groups=names(random_usable))
         return claimed, by_uuid[claimed["desktop_uuid"]]

@@ -20,6 +20,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.auth import CACHE_SECONDS, Throttle
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.passwords import DUMMY_HASH, verify_password
+from kvmdesk.plugins.desktops.group_commit import GroupCommit
 from kvmdesk.plugins.desktops.personal_schema import USER_SESSIONS, USERS
 
 log = Logger(namespace="kvmdesk.desktops.portal")
@@ -50,6 +51,15 @@ class DesktopUserAuth:
     idle: float
     throttle: Throttle
     _cache: dict[str, tuple[dict, float]] = attrs.field(factory=dict)
+    #: Sessions seen, marked so together (one store write for a burst of requests, not one each).
+    _touches: GroupCommit = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._touches = GroupCommit(self._touch)
+
+    async def _touch(self, sessions: list[str]) -> list[None]:
+        await self.sessions.update_many({"token_hash": {"$in": sessions}}, {"$set": {"seen_at": self.core.clock.seconds()}})
+        return [None] * len(sessions)
 
     @classmethod
     def from_config(cls, core: Any) -> "DesktopUserAuth":
@@ -104,12 +114,13 @@ class DesktopUserAuth:
         cached = self._cache.get(hashed)
         if cached is not None and cached[1] > now:
             return cached[0]
-        session = await self.sessions.find_one_and_update(
-            {"token_hash": hashed, "expires_at": {"$gt": now}, "seen_at": {"$gt": now - self.idle}}, {"$set": {"seen_at": now}})
+        session = await self.sessions.find_one({"token_hash": hashed, "expires_at": {"$gt": now},
+                                                "seen_at": {"$gt": now - self.idle}})
         user = await self.core.store.collection(USERS).find_one({"uuid": session["user_uuid"]}) if session else None
         if user is None or not user.get("enabled", True) or user.get("deleted"):
             self._cache.pop(hashed, None)
             raise ApiError(errors.UNAUTHENTICATED)
+        await self._touches.submit(hashed)
         shown = self._session_user(user, hashed)
         self._cache[hashed] = (shown, min(session["expires_at"], now + CACHE_SECONDS))
         if len(self._cache) > 10000:

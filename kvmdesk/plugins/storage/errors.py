@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from kvmdesk.core.errors import define
+from kvmdesk.protocol.ranges import RANGE_NOT_SATISFIABLE  # noqa: F401  (4009: node agents answer it too)
 
 UPLOAD_TOO_LARGE = define(
     4001, 413, "上传文件过大 (上限 {limit} 字节)", "the upload is too large (limit {limit} bytes)"
@@ -19,9 +20,6 @@ NO_SPACE = define(
     4007, 507, "存储空间不足: 需要 {needed} 字节, 剩余 {free} 字节", "not enough storage: {needed} bytes needed, {free} free"
 )
 EMPTY_FILE = define(4008, 400, "上传的文件为空", "the uploaded file is empty")
-RANGE_NOT_SATISFIABLE = define(
-    4009, 416, "请求的范围无效 (文件大小 {size} 字节)", "requested range not satisfiable (file size {size} bytes)"
-)
 NODE_NOT_IN_POOL = define(4010, 400, "节点不在该资源池中: {node}", "the node is not in this resource pool: {node}")
 FILE_MISSING = define(4011, 410, "文件已不存在: {path}", "the file is gone: {path}")
 IMAGE_CHECK_FAILED = define(4012, 500, "无法检查镜像格式: {reason}", "could not check the image format: {reason}")

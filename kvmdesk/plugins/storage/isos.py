@@ -2,7 +2,7 @@
 
 ISOs stay on the controller (templates attach them from there).  An upload is refused as soon as its
 first 34 KiB show it is not an ISO 9660 image.  Downloads are streamed off the reactor
-(:class:`~kvmdesk.plugins.storage.downloads.FileDownload`), with Range requests (206) so a client can resume.
+(:class:`~kvmdesk.api.downloads.FileDownload`), with Range requests (206) so a client can resume.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from pydantic import Field
 
+from kvmdesk.api.downloads import FileDownload
 from kvmdesk.api.models import Model, Uuids, name_type, validate
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.api.streaming import StreamContext
@@ -24,7 +25,7 @@ from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import Index
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.storage import errors
-from kvmdesk.plugins.storage.downloads import FileDownload, byte_range
+from kvmdesk.protocol.ranges import byte_range
 from kvmdesk.plugins.storage.formats import ISO_MIN_SIZE, looks_like_iso
 from kvmdesk.plugins.storage.settings import settings, size_in_gb
 from kvmdesk.plugins.storage.uploads import FormSpec, FormUpload

@@ -1,8 +1,9 @@
 """#70 save: a template's disks become an immutable new version, sent to every node of its pool.
 
-The host node flattens each disk into ``<disk>.v<N>`` (sealed with its MD5).  Every other node of the
-pool fetches those files *from the host node's agent*, on a ticket the controller signed with the
-host's secret (:mod:`kvmdesk.agent.images.peers`): the controller moves no bytes.  The template is
+The host node flattens each disk into ``<disk>.v<N>`` (sealed with its MD5, computed while the others
+already fetch it: :func:`send_sealing`).  Every other node of the pool fetches those files *from the
+host node's agent*, on a ticket the controller signed with the host's secret
+(:mod:`kvmdesk.agent.images.peers`), and verifies them by MD5: the controller moves no bytes.  The template is
 ``updating`` meanwhile; a node that could not be reached gets the version when it comes back
 (:func:`catch_up`).  Versions are kept per template (``versions``), with each node's state
 (``publish``: node uuid -> ``{"version", "status", "error"}``; 0 done, 1 under way, 2 failed).
@@ -26,6 +27,8 @@ log = Logger(namespace="kvmdesk.templates.publish")
 DONE, SYNCING, FAILED = 0, 1, 2
 #: Seconds a fetch may take (a 2 GiB version over a slow link); the ticket itself is checked at once.
 FETCH_TIMEOUT = 6 * 3600.0
+#: Seconds a flatten, or the MD5 of what it made, may take (a 2 GiB version took 25 s on a busy host).
+SEAL_TIMEOUT = 6 * 3600.0
 
 
 def version_file(file_id: str, version: int) -> str:
@@ -58,12 +61,45 @@ async def send_to(core: Any, template: Mapping[str, Any], host: Mapping[str, Any
     return {"version": version, "status": DONE, "error": None}
 
 
+async def send_sealing(core: Any, template: Mapping[str, Any], host: Mapping[str, Any], targets: list[dict],
+                       files: list[dict], version: int) -> list[dict]:
+    """Send a version the host is still hashing (``seal_later``) to ``targets``; fills each file's ``md5``.
+
+    The nodes fetch at once, without the MD5 (each hashes what it receives), while the host computes
+    it: its hashing overlaps the transfers instead of delaying them.  Then each node fetches again
+    with the MD5, which only verifies and commits what it holds (nothing is sent again); a node whose
+    copy does not match drops it and fetches it whole once more.  Returns each target's publish state.
+    """
+    receiving = [defer.ensureDeferred(send_to(core, template, host, n, files, version)) for n in targets]
+    try:
+        for f in files:
+            sealed = await nodes.call(core, host, "POST", f"/disks/template/{f['file_id']}/seal",
+                                      params={"role": f["role"]}, template_name=template["name"],
+                                      timeout=SEAL_TIMEOUT)
+            f["md5"] = sealed["md5"]
+    finally:
+        received = await defer.gatherResults(receiving, consumeErrors=True)
+    return await defer.gatherResults([defer.ensureDeferred(verify_on(core, template, host, node, files, version, first))
+                                      for node, first in zip(targets, received)], consumeErrors=True)
+
+
+async def verify_on(core: Any, template: Mapping[str, Any], host: Mapping[str, Any], node: Mapping[str, Any],
+                    files: list[dict], version: int, received: dict) -> dict:
+    """After an unsealed fetch: have ``node`` verify and commit every file (once refetched if damaged)."""
+    if received["status"] != DONE:
+        return received
+    result = await send_to(core, template, host, node, files, version)
+    if result["status"] != DONE:  # a copy that failed its check was dropped: fetched whole, once
+        result = await send_to(core, template, host, node, files, version)
+    return result
+
+
 async def progress_of(core: Any, node: Mapping[str, Any], files: list[dict]) -> dict[str, int]:
     """Per disk (device uuid), the percentage of its version file ``node`` holds (received and verified: 100)."""
     found = {}
     for f in files:
-        state = await nodes.call(core, node, "GET", f"/images/template/{f['file_id']}",
-                                 params={"role": f["role"], "md5": f["md5"]})
+        params = {"role": f["role"], **({"md5": f["md5"]} if f["md5"] else {})}  # None: still being sealed
+        state = await nodes.call(core, node, "GET", f"/images/template/{f['file_id']}", params=params)
         done = state.get("exists") and state.get("md5") == f["md5"]
         found[f["device_uuid"]] = 100 if done else int(100 * int(state.get("partial") or 0) / max(1, f["size"]))
     return found
@@ -140,9 +176,9 @@ async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
             await nodes.call(core, host, "DELETE", f"/disks/template/{name}", params={"role": device["role"]},
                              template_name=template["name"])
             made = await nodes.call(core, host, "POST", f"/disks/template/{device['file_id']}/copy",
-                                    {"role": device["role"], "version": version,
+                                    {"role": device["role"], "version": version, "seal_later": True,
                                      "to": {"kind": "template", "role": device["role"], "file_id": name}},
-                                    template_name=template["name"], field="uuid")
+                                    template_name=template["name"], field="uuid", timeout=SEAL_TIMEOUT)
             undo.push(f"version file {name}", lambda n=name, r=device["role"]: nodes.call(
                 core, host, "DELETE", f"/disks/template/{n}", params={"role": r}))
             files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name, "md5": made["md5"],
@@ -151,8 +187,7 @@ async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
         progress = ProgressReport(core, template, host, targets, files, version)
         progress.start(float(core.config.get("templates.progress_interval", 2.0)))
         try:
-            states = await defer.gatherResults([defer.ensureDeferred(send_to(core, template, host, n, files, version))
-                                                for n in targets], consumeErrors=True)
+            states = await send_sealing(core, template, host, targets, files, version)
         finally:
             await progress.stop()
     except BaseException:

@@ -110,22 +110,52 @@ async def test_the_openapi_document_lists_the_portal(api):
 # -- the broker ------------------------------------------------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_fifty_users_race_for_ten_free_desktops(api):
-    node = await online_node(api)
-    group, desktops = await seed_personal_group(api.core, "rnd", 10, node=node)
-    users_group, users = await user_group(api, "class", 50, "u")
-    await bind(api, group, users_group)
-    tokens = [await user_token(api, u["user_name"]) for u in users]
+async def race(api, tokens: list[str]) -> tuple[dict[str, str], list[dict]]:
+    """Every token asks at once: ``({token: desktop uuid} of the winners, refusals)``; nothing else answers."""
     answers = await defer.gatherResults([defer.ensureDeferred(connect(api, t)) for t in tokens])
-    winners = [body["data"]["instance"]["uuid"] for status, body in answers if status == 200]
+    winners = {t: body["data"]["instance"]["uuid"] for t, (status, body) in zip(tokens, answers) if status == 200}
     refusals = [body for status, body in answers if status != 200]
-    assert len(winners) == 10 and set(winners) == {d["uuid"] for d in desktops}
-    assert len(refusals) == 40
     for body in refusals:
         assert body["code"] == codes.NONE_FREE.code and "no free desktop in desktop group rnd" in body["msg"], body
-    held = await api.core.store.collection("desktops").find({"desktop_uuid": group["uuid"]})
-    assert len({d["holder"] for d in held}) == 10 and None not in {d["holder"] for d in held}
+    return winners, refusals
+
+
+async def holders(api, group: dict) -> dict[str, str]:
+    """``{desktop uuid: holder}`` of the held desktops of ``group``, as stored."""
+    found = await api.core.store.collection("desktops").find({"desktop_uuid": group["uuid"], "holder": {"$ne": None}})
+    return {d["uuid"]: d["holder"] for d in found}
+
+
+@pytest_twisted.ensureDeferred
+async def test_fifty_users_race_for_ten_free_desktops(api):
+    """Ten free desktops among others that no claim may take (held, off in error); the claims of the
+    race are written in batches: still ten distinct winners, forty clear refusals, and what the answers
+    say is what the store holds.  A second race of the losers after the winners log out: ten more."""
+    node = await online_node(api)
+    group, desktops = await seed_personal_group(api.core, "rnd", 14, node=node)
+    broken = await seed_personal_group(api.core, "rnd-broken", 2, node=node, status="error")
+    users_group, users = await user_group(api, "class", 50, "u")
+    await bind(api, group, users_group)
+    await bind(api, broken[0], users_group)
+    tokens = [await user_token(api, u["user_name"]) for u in users]
+    # four desktops are already held by a user of another group
+    await api.core.store.collection("desktops").update_many(
+        {"uuid": {"$in": [d["uuid"] for d in desktops[10:]]}}, {"$set": {"holder": "someone-else"}})
+    uuid_of = {t: u["uuid"] for t, u in zip(tokens, users)}
+    winners, refusals = await race(api, tokens)
+    assert len(winners) == 10 and len(set(winners.values())) == 10 and len(refusals) == 40
+    assert set(winners.values()) == {d["uuid"] for d in desktops[:10]}
+    assert {d: h for d, h in (await holders(api, group)).items() if h != "someone-else"} == {
+        d: uuid_of[t] for t, d in winners.items()}
+    # a winner asking again (twice at once) gets the same desktop; nobody got two
+    again = await defer.gatherResults([defer.ensureDeferred(connect(api, t)) for t in list(winners)[:3] * 2])
+    assert [body["data"]["instance"]["uuid"] for _, body in again] == [winners[t] for t in list(winners)[:3]] * 2
+    for token in winners:
+        ok(*await as_user(api, token, "POST", "/portal/logout", {}))
+    losers = [t for t in tokens if t not in winners]
+    second, refusals = await race(api, losers)
+    assert len(second) == 10 and set(second.values()) == set(winners.values()) and len(refusals) == 30
+    assert sorted((await holders(api, group)).values()) == sorted([uuid_of[t] for t in second] + ["someone-else"] * 4)
 
 
 @pytest_twisted.ensureDeferred

@@ -16,7 +16,7 @@ from twisted.internet import defer, reactor
 from kvmdesk.core.directio import RangeReader, enable_direct
 from kvmdesk.core.errors import ApiError
 from kvmdesk.plugins.storage import producers, uploads
-from kvmdesk.plugins.storage.downloads import byte_range
+from kvmdesk.protocol.ranges import byte_range
 from kvmdesk.testing.api import listening_api
 from storage_testlib import (
     RawHTTP,

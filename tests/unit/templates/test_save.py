@@ -285,3 +285,40 @@ async def test_a_fetch_resumes_from_the_partial_file_and_verifies_the_whole(worl
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
     assert status == 200, body  # the damaged partial was dropped: fetched from the start
     assert final.read_bytes() == good
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_fetched_while_its_source_hashes_it_is_verified_and_a_damaged_copy_refetched(world):
+    """The save's nodes fetch a version before the host knows its MD5 (they hash what they receive);
+    the check with the MD5 then catches a copy that arrived damaged, drops it and fetches it whole."""
+    created = await world.create()
+    template = await world.core.store.collection("templates").find_one({"uuid": created["uuid"]})
+    device = template["devices"][0]
+    host = await world.core.store.collection("nodes").find_one({"uuid": template["host_uuid"]})
+    other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
+    node = await world.core.store.collection("nodes").find_one({"uuid": other["uuid"]})
+    agents = world.core.extensions["agents"]
+    name = publish.version_file(device["file_id"], 7)
+    made = await agents.call(host, "POST", f"/disks/template/{device['file_id']}/copy", {
+        "role": 1, "version": 7, "seal_later": True, "to": {"kind": "template", "role": 1, "file_id": name}})
+    assert made["md5"] is None  # answered before the hash
+    sealed = await agents.call(host, "POST", f"/disks/template/{name}/seal", params={"role": 1})
+    source = world.agent_of(template).data_dir / "storage" / "instances" / "_template" / name
+    assert sealed == {"md5": md5(source), "size": source.stat().st_size, "version": 7}
+    good = source.read_bytes()
+
+    # the bytes arrive damaged: the unsealed fetch keeps them (it cannot know yet)
+    source.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
+    files = [{"device_uuid": device["uuid"], "role": 1, "file_id": name, "md5": None, "size": len(good)}]
+    received = await publish.send_to(world.core, template, host, node, files, 7)
+    assert received["status"] == publish.DONE
+    source.write_bytes(good)
+    target = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])].data_dir / "storage" / \
+        "instances" / "_template" / name
+    assert not target.exists() and (target.parent / f".{name}.part").is_file()
+
+    # with the MD5 the node checks what it holds, refuses it, and the second try fetches it whole
+    files[0]["md5"] = sealed["md5"]
+    result = await publish.verify_on(world.core, template, host, node, files, 7, received)
+    assert result == {"version": 7, "status": publish.DONE, "error": None}
+    assert target.read_bytes() == good and not (target.parent / f".{name}.part").exists()
