@@ -43,7 +43,7 @@ from kvmdesk.agent.services import SystemdServices
 from kvmdesk.core import agentauth
 from kvmdesk.core.auth import Throttle
 from kvmdesk.core.errors import ApiError
-from kvmdesk.core.filemodes import restrict_tree
+from kvmdesk.core.filemodes import reachable_dirs, restrict_tree
 from kvmdesk.core.process import listen_failure_line
 from kvmdesk.core.threadpools import stop_pool
 from kvmdesk.protocol import hostfacts as host
@@ -322,8 +322,14 @@ class Agent(MultiService):
 
     def _host_facts(self) -> dict[str, Any]:
         paths = self.config.storage_paths()
+        private = self.data_dir.absolute()
         for path in set(paths.values()):
-            Path(path).mkdir(parents=True, exist_ok=True)
+            # inside the private data directory a storage root stays private (restrict_tree keeps it so);
+            # elsewhere QEMU, another user, must reach the disks below
+            if Path(path).is_relative_to(private):
+                Path(path).mkdir(parents=True, exist_ok=True)
+            else:
+                reachable_dirs(Path(path))
         return host.host_facts(paths)
 
     async def facts(self) -> dict[str, Any]:

@@ -38,3 +38,21 @@ def restrict_tree(root: Path) -> int:
                 os.chmod(path, wanted)
                 changed += 1
     return changed
+
+
+#: Directories on the path to disk images: QEMU runs as another user (``libvirt-qemu``) and must reach
+#: the images by path; it needs no listing, and nobody else gets one.
+REACHABLE_DIR_MODE = 0o711
+
+
+def reachable_dirs(directory: Path) -> None:
+    """``mkdir -p directory``, each directory it creates :data:`REACHABLE_DIR_MODE` whatever the umask
+    (the agent's private umask would make them 0700, and QEMU could not open the disks below)."""
+    missing = []
+    parent = Path(directory)
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        os.chmod(created, REACHABLE_DIR_MODE)

@@ -142,15 +142,7 @@ class AgentProcess:
 
     def _write_config(self) -> None:
         section = agent_layers(self.directory, self.ip, self.port, **self.kwargs)["agent"]
-        lines = ["[agent]"]
-        for key, value in section.items():
-            if isinstance(value, bool):
-                lines.append(f"{key} = {'true' if value else 'false'}")
-            elif isinstance(value, (int, float)):
-                lines.append(f"{key} = {value}")
-            else:
-                lines.append(f"{key} = {_toml_string(str(value))}")
-        self.config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.config_file.write_text("\n".join(_toml_table("agent", section)) + "\n", encoding="utf-8")
 
     async def start(self) -> None:
         from twisted.internet import reactor
@@ -186,6 +178,21 @@ class AgentProcess:
 
     async def stop(self) -> None:
         await self._signal(signal.SIGTERM)
+
+
+def _toml_table(name: str, table: Mapping[str, Any]) -> list[str]:
+    """The lines of a TOML table; nested mappings (e.g. the agent's ``storage`` roles) become sub-tables."""
+    lines, nested = [f"[{name}]"], []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            nested += _toml_table(f"{name}.{key}", value)
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f"{key} = {_toml_string(str(value))}")
+    return lines + nested
 
 
 def _toml_string(value: str) -> str:
@@ -322,6 +329,8 @@ async def agent_testbed(directory: Path, count: int, *, config: Optional[Mapping
                 yield Testbed(api, pool, ips, nodes, agents)
             finally:
                 await distributor.stopService()
+                for agent in agents:  # before the controller stops: their last events find its store open
+                    await agent.stop()
     finally:
         for agent in agents:
             await agent.stop()

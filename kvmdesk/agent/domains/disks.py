@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.protocol.storage import md5_file
 from kvmdesk.core.errors import ErrorCode, define
+from kvmdesk.core.filemodes import reachable_dirs
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.protocol.domains import FileRef
 
@@ -127,7 +128,7 @@ class Disks:
                 raise DiskError(DISK_SHRINK, field="size_gb", current=_gb(base["virtual_size"]), requested=size_gb)
             grow = size - base["virtual_size"]
             args += ["-b", base["path"], "-F", base["format"] or "qcow2"]
-        await in_reactor_pool(self.reactor, lambda: path.parent.mkdir(parents=True, exist_ok=True))
+        await in_reactor_pool(self.reactor, reachable_dirs, path.parent)
         await self._check_space(path.parent, grow, "size_gb")
         temporary = path.with_name(f".{path.name}.new")
         try:
@@ -161,7 +162,7 @@ class Disks:
         target = self.resolve(to)
         if target.exists():
             raise DiskError(DISK_EXISTS, file=f"{to.kind}/{to.file_id}")
-        await in_reactor_pool(self.reactor, lambda: target.parent.mkdir(parents=True, exist_ok=True))
+        await in_reactor_pool(self.reactor, reachable_dirs, target.parent)
         await self._check_space(target.parent, source["actual_size"], "to")
         temporary = target.with_name(f".{target.name}.new")
         md5 = None

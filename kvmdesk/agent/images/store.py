@@ -27,6 +27,7 @@ from kvmdesk.protocol import images as protocol
 from kvmdesk.protocol.storage import md5_file
 from kvmdesk.core.directio import open_for_stream
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.filemodes import reachable_dirs
 from kvmdesk.core.filewriter import HashingWriter
 from kvmdesk.core.threadpools import in_reactor_pool
 
@@ -206,7 +207,7 @@ class ImageStore:
         have = part.stat().st_size if same_content and part.is_file() else 0
         if offset != have:
             raise ApiError(protocol.OFFSET_MISMATCH, data={"partial": have}, offset=offset, partial=have)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        reachable_dirs(final.parent)
         free = shutil.disk_usage(final.parent).free
         if total - offset > free:
             raise ApiError(protocol.STORAGE_FULL, needed=total - offset, free=free)

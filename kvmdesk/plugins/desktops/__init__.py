@@ -28,8 +28,13 @@ Decisions where the contract is silent:
 - Group names are one namespace with the user groups (:mod:`kvmdesk.core.group_names`): a clash is
   409, code 6001.  Deleting a teaching group that still has desktop groups is refused (409, 6005);
   other plugins can refuse too through ``kvmdesk_usage(kind="teaching_group")``.
-- ``terminal_count`` counts the ``terminals`` records of the group; no feature registers terminals
-  yet, so it is 0 until one does.
+- ``terminal_count`` counts the terminals (thin clients) whose address lies in the group's terminal
+  range.  The contract has counts of terminals but no endpoint that makes one: beyond it,
+  ``/education/terminal`` (:mod:`.terminals`) takes a terminal's announcement (POST: MAC, address,
+  name; repeated, it refreshes ``last_seen``), lists them (GET, paged, with their teaching group and
+  ``online``) and deletes them (DELETE, batch).  The same records give the dashboard's
+  ``sum_terminal_cnt`` and ``online_terminal_cnt`` (``kvmdesk_resource_counts``; online: announced
+  within ``[desktops] terminal_online_seconds``).
 - This plugin answers ``kvmdesk_usage`` for ``data_network`` and ``subnet`` (teaching and desktop
   groups), ``template``, ``resource_pool`` and ``teaching_group`` (desktop groups) and ``node``
   (desktops placed on it).

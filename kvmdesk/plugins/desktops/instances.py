@@ -82,7 +82,13 @@ async def add(req: ApiRequest) -> dict:
         {"$set": {"postfix_next": first + body.instance_num, "updated_at": now_text(core.clock)}})
     if claimed is None:
         raise ApiError(errors.ALREADY_EXISTS, resource=GROUP_NUMBERS, key=group["name"])
-    made = await creation.make_desktops(core, group, template, subnet, body.create_info, body.instance_num, first)
+    try:
+        made = await creation.make_desktops(core, group, template, subnet, body.create_info, body.instance_num, first)
+    except BaseException:
+        # nothing was made: give the numbers back, unless another add has taken the next ones meanwhile
+        await core.store.collection(schema.DESKTOP_GROUPS).update_one(
+            {"uuid": group["uuid"], "postfix_next": first + body.instance_num}, {"$set": {"postfix_next": first}})
+        raise
     return {"success_num": len(made), "failed_num": 0, "failures": [], "instances": [public(core, d) for d in made]}
 
 

@@ -1,10 +1,11 @@
 """Request models of the desktops plugin (teaching groups, desktop groups, desktops)."""
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BeforeValidator, Field, StringConstraints
+from pydantic import BeforeValidator, Field, StringConstraints, WithJsonSchema
 
 from kvmdesk.api.models import Model, Name, OptionalName
 
@@ -134,3 +135,31 @@ class DesktopsAdd(Model):
 class ConsoleParam(Model):
     uuid: Uuid
     name: OptionalName
+
+
+# -- terminals (beyond the contract: what makes #82's terminal_count true) -------------------------------
+
+
+def _ipv4(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise ValueError("expected an IPv4 address") from None
+
+
+Mac = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")]
+Ipv4 = Annotated[str, BeforeValidator(_ipv4), WithJsonSchema({"type": "string", "format": "ipv4"})]
+
+
+class TerminalAnnounce(Model):
+    """A thin client saying it is there: its MAC identifies it, its address places it in a classroom."""
+
+    mac: Mac
+    ip: Ipv4
+    name: OptionalName = ""
+
+
+class TerminalsDelete(Model):
+    terminals: list[Ref] = Field(min_length=1)

@@ -9,12 +9,12 @@ from kvmdesk import hookimpl
 from kvmdesk.core import group_names
 from kvmdesk.core.errors import Resource
 from kvmdesk.plugins.desktops import (admission, desktop_groups, events, instances, reconcile, schema, teaching_groups,
-                                      timetables)
+                                      terminals, timetables)
 from kvmdesk.plugins.desktops.loads import NodeLoads
 from kvmdesk.plugins.desktops import (broker, personal_groups, personal_instances, personal_schema, portal, portal_auth,
                                       random_bindings, static_bindings)
 
-__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
+__all__ = ["kvmdesk_config_defaults", "kvmdesk_configure", "kvmdesk_domain_event", "kvmdesk_reconcile", "kvmdesk_resource_counts", "kvmdesk_routes", "kvmdesk_services", "kvmdesk_startup", "kvmdesk_store_indexes", "kvmdesk_usage"]
 
 log = Logger(namespace="kvmdesk.desktops")
 
@@ -38,6 +38,8 @@ DEFAULTS = {
         # "ovs": desktops' NICs on their data network's bridge and VLAN; "user": QEMU user-mode
         # networking (hosts without Open vSwitch: demos, tests).
         "nic_kind": "ovs",
+        # Seconds a terminal (thin client) counts as online after it last announced itself.
+        "terminal_online_seconds": 180.0,
         "admission": {
             # Concurrent starts per logical CPU of a node (at least 1, at most max_starts)...
             "starts_per_cpu": 0.5,
@@ -104,6 +106,7 @@ def kvmdesk_routes(router, core) -> None:
     static_bindings.register_routes(router)
     personal_instances.register_routes(router)
     portal.register_routes(router)
+    terminals.register_routes(router)
 
 
 @hookimpl
@@ -170,3 +173,8 @@ NODE_GONE = "the desktop's node was deleted"
 @hookimpl
 def kvmdesk_domain_event(core: Any, node: Any, event: Any):
     return events.on_domain_event(core, node, event)
+
+
+@hookimpl
+def kvmdesk_resource_counts(core: Any):
+    return terminals.resource_counts(core)

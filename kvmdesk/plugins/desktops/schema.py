@@ -7,7 +7,7 @@ from kvmdesk.core.store import Index
 TEACHING_GROUPS = "teaching_groups"
 DESKTOP_GROUPS = "desktop_groups"
 DESKTOPS = "desktops"
-#: Thin clients registered in a teaching group; written by the terminal feature (not built yet), counted here.
+#: Thin clients, announced by themselves (:mod:`.terminals`); a teaching group counts those in its range.
 TERMINALS = "terminals"
 
 #: Owned by other plugins; read here (the same convention as the network plugin's schema).
@@ -45,7 +45,10 @@ INDEXES = [
     Index(DESKTOPS, ["desktop_uuid"]),
     Index(DESKTOPS, ["desktop_uuid", "status"]),
     Index(DESKTOPS, ["node"]),
-    Index(TERMINALS, ["group"]),
+    Index(TERMINALS, ["uuid"], unique=True),
+    Index(TERMINALS, ["mac"], unique=True),
+    Index(TERMINALS, ["ip_num"]),
+    Index(TERMINALS, ["last_seen_at"]),
     *group_names.INDEXES,
 ]
 

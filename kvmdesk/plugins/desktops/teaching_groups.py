@@ -21,6 +21,7 @@ from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.desktops import codes, schema
 from kvmdesk.plugins.desktops.lookups import NAMES, names_of, record_or_404
 from kvmdesk.plugins.desktops.models import TeachingGroupCreate, TeachingGroupDelete, TeachingGroupEdit
+from kvmdesk.plugins.desktops.terminals import count_in_groups
 
 BASE = "/education/group"
 TAGS = ("teaching_groups",)
@@ -79,7 +80,7 @@ async def with_counts(core: Any, groups: list[dict]) -> list[dict]:
     desktops, instances, terminals = await defer.gatherResults([
         defer.ensureDeferred(store.collection(schema.DESKTOP_GROUPS).count_by("group", {"group": {"$in": uuids}})),
         defer.ensureDeferred(store.collection(schema.DESKTOPS).count_by("group", {"group": {"$in": uuids}})),
-        defer.ensureDeferred(store.collection(schema.TERMINALS).count_by("group", {"group": {"$in": uuids}})),
+        defer.ensureDeferred(count_in_groups(core, groups)),
     ])
     networks = await names_of(core, schema.NETWORKS, {g["network"] for g in groups})
     subnets = {s["uuid"]: s for s in await store.collection(schema.SUBNETS).find(

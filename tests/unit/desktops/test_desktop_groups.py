@@ -174,6 +174,19 @@ async def test_activate_deactivate_and_inactive_groups_do_not_start(api):
 
 
 @pytest_twisted.ensureDeferred
+async def test_unknown_groups_in_every_group_batch_are_reported_per_item(api):
+    ghosts = {"desktops": [{"uuid": "nope-1", "name": "ghost1"}, {"uuid": "nope-2", "name": "ghost2"}]}
+    requests = [("POST", {"action": action, "param": ghosts}) for action in ("start", "stop", "reboot", "active", "inactive")]
+    for method, request in requests + [("DELETE", ghosts)]:
+        answer = ok(*await api.call(method, DESKTOP_GROUPS, request, headers=EN))
+        assert (answer["success_num"], answer["failed_num"]) == (0, 2), (request, answer)
+        assert [(f["name"], f["code"]) for f in answer["failures"]] == [("ghost1", 1012), ("ghost2", 1012)]
+        status, single = await api.call(method, DESKTOP_GROUPS, {**request, "param": {"desktops": ghosts["desktops"][:1]}}
+                                        if method == "POST" else {"desktops": ghosts["desktops"][:1]}, headers=EN)
+        failed(status, single, 404, 1012, "nope-1")
+
+
+@pytest_twisted.ensureDeferred
 async def test_edit_name_and_order(api):
     w = await world(api)
     group, _ = await stored_group(api, w)
@@ -272,3 +285,41 @@ async def test_desktops_on_a_node_deleted_meanwhile_are_marked_at_start_up(api):
     await plugin.kvmdesk_reconcile(api.core)
     found = {d["name"]: (d["status"], d["message"]) for d in await api.core.store.collection(schema.DESKTOPS).find({})}
     assert found == {first["name"]: ("error", plugin.NODE_GONE), second["name"]: ("error", plugin.NODE_GONE)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_desktops_refusals_before_any_node_is_asked(api):
+    """#94 checks what #83 checks (placement, capacity, addresses, template), per the group's settings;
+    a refused add makes nothing and takes no numbers."""
+    w = await world(api, subnet_end="172.16.1.14")  # 5 addresses, two of them the stored group's
+    group, _ = await stored_group(api, w)
+    store = api.core.store
+
+    def add(create_info, **extra):
+        count = sum(v for v in create_info.values() if isinstance(v, int))
+        return {"action": "create", "param": {"desktop_uuid": group["uuid"], "desktop_name": "dg1", "desktop_type": 1,
+                                              "instance_num": count, "create_info": create_info, **extra}}
+
+    await api.core.extensions["ipam"].allocate(w["subnet"]["uuid"], "172.16.1.11", owner="desktop:dg1-pc01")
+    await api.core.extensions["ipam"].allocate(w["subnet"]["uuid"], "172.16.1.12", owner="desktop:dg1-pc02")
+    cases = [
+        (add({"192.0.2.99": 1}), 400, 6010, "192.0.2.99"),
+        (add({"192.0.2.14": 1}), 400, 6011, "192.0.2.14"),
+        (add({"192.0.2.13": 1}), 409, 6012, "offline"),
+        (add({"192.0.2.11": 2}, instance_num=3), 400, 6013, "3"),
+        (add({"192.0.2.11": 4}), 409, 6018, "3 free"),
+        (add({"192.0.2.11": 1}, desktop_uuid="nope"), 404, 1012, "nope"),
+        (add({"192.0.2.11": 1}, desktop_type=2), 400, 1002, "desktop_type"),
+        (add({"192.0.2.11": 0}, instance_num=0), 400, 1002, "instance_num"),
+    ]
+    for request, status_code, code, word in cases:
+        status, answer = await api.call("POST", INSTANCES, request, headers=EN)
+        failed(status, answer, status_code, code)
+        assert word in answer["msg"] or word in str(answer["data"]), (word, answer)
+    await store.collection("templates").update_one({"uuid": w["template"]["uuid"]}, {"$set": {"status": "updating"}})
+    status, answer = await api.call("POST", INSTANCES, add({"192.0.2.11": 1}), headers=EN)
+    failed(status, answer, 409, 6041, "updating")
+    assert await store.collection(schema.DESKTOPS).count({}) == 2
+    owners = {a["owner"] for a in await api.core.extensions["ipam"].allocations(w["subnet"]["uuid"])}
+    assert owners == {"desktop:dg1-pc01", "desktop:dg1-pc02"}
+    assert (await store.collection(schema.DESKTOP_GROUPS).find_one({"uuid": group["uuid"]}))["postfix_next"] == 3

@@ -155,6 +155,14 @@ async def test_a_restore_group_from_create_to_delete(tmp_path):
         owners = [a["owner"] for a in await world.core.extensions["ipam"].allocations(world.subnet["uuid"])]
         assert f"desktop:{one['uuid']}" not in owners
 
+        # stop the group (#85): every desktop is off (restore desktops are destroyed) and stays off
+        answer = ok(*await world.api.call("POST", DESKTOP_GROUPS, {"action": "stop", "param": ref}))
+        assert (answer["success_num"], answer["failed_num"]) == (1, 0)
+        assert set((await domain_states(world)).values()) == {"shutoff"}
+        (shown,) = ok(*await world.api.call("GET", DESKTOP_GROUPS))["results"]
+        assert (shown["active_count"], shown["inactive_count"]) == (0, 3)
+        assert {(d["status"], d["power"]) for d in await desktops_of(world, group["uuid"])} == {("inactive", "off")}
+
         # delete the group: every domain, overlay, address and record goes
         ok(*await world.api.call("DELETE", DESKTOP_GROUPS, ref))
         assert await domain_states(world) == {}

@@ -47,9 +47,12 @@ async def test_counts_come_from_desktop_groups_desktops_and_terminals(api):
         await store.collection(schema.DESKTOP_GROUPS).insert_one(new_record(api.core.clock, name=f"dg{i}", group=group["uuid"]))
     for i in range(3):
         await store.collection(schema.DESKTOPS).insert_one(new_record(api.core.clock, name=f"pc{i}", group=group["uuid"]))
-    await store.collection(schema.TERMINALS).insert_one(new_record(api.core.clock, group=group["uuid"], ip="172.16.1.100"))
+    # terminals count by their address in the group's range (172.16.1.100-140): two in it, one outside
+    for mac, ip in (("52:54:00:00:00:01", "172.16.1.100"), ("52:54:00:00:00:02", "172.16.1.140"),
+                    ("52:54:00:00:00:03", "172.16.1.141")):
+        ok(*await api.call("POST", "/education/terminal", {"mac": mac, "ip": ip}))
     (shown,) = ok(*await api.call("GET", TEACHING))["results"]
-    assert (shown["desktop_count"], shown["instance_count"], shown["terminal_count"]) == (2, 3, 1)
+    assert (shown["desktop_count"], shown["instance_count"], shown["terminal_count"]) == (2, 3, 2)
 
 
 @pytest_twisted.ensureDeferred

@@ -80,3 +80,30 @@ async def test_lessons_start_and_stop_the_group_as_jobs(api, clock):
         failed(status, answer, 404, 1012)
     finally:
         await core.scheduler.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timetable_survives_a_controller_restart(tmp_path, clock):
+    from kvmdesk.testing.api import api_client
+
+    async with api_client(tmp_path, clock=clock) as api:
+        w = await world(api)
+        group, _ = await stored_group(api, w)
+        body = {"uuid": group["uuid"], "lead_minutes": 10, "lessons": [{"weekday": 0, "start": "08:00", "end": "08:45"}]}
+        shown = ok(*await api.call("PUT", PATH, body))
+    assert clock.getDelayedCalls() == []
+
+    async with api_client(tmp_path, clock=clock) as again:  # the same store, a new controller
+        assert ok(*await again.call("GET", PATH, params={"uuid": group["uuid"]})) == shown
+        core = again.core
+        core.scheduler.startService()
+        try:
+            clock.advance(50 * 60)  # 07:50: the start fires in the new controller
+            await core.scheduler.idle()
+            (entry,) = await core.scheduler.history(schema.lesson_keys(group["uuid"])[0])
+            job = await core.jobs.wait(entry["result"])
+            assert (job["kind"], job["params"], [i["uuid"] for i in job["items"]]) == (
+                "desktop_groups.lesson", {"operation": "start"}, [group["uuid"]])
+        finally:
+            await core.scheduler.stopService()
+    assert clock.getDelayedCalls() == []
