@@ -321,3 +321,87 @@ async def test_pages_read_from_the_far_end_match_the_forward_order(store):
                 page += 1
             assert [d["id"] for d in sum(pages, [])] == [d["id"] for d in everything], (sort, size)
             assert all(len(p) == size for p in pages[:-1]) and 0 < len(pages[-1]) <= size
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_each_creates_and_updates_in_order_with_one_outcome_each(store):
+    coll = store.collection("hours")
+    await store.ensure_indexes([Index("hours", ["node", "hour"], unique=True)])
+    await coll.insert_one({"node": "a", "hour": 0, "m": {"0": 1}})
+    outcomes = await coll.upsert_each([
+        ({"node": "a", "hour": 0}, {"$set": {"m.1": 2}}),
+        ({"node": "b", "hour": 0}, {"$set": {"m.5": 3}, "$inc": {"n": 1}}),
+        ({"node": "b", "hour": 0}, {"$inc": {"n": 10}, "$set": {"m.5": 4}}),  # the same document again: after
+        ({"node": "a", "hour": 3600.0}, {"$set": {"m.0": 5}}),
+    ])
+    assert outcomes == ["updated", "created", "updated", "created"]
+    docs = {(d["node"], d["hour"]): d for d in await coll.find({})}
+    assert docs[("a", 0)]["m"] == {"0": 1, "1": 2}
+    assert (docs[("b", 0)]["m"], docs[("b", 0)]["n"]) == ({"5": 4}, 11)
+    assert docs[("a", 3600)]["m"] == {"0": 5} and isinstance(docs[("a", 3600)]["id"], int)
+    assert len({d["id"] for d in docs.values()}) == 3
+    assert await coll.upsert_each([({"node": "a", "hour": 3600}, {"$set": {"m.1": 6}})]) == ["updated"]
+    assert (await coll.find_one({"node": "a", "hour": 3600}))["m"] == {"0": 5, "1": 6}
+    assert await coll.count() == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_each_reports_a_duplicate_key_in_its_place_and_writes_the_others(store):
+    coll = store.collection("pools")
+    await store.ensure_indexes([Index("pools", ["name"], unique=True)])
+    await coll.insert_many([{"key": 1, "name": "taken"}, {"key": 2, "name": "mine"}])
+    outcomes = await coll.upsert_each([
+        ({"key": 2}, {"$set": {"name": "taken"}}),  # an update that clashes
+        ({"key": 3}, {"$set": {"name": "taken"}}),  # a new document that clashes
+        ({"key": 4}, {"$set": {"name": "free"}}),
+        ({"key": 1}, {"$set": {"size": 9}}),
+    ])
+    assert [type(o) for o in outcomes[:2]] == [DuplicateKeyError, DuplicateKeyError]
+    assert outcomes[0].fields == ("name",) and outcomes[2:] == ["created", "updated"]
+    assert {d["key"]: d["name"] for d in await coll.find({})} == {1: "taken", 2: "mine", 4: "free"}
+    assert (await coll.find_one({"key": 1}))["size"] == 9
+
+
+@pytest.mark.parametrize("operations, message", [
+    ([], "empty"),
+    ({"key": 1}, "list of"),
+    ([({"key": 1}, {"$set": {"a": 1}}), ({"key": 2},)], r"operations\[1\]: not a \(filter, update\) pair"),
+    ([({"key": {"$gt": 1}}, {"$set": {"a": 1}})], r"operations\[0\]: filter field 'key'"),
+    ([({"a.b": 1}, {"$set": {"a": 1}})], r"operations\[0\]: filter field 'a.b'"),
+    ([({}, {"$set": {"a": 1}})], r"operations\[0\]: the filter must be"),
+    ([({"key": 1}, {"$set": {"a": 1}}), ({"key": 2}, {"$rename": {"a": "b"}})], r"operations\[1\]: unsupported update"),
+])
+@pytest_twisted.ensureDeferred
+async def test_upsert_each_refuses_bad_input_and_writes_nothing(store, operations, message):
+    coll = store.collection("things")
+    with pytest.raises(ValueError, match=message):
+        await coll.upsert_each(operations)
+    assert await coll.count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_each_that_fails_midway_writes_nothing_new(store):
+    """A seed the update cannot take fails before anything is written, on both backends; on SQLite
+    an update that fails inside the batch rolls the whole batch back."""
+    coll = store.collection("things")
+    await coll.insert_one({"key": 1, "label": "text"})
+    with pytest.raises(ValueError):
+        await coll.upsert_each([({"key": 2}, {"$set": {"a": 1}}), ({"key": 3, "label": "x"}, {"$inc": {"label": 1}})])
+    assert await coll.count() == 1
+    if type(store).__name__ == "SQLiteStore":
+        with pytest.raises(ValueError):
+            await coll.upsert_each([({"key": 2}, {"$set": {"a": 1}}), ({"key": 1}, {"$inc": {"label": 1}})])
+        assert [d["key"] for d in await coll.find({})] == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_upsert_each_of_more_than_one_write_command(store):
+    """Past a backend's per-command bounds (MongoDB: 100 operations or 64 kB) a batch still has one
+    outcome per operation, in order."""
+    coll = store.collection("hours")
+    await store.ensure_indexes([Index("hours", ["node", "hour"], unique=True)])
+    await coll.insert_many([{"node": f"n{i:03d}", "hour": 0} for i in range(0, 150, 10)])
+    outcomes = await coll.upsert_each([({"node": f"n{i:03d}", "hour": 0}, {"$set": {"v": i, "pad": "x" * 600}})
+                                       for i in range(150)])
+    assert outcomes == ["updated" if i % 10 == 0 else "created" for i in range(150)]
+    assert sorted(d["v"] for d in await coll.find({}, projection=["v"])) == list(range(150))

@@ -175,6 +175,23 @@ class Collection(Protocol):
         one writer transaction, so a burst of claims does not queue one by one on the writer thread).
         An error fails the call (on SQLite nothing of it is written)."""
 
+    async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
+        """Upsert each ``(filter, update)``: apply ``update`` to the document the filter names, or create
+        it from the filter's fields; in one round trip where the backend allows it (SQLite: one writer
+        transaction; MongoDB: one query for which exist, then unordered ``bulk_write`` updates beside
+        ``insert_many`` inserts, in commands of at most 100 operations).
+
+        Each filter names one document by plain top-level fields (see :func:`.updates.check_upserts`);
+        operations on the same document apply in order.  Per operation, in order: ``"created"``,
+        ``"updated"``, or the error that refused it (:class:`DuplicateKeyError` on both backends; on
+        MongoDB, which writes each operation on its own, any other server refusal as a
+        :class:`StoreError`).  On SQLite any other failure rolls the whole batch back and is raised.
+
+        :raises ValueError: an empty batch or a bad operation (the message names its index); nothing
+            is written.
+        :raises StoreUnavailable: MongoDB lost (the commands before the loss stay written).
+        """
+
     async def delete_one(self, filter: Filter) -> int:
         """Delete the first match; return 1 or 0."""
 

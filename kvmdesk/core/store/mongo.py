@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import bson
 import orjson
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
@@ -42,6 +42,7 @@ from txmongo import filter as qf
 from txmongo.connection import ConnectionPool
 from txmongo.errors import TimeExceeded
 
+from ..together import both
 from . import (
     Document,
     DuplicateKeyError,
@@ -57,13 +58,19 @@ from . import (
 )
 from .projection import project
 from .sqlite_sql import compile_filter, compile_sort
-from .updates import apply_update, check_update, upsert_seed
+from .updates import apply_update, check_update, check_upserts, upsert_seed
 
 T = TypeVar("T")
 
 DEFAULT_DATABASE = "kvmdesk"
 COUNTERS = "_counters"
 _DUPLICATE_KEY = 11000
+#: One write command of a batch (``upsert_each``) holds at most this many operations and BSON bytes:
+#: briskdb refuses a command past its decoded-memory budget (1,000 one-minute rollup seeds, 170 kB, are
+#: too many) and charges 40-50 ms per update in a batch, so a command of 100 updates takes ~4 s and
+#: each command gets its own deadline.
+WRITE_BATCH_OPS = 100
+WRITE_BATCH_BYTES = 64 * 1024
 _PARTIAL_REFUSED = frozenset({2, 9, 67})  # BadValue, FailedToParse, CannotCreateIndex
 _URI_OPTION = "implicit_session"
 _FALSE = ("false", "0", "no", "off")
@@ -192,6 +199,35 @@ def _index_spec(index: Index, present: Mapping[str, Any]) -> dict[str, Any]:
         spec["unique"] = True
         spec["partialFilterExpression"] = {path: dict(present) for path, _ in index.keys()}
     return spec
+
+
+def _filter_key(filter: Mapping[str, Any]) -> tuple:
+    """A hashable name of the document an equality filter names (JSON values, so 1 and 1.0 agree)."""
+    return tuple(sorted((field, orjson.dumps(_number(value))) for field, value in filter.items()))
+
+
+def _number(value: Any) -> Any:
+    # MongoDB finds 3600.0 by 3600 (and JSON keeps the int): one key for both.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    return list({orjson.dumps(_number(value)): value for value in values}.values())
+
+
+def _write_batches(sized: list[Any], items: list[Any]) -> list[list[Any]]:
+    """``items`` cut into runs of at most :data:`WRITE_BATCH_OPS`, whose ``sized`` counterparts (what
+    goes on the wire) take at most :data:`WRITE_BATCH_BYTES` of BSON (a run holds one item at least)."""
+    batches: list[list[Any]] = []
+    size = 0
+    for item, wire in zip(items, sized):
+        length = len(bson.encode(wire))
+        if not batches or len(batches[-1]) >= WRITE_BATCH_OPS or size + length > WRITE_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += length
+    return batches
 
 
 def _is_duplicate(exc: BaseException) -> bool:
@@ -572,6 +608,95 @@ class MongoCollection:
     async def find_one_and_update_each(self, operations: Sequence[tuple[Filter, Update, Sort | None]]) -> list[Document | None]:
         # No multi-document transaction here (briskdb has no sessions): one atomic update after another.
         return [await self.find_one_and_update(filter, update, sort=sort) for filter, update, sort in operations]
+
+    async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
+        checked = [(_json_copy(dict(filter)), update) for filter, update in check_upserts(operations)]
+        outcomes: list[str | StoreError | None] = [None] * len(checked)
+        # Unordered writes may run in any order: a document named twice gets its later operations in
+        # later rounds, so they apply in the order given.
+        rounds: list[list[int]] = []
+        seen: dict[tuple, int] = {}
+        for index, (filter, _) in enumerate(checked):
+            key = _filter_key(filter)
+            seen[key] = seen.get(key, -1) + 1
+            if seen[key] == len(rounds):
+                rounds.append([])
+            rounds[seen[key]].append(index)
+        for indexes in rounds:
+            done = await self._upsert_round([checked[i] for i in indexes])
+            for index, outcome in zip(indexes, done):
+                outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    async def _upsert_round(self, operations: list[tuple[dict, Update]]) -> list[str | StoreError]:
+        """Upsert operations that name different documents: which exist (one query), then the updates
+        (unordered bulk writes) beside the inserts (``insert_many``), each write command within
+        :data:`WRITE_BATCH_OPS` / :data:`WRITE_BATCH_BYTES` and its own deadline."""
+        present = await self.store.run(lambda: self._present_keys([filter for filter, _ in operations]))
+        updating = [i for i, (filter, _) in enumerate(operations) if _filter_key(filter) in present]
+        creating = [i for i, (filter, _) in enumerate(operations) if _filter_key(filter) not in present]
+        # Built before anything is written: an update the seed cannot take fails the batch here.
+        seeds = [apply_update(upsert_seed(operations[i][0]), operations[i][1]) for i in creating]
+        outcomes: list[str | StoreError] = ["updated"] * len(operations)
+        update_errors, inserted = await both(self._bulk_update([operations[i] for i in updating]),
+                                             self._insert_chunks(seeds))
+        for position, error in update_errors.items():
+            outcomes[updating[position]] = error
+        for index, result in zip(creating, inserted):
+            if not isinstance(result, DuplicateKeyError):
+                outcomes[index] = "created"
+                continue
+            # Created meanwhile by another writer (or a clash on another unique index): update it.
+            filter, update = operations[index]
+            found = await self.store.run(lambda: self._update_first(filter, update, _sort_spec(None), True))
+            outcomes[index] = "updated" if found is not None else result
+        return outcomes
+
+    async def _insert_chunks(self, bodies: list[Document]) -> list[Document | DuplicateKeyError]:
+        results: list[Document | DuplicateKeyError] = []
+        for chunk in _write_batches(bodies, [(body, None) for body in bodies]):
+            results.extend(await self.store.run(lambda: self._insert_many([body for body, _ in chunk])))
+        return results
+
+    async def _present_keys(self, filters: list[dict]) -> set[tuple]:
+        """The keys (:func:`_filter_key`) of ``filters`` that name an existing document: one query per
+        set of filter fields, ``$in`` on each field (a superset, matched exactly here)."""
+        by_fields: dict[tuple[str, ...], list[dict]] = {}
+        for filter in filters:
+            by_fields.setdefault(tuple(sorted(filter)), []).append(filter)
+        wanted = {_filter_key(filter) for filter in filters}
+        present: set[tuple] = set()
+        for fields, group in by_fields.items():
+            query = {field: {"$in": _distinct([f[field] for f in group])} for field in fields}
+            for doc in await self._coll.find(query, {field: 1 for field in fields} | {"_id": 0}):
+                key = _filter_key({field: doc.get(field) for field in fields})
+                if key in wanted:
+                    present.add(key)
+        return present
+
+    async def _bulk_update(self, operations: list[tuple[dict, Update]]) -> dict[int, StoreError]:
+        """Apply each update to its one document, unordered; return the failures by position."""
+        failures: dict[int, StoreError] = {}
+        offset = 0
+        for chunk in _write_batches([update for _, update in operations], operations):
+            requests = [UpdateOne(filter, _json_copy(update), upsert=False) for filter, update in chunk]
+            errors = await self.store.run(lambda: self._bulk_write(requests))
+            failures.update({offset + index: error for index, error in errors.items()})
+            offset += len(chunk)
+        return failures
+
+    async def _bulk_write(self, requests: list[UpdateOne]) -> dict[int, StoreError]:
+        try:
+            await self._coll.bulk_write(requests, ordered=False)
+        except BulkWriteError as exc:
+            failures: dict[int, StoreError] = {}
+            for error in exc.details.get("writeErrors", []):
+                if error.get("code") == _DUPLICATE_KEY:
+                    failures[error["index"]] = DuplicateKeyError(self.name, await self._clashing_fields(error, []))
+                else:
+                    failures[error["index"]] = StoreError(f"MongoDB error: {error.get('errmsg')}")
+            return failures
+        return {}
 
     async def delete_one(self, filter: Filter) -> int:
         query = _check_filter(filter)

@@ -35,6 +35,7 @@ from . import (
     Filter,
     Index,
     Sort,
+    StoreError,
     StoreUnavailable,
     Update,
     check_collection,
@@ -45,7 +46,7 @@ from .filters import check_filter
 from .projection import project
 from .sqlite_sql import compile_filter, compile_sort, field_expr
 from .sqlite_stats import IdAnchors, keep_counts, read_counts
-from .updates import apply_update, check_update, upsert_seed
+from .updates import apply_update, check_update, check_upserts, upsert_seed
 
 T = TypeVar("T")
 
@@ -563,6 +564,27 @@ class SQLiteCollection:
             return found
 
         return await self.store.write(self.name, run) if operations else []
+
+    async def upsert_each(self, operations: Sequence[tuple[Filter, Update]]) -> list[str | StoreError]:
+        checked = check_upserts(operations)
+
+        def run(conn) -> list[str | StoreError]:
+            outcomes: list[str | StoreError] = []
+            for filter, update in checked:
+                try:
+                    rows = self._select(conn, filter, None, 0, 1)
+                    if rows:
+                        self._update_rows(conn, rows, update)
+                        outcomes.append("updated")
+                    else:
+                        self._upsert(conn, filter, update)
+                        outcomes.append("created")
+                except DuplicateKeyError as exc:
+                    # Only the one statement failed (SQLite aborts a statement, not the transaction).
+                    outcomes.append(exc)
+            return outcomes
+
+        return await self.store.write(self.name, run)
 
     async def delete_one(self, filter: Filter) -> int:
         return await self._delete(filter, 1)

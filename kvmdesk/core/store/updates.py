@@ -86,3 +86,35 @@ def upsert_seed(filter: Filter) -> Document:
             continue
         seed[key] = copy.deepcopy(value)
     return seed
+
+
+def check_upserts(operations: Any) -> list[tuple[Filter, Update]]:
+    """Check the ``(filter, update)`` pairs of an ``upsert_each``; return them as a list.
+
+    Each filter names its document by plain top-level fields (``{"node": "n1", "hour": 3600}``): those
+    are the fields a new document is created with, and they let the MongoDB backend tell with one
+    query which documents exist.
+
+    :raises ValueError: no operations, or one that is not such a pair (the message names its index).
+    """
+    if isinstance(operations, (str, bytes, Mapping)) or not isinstance(operations, (list, tuple)):
+        raise ValueError("operations must be a list of (filter, update) pairs")
+    if not operations:
+        raise ValueError("operations is empty: a batch needs at least one (filter, update) pair")
+    checked = []
+    for index, operation in enumerate(operations):
+        try:
+            if not isinstance(operation, (list, tuple)) or len(operation) != 2:
+                raise ValueError("not a (filter, update) pair")
+            filter, update = operation
+            if not isinstance(filter, Mapping) or not filter:
+                raise ValueError("the filter must be a non-empty mapping")
+            for key, value in filter.items():
+                check_field(key)
+                if "." in key or key == "id" or isinstance(value, (Mapping, list, tuple)):
+                    raise ValueError(f"filter field {key!r} must be a top-level field (not id) with a plain value")
+            check_update(update)
+        except ValueError as exc:
+            raise ValueError(f"operations[{index}]: {exc}") from None
+        checked.append((filter, update))
+    return checked

@@ -77,13 +77,27 @@ async def read_hours(store: Any, node: str, hours: Iterable[int]) -> dict[int, C
     return found
 
 
-async def seal(store: Any, node: str, day: int, hours: Mapping[int, Columns]) -> None:
-    """Pack ``hours`` (all of ``day``) into the node's day document with one write, each merged with
-    what its slot already holds."""
-    existing = await read_hours(store, node, hours)
-    update = {slot_of(hour): pack(overlay(existing[hour], columns) if hour in existing else columns)
-              for hour, columns in hours.items()}
-    await store.collection(DAYS).update_one({"node": node, "day": day}, {"$set": update}, upsert=True)
+async def seal(store: Any, groups: Mapping[tuple[str, int], Mapping[int, Columns]]) -> list[Any]:
+    """Pack each ``(node, day) -> hours`` (all of that day) into the node's day document, each hour
+    merged with what its slot already holds: one read of the slots and one ``upsert_each`` for all.
+
+    :returns: per group, in order, the store's outcome (``"created"``, ``"updated"`` or the error).
+    """
+    nodes = sorted({node for node, _ in groups})
+    wanted_days = sorted({day for _, day in groups})
+    slots = sorted({slot_of(hour) for hours in groups.values() for hour in hours})
+    docs = await store.collection(DAYS).find({"node": {"$in": nodes}, "day": {"$in": wanted_days}},
+                                             projection=["node", "day", *slots])
+    by_key = {(doc["node"], doc["day"]): doc for doc in docs}
+    operations = []
+    for (node, day), hours in groups.items():
+        held = by_key.get((node, day), {})
+        update = {}
+        for hour, columns in hours.items():
+            text = held.get(slot_of(hour))
+            update[slot_of(hour)] = pack(overlay(unpack(text), columns) if text is not None else columns)
+        operations.append(({"node": node, "day": day}, {"$set": update}))
+    return await store.collection(DAYS).upsert_each(operations)
 
 
 async def expire(store: Any, last_hour: int, chunk: int) -> int:

@@ -5,7 +5,8 @@ minutes are flushed to the store every ``flush_interval``.  Storage of the hours
 document per node and hour in ``monitor_rollups``, ``{"node", "hour", "m": {"0".."59": point}}``,
 unique on ``(node, hour)``:
 
-- a flush is one upsert per node (its new minutes ``$set`` into the hour's document);
+- a flush is one batch of upserts (``upsert_each``), one per node (its new minutes ``$set`` into the
+  hour's document);
 - once an hour is over and none of its minutes is left in memory, :meth:`Rollups.seal` (after each
   flush) packs it into the node's day document (:mod:`.days`) and deletes the hour document: 24 hours
   of one node are then two day documents and the current hour's, not 25 documents of 60 nested points;
@@ -27,17 +28,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import attrs
-from twisted.internet import defer
 
 from kvmdesk.core.store import Index, Store
+from kvmdesk.core.together import both
 from kvmdesk.plugins.monitoring import days
 from kvmdesk.plugins.monitoring.columns import Columns, HourCache, hour_columns, join, put_point
 from kvmdesk.plugins.monitoring.samples import Sample
 
 ROLLUPS = "monitor_rollups"
-#: Hour documents written at once by a flush: a MongoDB server works on several; SQLite's one writer
-#: takes them in turn anyway.
-FLUSH_CONCURRENCY = 16
+#: Hour documents a flush writes with one ``upsert_each`` (one round trip: MongoDB servers charge tens of
+#: milliseconds a request; SQLite commits once).  A batch is the bound on one SQLite write transaction.
+FLUSH_BATCH = 1000
 #: Node-hours the hour cache keeps by default (a day of 100 nodes).
 DEFAULT_CACHE_HOURS = 2400
 #: ``(hour, node)`` serves both reads: expiry (hours up to a cutoff, its prefix) and history (a node's
@@ -140,27 +141,30 @@ class Rollups:
         for (node, minute), sums in list(self.pending.items()):
             if limit is None or minute < limit:
                 grouped.setdefault((node, hour_of(minute)), {})[str((minute % 3600) // 60)] = (minute, sums)
-        semaphore = defer.DeferredSemaphore(FLUSH_CONCURRENCY)
-
-        async def write(node: str, hour: int, minutes: dict[str, Any]) -> int:
-            update = {f"m.{slot}": sums.point() for slot, (_, sums) in minutes.items()}
+        written = 0
+        failures: list[BaseException] = []
+        items = list(grouped.items())
+        for start in range(0, len(items), FLUSH_BATCH):
+            batch = items[start:start + FLUSH_BATCH]
+            operations = [({"node": node, "hour": hour},
+                           {"$set": {f"m.{slot}": sums.point() for slot, (_, sums) in minutes.items()}})
+                          for (node, hour), minutes in batch]
             self.writes += 1
-            await self.collection.update_one({"node": node, "hour": hour}, {"$set": update}, upsert=True)
-            self.writes += 1
-            self.cache.drop(node, hour)
-            for minute, _ in minutes.values():
-                self.pending.pop((node, minute), None)
-            return len(minutes)
-
-        results = await defer.DeferredList(
-            [semaphore.run(lambda k=key, m=minutes: defer.ensureDeferred(write(k[0], k[1], m)))
-             for key, minutes in grouped.items()],
-            consumeErrors=True,
-        )
-        for ok, value in results:
-            if not ok:
-                value.raiseException()  # the others are written; the failed ones stay pending
-        return sum(value for _, value in results)
+            try:
+                outcomes = await self.collection.upsert_each(operations)
+            finally:
+                self.writes += 1
+            for ((node, hour), minutes), outcome in zip(batch, outcomes):
+                self.cache.drop(node, hour)
+                if isinstance(outcome, BaseException):
+                    failures.append(outcome)  # its minutes stay pending for the next flush
+                    continue
+                for minute, _ in minutes.values():
+                    self.pending.pop((node, minute), None)
+                written += len(minutes)
+        if failures:
+            raise failures[0]  # the others are written; the failed ones stay pending
+        return written
 
     async def columns(self, node_uuid: str, first: int, count: int, now: float) -> Columns:
         """The node's minute columns for ``count`` minutes from ``first``: sealed hours and hour
@@ -178,7 +182,7 @@ class Rollups:
                 known[hour] = columns
         missing = [hour for hour in hours if hour not in known]
         if missing:
-            sealed, docs = await _both(
+            sealed, docs = await both(
                 days.read_hours(self.store, node_uuid, [hour for hour in missing if hour + 3600 <= now]),
                 # The hours by name, not as a range: both backends answer equality through an index,
                 # where briskdb scanned a range of hours past its command deadline.
@@ -216,22 +220,18 @@ class Rollups:
                 if (doc["node"], doc["hour"]) not in unsettled and doc["hour"] > self.expired_through:
                     groups.setdefault((doc["node"], days.day_of(doc["hour"])), []).append(doc)
             self.writes += 1
-            semaphore = defer.DeferredSemaphore(FLUSH_CONCURRENCY)
-            results = await defer.DeferredList(
-                [semaphore.run(lambda k=key, g=group: defer.ensureDeferred(days.seal(
-                    self.store, k[0], k[1], {d["hour"]: hour_columns(d.get("m") or {}) for d in g})))
-                 for key, group in groups.items()],
-                consumeErrors=True,
-            )
+            outcomes = await days.seal(self.store, {key: {d["hour"]: hour_columns(d.get("m") or {}) for d in group}
+                                                    for key, group in groups.items()}) if groups else []
             # A failed seal leaves its hour documents (read as before, sealed by a later round).
-            done = [doc["id"] for group, (ok, _) in zip(groups.values(), results) if ok for doc in group]
+            done = [doc["id"] for group, outcome in zip(groups.values(), outcomes)
+                    if not isinstance(outcome, BaseException) for doc in group]
             if done:
                 await self.collection.delete_many({"id": {"$in": done}})
                 sealed += len(done)
             self.writes += 1  # a read between the day's write and the hour's delete may have missed both
-            for ok, value in results:
-                if not ok:
-                    value.raiseException()
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             if len(docs) < chunk:
                 return sealed
             after = docs[-1]["id"]
@@ -253,13 +253,3 @@ class Rollups:
             deleted += await self.collection.delete_many({"id": {"$in": [r["id"] for r in rows]}})
             if len(rows) < chunk:
                 return deleted
-
-
-async def _both(first: Any, second: Any) -> tuple[Any, Any]:
-    """Await two coroutines at once (two store reads: one round trip's wait); the first error is raised."""
-    try:
-        a, b = await defer.gatherResults([defer.ensureDeferred(first), defer.ensureDeferred(second)],
-                                         consumeErrors=True)
-    except defer.FirstError as failure:
-        failure.subFailure.raiseException()
-    return a, b

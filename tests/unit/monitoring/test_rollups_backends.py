@@ -132,3 +132,29 @@ async def test_finished_hours_are_sealed_into_day_documents_merged_and_expired(s
     assert [d["day"] for d in await store.collection(days.DAYS).find({})] == [day + 86400]
     assert await days.read_hours(store, "n1", [day + 86400]) == {}
     assert series(await rollups.columns("n1", day + 23 * 3600, 120, now), 120, 1)["cpu_util"] == [None] * 120
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_is_one_batch_and_a_refused_hour_keeps_its_minutes_pending(store):
+    """The store refuses one node's hour document (a unique index on minute 0's cpu, so the second node
+    with the same value clashes): the others are written and leave memory, the refused one stays."""
+    from kvmdesk.core.store import DuplicateKeyError, Index
+
+    await store.ensure_indexes([Index("monitor_rollups", ("m.0.c",), unique=True)])
+    rollups = Rollups(store)
+    for node, cpu in (("n1", 10.0), ("n2", 10.0), ("n3", 30.0)):
+        rollups.add(node, sample(HOUR + 5, cpu))
+    calls = []
+    original = store.collection("monitor_rollups").upsert_each
+
+    async def counted(operations):
+        calls.append(len(operations))
+        return await original(operations)
+
+    store.collection("monitor_rollups").upsert_each = counted
+    with pytest.raises(DuplicateKeyError):
+        await rollups.flush()
+    assert calls == [3]  # one round trip for the three nodes
+    assert [node for node, _ in rollups.pending] == ["n2"]
+    written = await store.collection("monitor_rollups").find({}, sort=[("node", 1)])
+    assert [(d["node"], d["m"]["0"]["c"]) for d in written] == [("n1", 10.0), ("n3", 30.0)]
