@@ -138,10 +138,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                 started_s, started_cpu = wall3 - wall2, cpu3 - cpu2
                 (shown,) = (await ok(api, "GET", "/education/desktop"))["results"]
                 clones = "linked clones" if args.kvm else "desktops"
+                # the rate targets are for the test driver; a real node's starts are bounded by its admission limit
+                create_target, start_target = ("", "") if args.kvm else (" (targets: >= 10/s, group < 60 s)", " (target >= 10/s)")
                 print(f"desktops: {args.desktops} over {len(ips)} agents ({driver}), {shown['active_count']} running")
-                print(f"created in {created_s:.1f} s: {args.desktops / created_s:.1f} {clones}/s "
-                      f"(targets: >= 10/s, group < 60 s); controller CPU {100 * created_cpu / created_s:.0f}% of one core")
-                print(f"started in {started_s:.1f} s: {args.desktops / started_s:.1f} {clones}/s (target >= 10/s); "
+                print(f"created in {created_s:.1f} s: {args.desktops / created_s:.1f} {clones}/s"
+                      f"{create_target}; controller CPU {100 * created_cpu / created_s:.0f}% of one core")
+                print(f"started in {started_s:.1f} s: {args.desktops / started_s:.1f} {clones}/s{start_target}; "
                       f"controller CPU {100 * started_cpu / started_s:.0f}% of one core")
                 figures = core.extensions["start_admission"].figures()
                 nodes = {n["uuid"]: n["ip"] for n in await core.store.collection("nodes").find({})}
