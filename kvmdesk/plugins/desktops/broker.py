@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
+from kvmdesk.core.periodic import PeriodicService
 from kvmdesk.plugins.desktops import power, schema
 from kvmdesk.plugins.desktops.domain_ops import restores
 from kvmdesk.plugins.desktops.group_commit import GroupCommit
@@ -236,14 +236,12 @@ def desktop_view(desktop: dict) -> dict:
 
 
 @attrs.define(eq=False)
-class IdleReleaser(Service):
+class IdleReleaser(PeriodicService):
     """Every ``interval`` seconds: ends the portal sessions idle for ``[desktops.portal] idle_timeout``
     (or expired) and frees the desktops they held.  A failed round is logged; the next one runs."""
 
-    core: Any
-    interval: float = 60.0
-    current_round: Optional[defer.Deferred] = None
-    _loop: Optional[task.LoopingCall] = None
+    what = "an idle-session round"
+    at_start = False
 
     async def sweep(self) -> int:
         auth, broker = self.core.extensions[AUTH], self.core.extensions[EXTENSION]
@@ -251,39 +249,9 @@ class IdleReleaser(Service):
         for session in await auth.ended_sessions():
             await auth.end(session)
             freed += await broker.release({"holder_session": session})
+        if freed:
+            log.info("freed {count} desktops of idle desktop users", count=freed)
         return freed
-
-    async def _round(self) -> None:
-        try:
-            freed = await self.sweep()
-            if freed:
-                log.info("freed {count} desktops of idle desktop users", count=freed)
-        except Exception:
-            log.failure("an idle-session round failed")
-
-    def _tick(self) -> None:
-        if self.current_round is None:
-            self.current_round = defer.ensureDeferred(self._round())
-            self.current_round.addBoth(self._done)
-
-    def _done(self, _: Any) -> None:
-        self.current_round = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.core.clock
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self.current_round is None:
-            return defer.succeed(None)
-        finished: defer.Deferred = defer.Deferred()
-        self.current_round.addBoth(lambda result: (finished.callback(None), result)[1])
-        return finished
 
 
 EXTENSION = "desktops.broker"

@@ -8,15 +8,14 @@ operation of this controller are left alone.  What was found is kept in :attr:`d
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
+from kvmdesk.core.periodic import PeriodicService
 from kvmdesk.plugins.desktops import power, schema
 from kvmdesk.plugins.desktops.domain_ops import STATES, DomainOps
 
@@ -26,12 +25,10 @@ MISSING = "the desktop's domain is missing on its node"
 
 
 @attrs.define(eq=False)
-class DesktopReconciler(Service):
-    core: Any
-    interval: float = 60.0
+class DesktopReconciler(PeriodicService):
+    what = "a desktop reconcile round"
+
     drift: dict[str, list[dict]] = attrs.field(factory=dict)
-    _loop: Optional[task.LoopingCall] = None
-    current_round: Optional[defer.Deferred] = None
 
     async def reconcile_node(self, node: Mapping[str, Any]) -> list[dict]:
         """One node: findings ``{"kind", "desktop", "detail"}``; the store is corrected on the way."""
@@ -75,35 +72,3 @@ class DesktopReconciler(Service):
                 {"state": {"$in": list(power.USABLE_STATES)}}, sort=[("id", 1)]):
             if node.get("agent_secret"):
                 await self.reconcile_node(node)
-
-    async def _round(self) -> None:
-        try:
-            await self.sweep()
-        except Exception:
-            log.failure("a desktop reconcile round failed")
-
-    def _tick(self) -> Optional[defer.Deferred]:
-        if self.current_round is not None:
-            return None  # the previous round is still running
-        self.current_round = defer.ensureDeferred(self._round())
-        self.current_round.addBoth(self._done)
-        return None
-
-    def _done(self, _: Any) -> None:
-        self.current_round = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.core.clock
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self.current_round is None:
-            return defer.succeed(None)
-        finished: defer.Deferred = defer.Deferred()
-        self.current_round.addBoth(lambda result: (finished.callback(None), result)[1])
-        return finished

@@ -11,14 +11,14 @@ itself is brought in step here:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.periodic import PeriodicService
 from kvmdesk.plugins.network import agents, dataplane, schema, switches
 from kvmdesk.plugins.network import errors as net_errors
 from kvmdesk.plugins.network.nics import EXTENSION as NICS_EXTENSION
@@ -31,20 +31,16 @@ DEFAULTS = {"network": {"sync_interval": 30.0}}
 
 
 @attrs.define(eq=False)
-class NodeSync(Service):
+class NodeSync(PeriodicService):
     """Runs one catch-up per node at a time; ``stopService`` waits for those in progress.
 
     :param core: the running core (its ``clock`` drives the sweep).
     :param interval: seconds between sweeps.
     """
 
-    core: Any
-    interval: float = 30.0
+    what = "a network sync sweep"
+
     running_syncs: dict = attrs.field(factory=dict)
-    _loop: Optional[task.LoopingCall] = None
-    current_round: Optional[defer.Deferred] = None
-    #: Sweeps finished since start (a round can finish before the call that started it returns).
-    rounds: int = 0
 
     def node_changed(self, node: Mapping[str, Any], old: Any, new: str) -> None:
         """Called by the hook: a node that became reachable is brought in step (in the background)."""
@@ -111,35 +107,9 @@ class NodeSync(Service):
             self.bring_in_step(node)
         await self.settled()
 
-    def _round(self) -> defer.Deferred:
-        # a failed round is logged and the loop goes on (a LoopingCall stops at its first failure)
-        d = defer.ensureDeferred(self.sweep())
-        d.addErrback(lambda failure: log.failure("network sync sweep failed", failure))
-        d.addBoth(self._round_finished)
-        if not d.called:
-            self.current_round = d
-        return d
-
-    def _round_finished(self, result: Any) -> None:
-        self.current_round = None
-        self.rounds += 1
-
     def settled(self) -> defer.Deferred:
         """Fires once every catch-up in progress has finished."""
         return defer.gatherResults(list(self.running_syncs.values()), consumeErrors=True)
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self._round)
-        self._loop.clock = self.core.clock
-        self._loop.start(self.interval, now=True)
-
     def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        waiting = [self.settled()]
-        if self.current_round is not None:
-            waiting.append(self.current_round)
-        return defer.gatherResults(waiting, consumeErrors=True)
+        return defer.gatherResults([super().stopService(), self.settled()], consumeErrors=True)

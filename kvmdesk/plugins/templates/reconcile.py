@@ -10,14 +10,13 @@ What was found is kept in :attr:`TemplateReconciler.drift` (node uuid -> list of
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import attrs
-from twisted.application.service import Service
-from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.periodic import PeriodicService
 from kvmdesk.plugins.templates import leftovers, nodes, publish, schema
 from kvmdesk.plugins.templates.service import STATES, domain_name, templates
 
@@ -26,12 +25,10 @@ EXTENSION = "templates.reconciler"
 
 
 @attrs.define(eq=False)
-class TemplateReconciler(Service):
-    core: Any
-    interval: float = 60.0
+class TemplateReconciler(PeriodicService):
+    what = "a template reconcile round"
+
     drift: dict[str, list[dict]] = attrs.field(factory=dict)
-    _loop: Optional[task.LoopingCall] = None
-    current_round: Optional[defer.Deferred] = None
 
     async def reconcile_node(self, node: Mapping[str, Any]) -> list[dict]:
         """One node: findings ``{"kind", "template", "detail"}``; the store is corrected on the way."""
@@ -119,27 +116,3 @@ class TemplateReconciler(Service):
                 {"state": {"$in": list(nodes.USABLE_STATES)}}, sort=[("id", 1)]):
             if node.get("agent_secret"):
                 await self.reconcile_node(node)
-
-    def _round(self) -> defer.Deferred:
-        d = defer.ensureDeferred(self.sweep())
-        d.addErrback(lambda failure: log.failure("template reconcile round failed", failure))
-        d.addBoth(self._round_finished)
-        if not d.called:
-            self.current_round = d
-        return d
-
-    def _round_finished(self, _: Any) -> None:
-        self.current_round = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self._round)
-        self._loop.clock = self.core.clock
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return self.current_round if self.current_round is not None else defer.succeed(None)

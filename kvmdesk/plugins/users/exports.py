@@ -16,16 +16,16 @@ import re
 import secrets
 import unicodedata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote, urlencode
 
-from twisted.application import service
+import attrs
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from kvmdesk.api.router import API_PREFIX, Action, ApiRequest, Router
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.periodic import PeriodicService
 from kvmdesk.core.records import format_time
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.users import codes, sheet_jobs
@@ -205,44 +205,17 @@ def register_routes(router: Router) -> None:
         return content
 
 
-class ExportSweeper(service.Service):
+@attrs.define(eq=False)
+class ExportSweeper(PeriodicService):
     """Deletes expired export files every ``interval`` seconds; a failed round is logged, not fatal.
 
     :param core: its clock drives the loop (tests advance a ``Clock``); ``stopService`` waits for the
         round in progress.
     """
 
+    what = "deleting expired user exports"
+    at_start = False
     name = "users-export-sweeper"
 
-    def __init__(self, core: Any, interval: float):
-        self.core = core
-        self.interval = interval
-        self._loop: Optional[LoopingCall] = None
-        self._round: Optional[defer.Deferred] = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._run)
-        self._loop.clock = self.core.clock
-        self._loop.start(self.interval, now=False)
-
-    def _run(self) -> defer.Deferred:
-        self._round = defer.ensureDeferred(self._sweep())
-        return self._round
-
-    async def _sweep(self) -> None:
-        try:
-            await exports_of(self.core).sweep(self.core)
-        except Exception:
-            log.failure("could not delete expired user exports")
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        current, self._round = self._round, None
-        if current is None or current.called:
-            return defer.succeed(None)
-        finished: defer.Deferred = defer.Deferred()
-        current.addBoth(lambda result: (finished.callback(None), result)[1])
-        return finished
+    async def sweep(self) -> None:
+        await exports_of(self.core).sweep(self.core)

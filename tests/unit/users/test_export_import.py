@@ -123,7 +123,8 @@ async def test_expired_exports_are_deleted(api, clock):
         clock.advance(60)
         assert len(export_files(api)) == 1  # not expired yet
         clock.advance(600)  # the round runs the deletion in a thread: wait for it
-        await sweeper._round
+        assert sweeper.current_round is not None  # the deleting round is in flight
+        await sweeper.current_round
         assert export_files(api) == []
     finally:
         await sweeper.stopService()
