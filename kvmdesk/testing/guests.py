@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -177,3 +178,28 @@ async def guest_template(api: Any, pool: str, image_uuid: str, name: str, *, cla
     created.append(template)
     await ok("POST", "/education/template", {"action": "save", "param": {"name": template["name"], "uuid": template["uuid"]}})
     return network, subnet, template
+
+
+def tiny_domain_xml(name: str, disk: Path, *, vnc_password: str = "", user_nic: bool = False) -> str:
+    """libvirt XML of a 64 MiB, one-vCPU domain booting the qcow2 ``disk``, with VNC on 127.0.0.1 (with
+    ``vnc_password`` if given) and, with ``user_nic``, a user-mode NIC (no bridge on the host); KVM
+    where /dev/kvm is usable, else QEMU's emulation."""
+    kvm = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    nic = "\n    <interface type='user'><model type='virtio'/></interface>" if user_nic else ""
+    password = f" passwd='{vnc_password}'" if vnc_password else ""
+    video = "\n    <video><model type='vga'/></video>" if vnc_password else ""
+    return f"""<domain type='{"kvm" if kvm else "qemu"}'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>{nic}
+    <graphics type='vnc' listen='127.0.0.1' port='-1' autoport='yes'{password}/>{video}
+  </devices>
+</domain>
+"""

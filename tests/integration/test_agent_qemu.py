@@ -1,9 +1,7 @@
 """The agent against a real libvirtd + QEMU: a tiny domain defined, started, reported, stopped, undefined."""
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -12,28 +10,9 @@ from twisted.internet import defer, reactor
 from kvmdesk import hookimpl
 from kvmdesk.core.plugins import make_plugin_manager
 from kvmdesk.testing.agents import AGENT_PASSWORD, free_port, nodes_controller, running_agent
+from kvmdesk.testing.guests import tiny_domain_xml
 
 pytestmark = pytest.mark.integration
-
-
-def tiny_domain(name: str, disk: Path) -> str:
-    kvm = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    return f"""<domain type='{"kvm" if kvm else "qemu"}'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <interface type='user'><model type='virtio'/></interface>
-    <graphics type='vnc' listen='127.0.0.1' port='-1' autoport='yes'/>
-  </devices>
-</domain>
-"""
 
 
 class Events:
@@ -80,7 +59,7 @@ async def test_a_tiny_domain_through_the_agent_and_the_event_path(libvirtd, imag
         assert body["data"]["demo_hypervisor"] is False
         node = await api.core.store.collection("nodes").find_one({"uuid": body["data"]["uuid"]})
         agents = api.core.extensions["agents"]
-        defined = await agents.call(node, "POST", "/domains", {"xml": tiny_domain(name, disk)})
+        defined = await agents.call(node, "POST", "/domains", {"xml": tiny_domain_xml(name, disk, user_nic=True)})
         try:
             assert defined["state"] == "shutoff"
             await events.wait(name, "defined")

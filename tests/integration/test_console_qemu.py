@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from kvmdesk.core import console
 from kvmdesk.testing.agents import added_node, free_port, nodes_controller, running_agent
+from kvmdesk.testing.guests import tiny_domain_xml
 from kvmdesk.testing.vnc import Viewer
 
 pytestmark = pytest.mark.integration
@@ -25,26 +26,6 @@ VNC_PASSWORD = "s3cr3t!v"  # QEMU takes at most 8 characters
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage")
-
-
-def vnc_domain(name: str, disk: Path) -> str:
-    kvm = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    return f"""<domain type='{"kvm" if kvm else "qemu"}'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <graphics type='vnc' listen='127.0.0.1' port='-1' autoport='yes' passwd='{VNC_PASSWORD}'/>
-    <video><model type='vga'/></video>
-  </devices>
-</domain>
-"""
 
 
 class Running:
@@ -73,7 +54,7 @@ async def qemu_domain(libvirtd: str, image_dir: Path, tmp_path: Path) -> AsyncIt
             nodes_controller(tmp_path / "controller", port) as api:
         node = await added_node(api, "127.0.0.2")
         agents = api.core.extensions["agents"]
-        defined = await agents.call(node, "POST", "/domains", {"xml": vnc_domain(name, disk)})
+        defined = await agents.call(node, "POST", "/domains", {"xml": tiny_domain_xml(name, disk, vnc_password=VNC_PASSWORD)})
         try:
             await agents.call(node, "POST", f"/domains/{name}", {"action": "start"})
             yield Running(api, node, name, defined["uuid"])

@@ -132,7 +132,8 @@ async def usable_group(req: ApiRequest, uuid: str, *, starting: bool = False) ->
     return group
 
 
-def _refs(req: ApiRequest) -> list[dict]:
+def group_refs(req: ApiRequest) -> list[dict]:
+    """The request's ``desktops`` references, each once, and the oplog's detail (the first ten names)."""
     refs = list({d.uuid: {"uuid": d.uuid, "name": d.name} for d in req.body.desktops}.values())
     req.oplog_detail = ", ".join(r["name"] or r["uuid"] for r in refs[:10])
     return refs
@@ -144,7 +145,7 @@ def power_action(operation: str) -> Any:
             group = await usable_group(req, ref["uuid"], starting=operation in ("start", "reboot"))
             await on_every_desktop(req.core, group, operation, req.lang)
 
-        return await req.core.jobs.run_items(req, f"desktop_groups.{operation}", _refs(req), one,
+        return await req.core.jobs.run_items(req, f"desktop_groups.{operation}", group_refs(req), one,
                                              concurrency=GROUPS_AT_ONCE)
 
     handler.__name__ = f"{operation}_groups"
@@ -162,7 +163,7 @@ def activation(active: bool) -> Any:
                 await req.core.updated(schema.DESKTOP_GROUP_KIND, updated, changes)
 
         return await req.core.jobs.run_items(req, "desktop_groups.active" if active else "desktop_groups.inactive",
-                                             _refs(req), one)
+                                             group_refs(req), one)
 
     return handler
 
@@ -177,7 +178,7 @@ async def delete(req: ApiRequest) -> dict:
             await req.core.scheduler.cancel(key)  # its timetable
         await req.core.deleted(schema.DESKTOP_GROUP_KIND, group)
 
-    return await req.core.jobs.run_items(req, "desktop_groups.delete", _refs(req), one, concurrency=GROUPS_AT_ONCE)
+    return await req.core.jobs.run_items(req, "desktop_groups.delete", group_refs(req), one, concurrency=GROUPS_AT_ONCE)
 
 
 async def edit(req: ApiRequest) -> dict:

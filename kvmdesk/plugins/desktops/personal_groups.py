@@ -24,7 +24,7 @@ from kvmdesk.core.store import DuplicateKeyError
 from kvmdesk.plugins.desktops import codes as teaching_codes
 from kvmdesk.plugins.desktops import creation, personal_codes as codes, planner, provisioning, schema
 from kvmdesk.plugins.desktops.broker import EXTENSION as BROKER
-from kvmdesk.plugins.desktops.desktop_groups import check_subnet, devices_of, on_every_desktop, redefine_all
+from kvmdesk.plugins.desktops.desktop_groups import check_subnet, devices_of, group_refs, on_every_desktop, redefine_all
 from kvmdesk.plugins.desktops.domain_ops import restores
 from kvmdesk.plugins.desktops.lookups import names_of, record_or_404
 from kvmdesk.plugins.desktops.models import DesktopGroupEdit
@@ -179,19 +179,13 @@ async def create(req: ApiRequest) -> dict:
     return (await with_counts(core, [record]))[0]
 
 
-def _refs(req: ApiRequest) -> list[dict]:
-    refs = list({d.uuid: {"uuid": d.uuid, "name": d.name} for d in req.body.desktops}.values())
-    req.oplog_detail = ", ".join(r["name"] or r["uuid"] for r in refs[:10])
-    return refs
-
-
 def power_action(operation: str) -> Any:
     async def handler(req: ApiRequest) -> dict:
         async def one(ref: dict) -> None:
             group = await personal_group(req.core, ref["uuid"], name=ref["name"])
             await on_every_desktop(req.core, group, operation, req.lang)
 
-        return await run_batch(req, _refs(req), one)
+        return await run_batch(req, group_refs(req), one)
 
     handler.__name__ = f"{operation}_personal_groups"
     return handler
@@ -208,7 +202,7 @@ async def delete(req: ApiRequest) -> dict:
         await core.store.collection(PERSONAL_GROUPS).delete_one({"uuid": group["uuid"]})
 
     try:
-        return await run_batch(req, _refs(req), one)
+        return await run_batch(req, group_refs(req), one)
     finally:
         core.extensions[BROKER].forget()
 
@@ -243,7 +237,7 @@ def set_maintenance(on: bool) -> Any:
                 raise ApiError(errors.NOT_FOUND, resource=codes.PERSONAL_GROUP, key=ref["name"] or ref["uuid"])
 
         try:
-            return await run_batch(req, _refs(req), one)
+            return await run_batch(req, group_refs(req), one)
         finally:
             req.core.extensions[BROKER].forget()
 

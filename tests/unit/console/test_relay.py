@@ -157,22 +157,28 @@ async def test_a_domain_that_stops_closes_its_consoles_and_revokes_its_tokens(tm
         assert await bystander.read(9) == bytes([PING]) + b"bystand!"
 
 
+def first_pause(consoles) -> defer.Deferred:
+    """Fires when the relay first pauses reading the tunnel of the one console in ``consoles``."""
+    (server_side,) = consoles
+    paused: defer.Deferred = defer.Deferred()
+    pause = server_side.watch.pauseProducing
+
+    def observed_pause() -> None:
+        pause()
+        if not paused.called:
+            paused.callback(None)
+
+    server_side.watch.pauseProducing = observed_pause
+    return paused
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_viewer_that_stops_reading_is_closed_after_the_stall_timeout(tmp_path):
     async with setup(tmp_path) as s:
         uuid = await s.domain("vm-1")
         viewer = await Viewer.connect(s.url(await s.token(uuid)))
         await viewer.handshake()
-        (server_side,) = s.relay.consoles[(s.node["uuid"], uuid)]
-        paused: defer.Deferred = defer.Deferred()
-        pause = server_side.watch.pauseProducing
-
-        def observed_pause() -> None:
-            pause()
-            if not paused.called:
-                paused.callback(None)
-
-        server_side.watch.pauseProducing = observed_pause
+        paused = first_pause(s.relay.consoles[(s.node["uuid"], uuid)])
         viewer.protocol.transport.pauseProducing()  # the viewer stops reading
         viewer.write(bytes([BULK]) + (256 << 20).to_bytes(4, "big"))
         await paused
@@ -198,16 +204,7 @@ async def test_bulk_bytes_arrive_whole_and_in_order_through_a_pause_and_resume(t
         uuid = await s.domain("vm-1")
         viewer = await Viewer.connect(s.url(await s.token(uuid)))
         await viewer.handshake()
-        (server_side,) = s.relay.consoles[(s.node["uuid"], uuid)]
-        paused: defer.Deferred = defer.Deferred()
-        pause = server_side.watch.pauseProducing
-
-        def observed_pause() -> None:
-            pause()
-            if not paused.called:
-                paused.callback(None)
-
-        server_side.watch.pauseProducing = observed_pause
+        paused = first_pause(s.relay.consoles[(s.node["uuid"], uuid)])
         size = (32 << 20) + 12345  # not a multiple of anything on the way
         viewer.protocol.transport.pauseProducing()
         viewer.write(bytes([BULK]) + size.to_bytes(4, "big"))
