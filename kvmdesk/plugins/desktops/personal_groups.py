@@ -185,7 +185,7 @@ def power_action(operation: str) -> Any:
             group = await personal_group(req.core, ref["uuid"], name=ref["name"])
             await on_every_desktop(req.core, group, operation, req.lang)
 
-        return await run_batch(req, group_refs(req), one)
+        return await req.core.jobs.run_items(req, f"personal_groups.{operation}", group_refs(req), one)
 
     handler.__name__ = f"{operation}_personal_groups"
     return handler
@@ -202,7 +202,7 @@ async def delete(req: ApiRequest) -> dict:
         await core.store.collection(PERSONAL_GROUPS).delete_one({"uuid": group["uuid"]})
 
     try:
-        return await run_batch(req, group_refs(req), one)
+        return await req.core.jobs.run_items(req, "personal_groups.delete", group_refs(req), one)
     finally:
         core.extensions[BROKER].forget()
 

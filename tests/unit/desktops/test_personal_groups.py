@@ -106,6 +106,8 @@ async def test_group_batches_edit_query_and_delete(api):
     both = {"desktops": [{"uuid": on_down["uuid"], "name": "pg-down"}, {"uuid": "missing", "name": "ghost"}]}
     started = ok(*await api.call("POST", GROUPS, {"action": "start", "param": both}))
     assert started["success_num"] == 0 and [f["code"] for f in started["failures"]] == [6045, errors.NOT_FOUND.code]
+    job = ok(*await api.call("GET", f"/jobs/{started['job_id']}"))  # a batch that touches nodes is a job
+    assert (job["kind"], job["state"], len(job["items"])) == ("personal_groups.start", "failed", 2)
     body = failed(*await api.call("POST", GROUPS, {"action": "stop", "param": {"desktops": both["desktops"][:1]}}, headers=EN),
                   502, 6045, "2 of 2")
     assert {f["code"] for f in body["data"]["failures"]} == {6048}
@@ -121,7 +123,9 @@ async def test_group_batches_edit_query_and_delete(api):
     failed(*await api.call("DELETE", "/personal/group", {"groups": [{"uuid": users_group["uuid"]}]}, headers=EN), 409,
            errors.IN_USE.code, "used by personal desktop groups renamed")
     deleted = ok(*await api.call("DELETE", GROUPS, {"desktops": [{"uuid": nodeless["uuid"], "name": "renamed"}]}))
-    assert deleted == {"success_num": 1, "failed_num": 0, "failures": []}
+    assert {k: v for k, v in deleted.items() if k != "job_id"} == {"success_num": 1, "failed_num": 0, "failures": []}
+    job = ok(*await api.call("GET", f"/jobs/{deleted['job_id']}"))
+    assert (job["kind"], job["state"], job["progress"]) == ("personal_groups.delete", "succeeded", 100)
     assert await api.core.store.collection("desktops").count({"desktop_uuid": nodeless["uuid"]}) == 0
     assert await api.core.store.collection("random_bindings").count({}) == 0
     assert await api.core.usage("user_group", users_group["uuid"]) is None
