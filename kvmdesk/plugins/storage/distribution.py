@@ -9,7 +9,7 @@ One transfer record (collection ``image_transfers``) per image and node says how
   share the chunks they read (:class:`SharedReads`), so the file is read about once, not once per node;
 - asks the agent first what it already has, so an interrupted transfer resumes where it stopped and a
   node that already holds the verified file is not sent it again (the agent checks the MD5 of the
-  whole file before the file appears under its name);
+  whole file, sent as the digest ``md5:<hex>``, before the file appears under its name);
 - retries a failed transfer after ``retry_initial`` seconds, doubling up to ``retry_max`` (on the
   injected clock), and at once when the node comes back online;
 - reconciles every ``reconcile_interval`` seconds and at start: every node of a pool gets a record
@@ -378,10 +378,10 @@ class Distributor(Service):
 
     async def _transfer(self, record: dict, node: Mapping[str, Any]) -> None:
         path = agent_path(record)
-        size, md5 = record["size_bytes"], record["md5"]
-        state = await self.link.call(node, "GET", path, params={"role": record["role"], "md5": md5})
+        size, digest = record["size_bytes"], protocol.digest_of("md5", record["md5"])
+        state = await self.link.call(node, "GET", path, params={"role": record["role"], "digest": digest})
         force = bool(record.get("force"))
-        if not force and state.get("exists") and state.get("md5") == md5 and state.get("size") == size:
+        if not force and state.get("exists") and state.get("digest") == digest and state.get("size") == size:
             await self._completed(record, state.get("path"))
             return
         offset = 0 if force else min(int(state.get("partial") or 0), size)
@@ -406,7 +406,8 @@ class Distributor(Service):
         producer = self.producer_factory(source, offset, size - offset, on_progress=progress.sent,
                                          chunk_size=self.chunk_size, reactor=self.core.reactor,
                                          direct=self.direct_io, shared=self.shared_reads)
-        params = {"role": record["role"], "offset": offset, "total": size, "md5": record["md5"]}
+        params = {"role": record["role"], "offset": offset, "total": size,
+                  "digest": protocol.digest_of("md5", record["md5"])}
         if record.get("version") is not None:
             params["version"] = record["version"]
         sending = self.link.send(node, "PUT", agent_path(record), producer, params=params)

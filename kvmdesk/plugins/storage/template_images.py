@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 
-from kvmdesk.protocol.storage import md5_file
+from kvmdesk.protocol.storage import hash_file
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors as core_errors
@@ -85,7 +85,7 @@ async def publish_template_image(
     reactor = core.reactor
     size = source.stat().st_size
     if md5 is None:
-        md5 = (await in_reactor_pool(reactor, md5_file, source)).hexdigest()
+        md5 = (await in_reactor_pool(reactor, hash_file, source, "md5")).hexdigest()
     images = core.store.collection(TEMPLATE_IMAGES)
     fields = dict(template_uuid=template_uuid, template_name=template_name, resource_pool_uuid=pool_uuid,
                   image_id=image_id, file_id=image_id, role=int(role), version=int(version), source=str(source),

@@ -387,14 +387,14 @@ class FakeLink:
 
     def call(self, node, method, path, *, json=None, params=None):
         if method == "GET":
-            return defer.succeed({"exists": False, "size": 0, "md5": None, "partial": 0, "path": "/n/" + path})
+            return defer.succeed({"exists": False, "size": 0, "digest": None, "partial": 0, "path": "/n/" + path})
         return defer.succeed({"removed": True})
 
     def send(self, node, method, path, body, *, params=None):
         self.sends += 1
         if self.sends <= self.failures:
             return defer.fail(AgentUnreachable("connection refused"))
-        return defer.succeed({"path": "/n" + path, "size": body.length, "md5": params["md5"]})
+        return defer.succeed({"path": "/n" + path, "size": body.length, "digest": params["digest"]})
 
 
 async def upload_one(api, tmp_path):
