@@ -23,10 +23,13 @@ from twisted.python.failure import Failure
 
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.producers import CHUNK
 from kvmdesk.protocol import images as protocol
 from kvmdesk.protocol import ranges
 
 log = Logger(namespace="kvmdesk.agent.images.peers")
+#: Bytes a fetch reads from its socket at a time.
+RECEIVE_CHUNK = CHUNK
 
 
 @attrs.define
@@ -64,7 +67,13 @@ async def fetch(images: ImageStore, kind: str, role: int, file_id: str, *, diges
         response = await treq.get(url, headers=ranges.resume_headers(ticket, offset), unbuffered=True,
                                   reactor=reactor, timeout=timeout)
         offset = await ranges.resumed_at(response, offset, protocol.BAD_TRANSFER)
-        context = _FetchContext(total - offset, getattr(response.original, "_transport", None))
+        transport = getattr(response.original, "_transport", None)  # a proxy of the connection
+        connection = getattr(transport, "_producer", None)
+        if hasattr(connection, "bufferSize"):
+            # Twisted reads 64 KiB a call: a 2 GiB version was 32768 trips through the HTTP parser and the
+            # receiver's queues; the source sends 1 MiB chunks (core.producers.CHUNK), read them whole.
+            connection.bufferSize = max(connection.bufferSize, RECEIVE_CHUNK)
+        context = _FetchContext(total - offset, transport)
         receiver = images.receiver(context, kind, role, file_id, offset=offset, total=total, digest=digest,
                                    version=version)
         try:
