@@ -29,10 +29,11 @@ the checksum the API exposes for them (``md5_sum``).  Versions sealed with MD5 b
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from kvmdesk.core.errors import define
-from kvmdesk.protocol.storage import STORAGE_ROLES
+from kvmdesk.protocol.storage import STORAGE_ROLES, hash_file
 
 #: ``instance`` (desktops' disks) and ``iso`` (CD-ROM media placed on the node) are the domain layer's.
 KINDS = {"base": "instances/_base", "template": "instances/_template", "instance": "instances/_instance",
@@ -73,6 +74,11 @@ def digest_of(algorithm: str, hexdigest: str) -> str:
 def algorithm_of(digest: str) -> str:
     """The algorithm a (valid) digest names."""
     return digest.partition(":")[0]
+
+
+def version_digest(path: Path) -> str:
+    """The digest a template version file is sealed with (``sha256:<hex>``).  Blocking: run in a thread."""
+    return digest_of(VERSION_ALGORITHM, hash_file(path, VERSION_ALGORITHM).hexdigest())
 
 
 def recorded_digest(record: Mapping[str, Any]) -> Optional[str]:

@@ -19,7 +19,6 @@ from twisted.logger import Logger
 
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.protocol import images as image_protocol
-from kvmdesk.protocol.storage import hash_file
 from kvmdesk.core.errors import ErrorCode, define
 from kvmdesk.core.filemodes import reachable_dirs
 from kvmdesk.core.threadpools import in_reactor_pool
@@ -57,16 +56,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
         return {}
 
 
-def version_digest(path: Path) -> str:
-    """The digest a version file is sealed with (``sha256:<hex>``).  Blocking: run in a thread."""
-    algorithm = image_protocol.VERSION_ALGORITHM
-    return image_protocol.digest_of(algorithm, hash_file(path, algorithm).hexdigest())
-
-
 def _seal(path: Path) -> str:
     """Hash a version file and record its digest (blocking: run in a thread); a file removed meanwhile
     (an undone save) gets no record."""
-    digest = version_digest(path)
+    digest = image_protocol.version_digest(path)
     meta = _read_meta(path)
     if path.is_file():
         ImageStore.meta_path(path).write_bytes(orjson.dumps({**meta, "digest": digest, "size": path.stat().st_size}))
@@ -204,7 +197,7 @@ class Disks:
             await self._run("convert", "-U", "-O", "qcow2", source["path"], str(temporary))
             flattened = time.perf_counter()
             if version is not None and not seal_later:
-                digest = await in_reactor_pool(self.reactor, version_digest, temporary)
+                digest = await in_reactor_pool(self.reactor, image_protocol.version_digest, temporary)
                 _log_sealed(to.file_id, flattened - started, time.perf_counter() - flattened)
             if version is not None:
                 size = temporary.stat().st_size

@@ -486,6 +486,35 @@ async def test_transfers_interrupted_by_a_controller_restart_resume_at_start(tmp
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_base_image_goes_with_its_md5_digest_even_from_a_transfer_recorded_before_digests(tmp_path, clock):
+    class Recording(FakeLink):
+        def __init__(self, failures: int):
+            super().__init__(failures)
+            self.sent_params: list = []
+
+        def send(self, node, method, path, body, *, params=None):
+            self.sent_params.append(params)
+            return super().send(node, method, path, body, params=params)
+
+    async with controller(tmp_path, clock) as api:
+        link = Recording(failures=0)
+        api.core.extensions["storage.agent_link"] = link
+        await add_node(api.core, api.pool, "10.0.0.1", "n1")
+        image = await upload_one(api, tmp_path)  # the distributor is not running: the transfer waits
+        transfers = api.core.store.collection("image_transfers")
+        (transfer,) = await transfers.find({"image_uuid": image["uuid"]})
+        assert transfer["digest"] == "md5:" + image["md5_sum"]
+        # what an earlier release stored: the md5 alone
+        await transfers.update_one({"uuid": transfer["uuid"]}, {"$unset": {"digest": ""},
+                                                                 "$set": {"md5": image["md5_sum"]}})
+        done = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "done" and not done.called and done.callback(r))
+        api.distributor.startService()
+        await with_timeout(done)
+        assert [p["digest"] for p in link.sent_params] == ["md5:" + image["md5_sum"]]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_stalled_stream_is_cut_and_retried(tmp_path, clock):
     in_flight = defer.Deferred()
 
