@@ -4,9 +4,9 @@ Other plugins reach it as ``core.extensions["storage.place_file"]``::
 
     path = await place_file(node, kind="iso", file_id=iso_uuid, role=1, source=Path(iso["file"]), md5=iso["md5"])
 
-The node keeps a file it already holds with that MD5 (the agent's digest ``md5:<hex>``); otherwise it is streamed (off the reactor, by
-:class:`~kvmdesk.plugins.storage.producers.FileRangeProducer`) and verified by the agent before it
-appears.  Unlike the distributor's transfers nothing is persisted: the caller waits for the answer.
+The node keeps a file it already holds with that MD5 (sent as the digest ``md5:<hex>``); otherwise it
+is streamed (off the reactor, by :class:`~kvmdesk.plugins.storage.producers.FileRangeProducer`) and
+verified by the agent before it appears.  Unlike the distributor's transfers nothing is persisted: the caller waits for the answer.
 """
 from __future__ import annotations
 
