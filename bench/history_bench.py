@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvmdesk.core.app import freeze_startup_heap  # noqa: E402
 from kvmdesk.core.records import new_record  # noqa: E402
-from kvmdesk.plugins.monitoring.columns import hour_columns, series  # noqa: E402
+from kvmdesk.plugins.monitoring.columns import Columns, put_point, series  # noqa: E402
 from kvmdesk.plugins.monitoring.days import DAYS, day_of, pack, slot_of  # noqa: E402
 from kvmdesk.plugins.monitoring.perf import axis_times, clear_axis_cache  # noqa: E402
 from kvmdesk.plugins.monitoring.rollups import HEAD_HOURS, MINUTES, fragments  # noqa: E402
@@ -89,6 +89,14 @@ def metrics(rng: random.Random) -> dict[str, Any]:
                      for n in ("eth0", "eth1")]}
 
 
+def hour_of_points(minutes: dict[str, Any]) -> Columns:
+    """An hour's columns from its points by minute slot."""
+    columns: Columns = {}
+    for slot, minute_point in minutes.items():
+        put_point(columns, int(slot), 60, minute_point)
+    return columns
+
+
 async def fill(core: Any, nodes: list[dict], days: int, rng: random.Random, batch_size: int,
                concurrency: int) -> tuple[int, float]:
     """``days`` of hours per node, ending with the current minute, as the plugin keeps them: the hours
@@ -100,7 +108,7 @@ async def fill(core: Any, nodes: list[dict], days: int, rng: random.Random, batc
     head_from = last_hour - (HEAD_HOURS - 1) * 3600
     # 64 different hours of points, reused: generating 4 million random points would dominate the fill.
     minutes = [{str(m): point(rng) for m in range(60)} for _ in range(64)]
-    packed = [pack(hour_columns(m)) for m in minutes]
+    packed = [pack(hour_of_points(m)) for m in minutes]
     day_docs = []
     for node in nodes:
         for day in range(day_of(first_hour), head_from, 86400):
