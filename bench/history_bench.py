@@ -6,21 +6,28 @@
 For each store backend, a real controller core (every built-in plugin, no local agent) on a fresh
 store (SQLite in a temporary directory; or txmongo against a briskdb MongoDB-wire server started and
 stopped by the run) is filled with ``--nodes`` nodes x ``--days`` days of one-minute rollup points, in
-the plugin's own layout (one document per node and hour, 60 points each), in batches; the load time is
-printed.  Then:
+the plugin's own layout (hours older than the head's two sealed into one document per node and day;
+the head's two hours as fragments, one per minute with every node's point, as the flushes write
+them), in batches; the load time is printed.  Then a controller is started again on the filled store
+(the head is read back from the fragments, the node uuids from their records): its start time and
+what the head holds in memory are printed.  Then:
 
 - the store's floor: an empty round trip (``ping``) and a one-document indexed read;
-- where a cold 24-hour answer's time goes: store read (with its JSON/BSON decode), the decode alone,
-  minute columns, series, axis, JSON encoding of the answer (medians);
+- where a cold 24-hour answer's time goes: store read of the day documents (with its JSON/BSON
+  decode), the decode alone, minute columns (the read again, the head laid over), series, axis, JSON
+  encoding of the answer (medians);
 - history latency: ``GET /monitor_mgr/node/history/`` of a random node through the API (token check,
   parameters, store read, the aligned axis, JSON), 1 hour at a 1-minute step and 24 hours at a
   1-minute step (1,440 points): p50, p99, max over ``--queries`` requests each, twice: ``cold`` with
-  the hour cache and the axis emptied before every request (a node's first view), and ``mixed`` with the caches on
-  (random nodes: a node's first view is cold, a later one warm);
+  the hour cache and the axis emptied before every request (a node's first view since the start), and
+  ``mixed`` with the caches on (random nodes: a node's first view is cold, a later one warm).  The
+  head is not a cache: it is where the controller, the only writer, keeps the recent hours it wrote,
+  read back at every start;
 - ingest rate: ``--ingest-nodes`` nodes send one minute of heartbeats at the watchers' interval
   (5 s: 12 samples each) through ``kvmdesk_node_metrics``, then the minute is flushed to the filled
-  store; samples per second over both.  Target: 10x what 1,000 nodes produce (200 samples/s), i.e.
-  >= 2,000 samples/s.
+  store; samples per second over both, for two minutes in a row.  Target: 10x what 1,000 nodes
+  produce (200 samples/s), i.e. >= 2,000 samples/s;
+- the hourly seal: the previous hour of every filled node packed into its day document.
 
 Targets: 1 h < 20 ms, 24 h < 100 ms (p99).  ``os.getloadavg()`` is printed at the start, after each
 fill and at the end: the figures are wall-clock times on a possibly shared machine.
@@ -45,10 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from kvmdesk.core.app import freeze_startup_heap  # noqa: E402
 from kvmdesk.core.records import new_record  # noqa: E402
-from kvmdesk.plugins.monitoring.columns import hour_columns, join, series  # noqa: E402
-from kvmdesk.plugins.monitoring.days import DAYS, day_of, pack, read_hours, slot_of  # noqa: E402
+from kvmdesk.plugins.monitoring.columns import Columns, put_point, series  # noqa: E402
+from kvmdesk.plugins.monitoring.days import DAYS, day_of, pack, slot_of  # noqa: E402
 from kvmdesk.plugins.monitoring.perf import axis_times, clear_axis_cache  # noqa: E402
-from kvmdesk.plugins.monitoring.rollups import ROLLUPS  # noqa: E402
+from kvmdesk.plugins.monitoring.rollups import HEAD_HOURS, MINUTES, fragments  # noqa: E402
 from kvmdesk.testing.api import ApiClient, make_core  # noqa: E402
 from kvmdesk.testing.briskdb import start_briskdb  # noqa: E402
 
@@ -82,24 +89,36 @@ def metrics(rng: random.Random) -> dict[str, Any]:
                      for n in ("eth0", "eth1")]}
 
 
+def hour_of_points(minutes: dict[str, Any]) -> Columns:
+    """An hour's columns from its points by minute slot."""
+    columns: Columns = {}
+    for slot, minute_point in minutes.items():
+        put_point(columns, int(slot), 60, minute_point)
+    return columns
+
+
 async def fill(core: Any, nodes: list[dict], days: int, rng: random.Random, batch_size: int,
                concurrency: int) -> tuple[int, float]:
-    """``days`` of hours per node, ending with the current hour, as the plugin keeps them: the hours that
-    are over sealed into day documents, the current one an hour document; returns (documents, seconds)."""
+    """``days`` of hours per node, ending with the current minute, as the plugin keeps them: the hours
+    older than the head's two sealed into day documents, the head's hours as fragments (one per minute
+    with every node's point, as the flushes write them); returns (documents, seconds)."""
     now = time.time()
     last_hour = int(now // 3600 * 3600)
     first_hour = last_hour - (days * 24 - 1) * 3600
+    head_from = last_hour - (HEAD_HOURS - 1) * 3600
     # 64 different hours of points, reused: generating 4 million random points would dominate the fill.
     minutes = [{str(m): point(rng) for m in range(60)} for _ in range(64)]
-    packed = [pack(hour_columns(m)) for m in minutes]
+    packed = [pack(hour_of_points(m)) for m in minutes]
     day_docs = []
     for node in nodes:
-        for day in range(day_of(first_hour), last_hour, 86400):
+        for day in range(day_of(first_hour), head_from, 86400):
             doc = {"node": node["uuid"], "day": day}
-            for hour in range(max(day, first_hour), min(day + 86400, last_hour), 3600):
+            for hour in range(max(day, first_hour), min(day + 86400, head_from), 3600):
                 doc[slot_of(hour)] = packed[(hour // 3600) % 64]
             day_docs.append(doc)
-    hour_docs = [{"node": node["uuid"], "hour": last_hour, "m": minutes[(last_hour // 3600) % 64]} for node in nodes]
+    fragment_docs = [doc for minute in range(head_from, int(now // 60 * 60), 60)
+                     for doc in fragments([(node["uuid"], minute, minutes[(minute // 3600) % 64][str(minute % 3600 // 60)])
+                                           for node in nodes])]
     semaphore = defer.DeferredSemaphore(concurrency)
     started = time.perf_counter()
     written = 0
@@ -111,7 +130,7 @@ async def fill(core: Any, nodes: list[dict], days: int, rng: random.Random, batc
             raise RuntimeError(f"insert failed: {outcomes}")
         written += len(batch)
 
-    for collection, docs in ((DAYS, day_docs), (ROLLUPS, hour_docs)):
+    for collection, docs in ((DAYS, day_docs), (MINUTES, fragment_docs)):
         pending = []
         for at in range(0, len(docs), batch_size):
             batch = docs[at:at + batch_size]
@@ -168,25 +187,21 @@ async def phases(core: Any, nodes: list[dict], rounds: int = 20) -> str:
     last = int(now // 60 * 60) - 60
     first = last - 1439 * 60
     hours = list(range(first - first % 3600, last - last % 3600 + 3600, 3600))
-    parts: dict[str, list[float]] = {k: [] for k in ("store read", "decode alone", "columns", "series", "axis", "encode")}
+    parts: dict[str, list[float]] = {k: [] for k in ("store read", "decode alone", "columns (with the read)",
+                                                     "series", "axis", "encode")}
     for node in nodes[:rounds]:
         started = time.perf_counter()
         docs = await core.store.collection(DAYS).find({"node": node["uuid"], "day": {"$in": sorted({day_of(h) for h in hours})}})
-        hour_docs = await rollups.collection.find({"node": node["uuid"], "hour": {"$in": hours}}, projection=["hour", "m"])
         parts["store read"].append(time.perf_counter() - started)
-        texts = [orjson.dumps(doc) for doc in docs + hour_docs]
+        texts = [orjson.dumps(doc) for doc in docs]
         started = time.perf_counter()
         for text in texts:
             orjson.loads(text)
         parts["decode alone"].append(time.perf_counter() - started)
+        rollups.cache.entries.clear()
         started = time.perf_counter()
-        by_hour = await read_hours(core.store, node["uuid"], hours[:-1])  # (a second read: its time is not counted)
-        parts["columns"].append(0.0)
-        started = time.perf_counter()
-        by_hour = {**{h: hour_columns(doc["m"]) for doc in hour_docs for h in [doc["hour"]]},
-                   **{h: c for h, c in by_hour.items()}}
-        columns = join((by_hour.get(h), (max(first, h) - h) // 60, (min(last + 60, h + 3600) - h) // 60) for h in hours)
-        parts["columns"][-1] = time.perf_counter() - started
+        columns = await rollups.columns(node["uuid"], first, 1440)
+        parts["columns (with the read)"].append(time.perf_counter() - started)
         started = time.perf_counter()
         answer = series(columns, 1440, 1)
         parts["series"].append(time.perf_counter() - started)
@@ -198,7 +213,23 @@ async def phases(core: Any, nodes: list[dict], rounds: int = 20) -> str:
         orjson.dumps({"code": 0, "msg": "ok", "data": answer})
         parts["encode"].append(time.perf_counter() - started)
     return ", ".join(f"{name} {ms(statistics.median(values))}" for name, values in parts.items()) + \
-        f" ({len(docs)} day and {len(hour_docs)} hour documents)"
+        f" ({len(docs)} day documents; {sum(1 for h in hours if (nodes[0]['uuid'], h) in rollups.head)} hours from the head)"
+
+
+async def head_memory(store: Any) -> tuple[int, int]:
+    """The head rebuilt from the store once more: (node-hours, bytes it holds, by tracemalloc)."""
+    import tracemalloc
+
+    from kvmdesk.plugins.monitoring.rollups import Rollups
+
+    fresh = Rollups(store)
+    tracemalloc.start()
+    try:
+        await fresh.load()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return len(fresh.head), held
 
 
 async def ingest(core: Any, count: int, rng: random.Random, minutes_ago: int) -> tuple[int, float, float]:
@@ -239,11 +270,22 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
         # several batches in flight keep its fill time bearable.
         batch, concurrency = (100, 1) if backend == "sqlite" else (4, 4)
         docs, seconds = await fill(core, nodes, args.days, rng, batch, concurrency)
-        freeze_startup_heap()  # as the twistd service does once its core is built
         points = args.nodes * args.days * 24 * 60
-        print(f"[{backend}] filled {args.nodes} nodes x {args.days} days: {docs} day and hour documents, "
+        print(f"[{backend}] filled {args.nodes} nodes x {args.days} days: {docs} day documents and fragments, "
               f"{points:,} minute points in {seconds:.1f} s ({points / seconds:,.0f} points/s bulk); "
               f"load average {loadavg()}", flush=True)
+        # A controller started on the filled store: what it reads back at start is part of the design.
+        await core.store.close()
+        started = time.perf_counter()
+        core = await make_core(workdir / backend, config=config)
+        restart = time.perf_counter() - started
+        freeze_startup_heap()  # as the twistd service does once its core is built
+        api = ApiClient(core)
+        await api.login()
+        node_hours, held = await head_memory(core.store)
+        print(f"[{backend}] controller restarted on it in {restart:.2f} s; its head: {node_hours} node-hours "
+              f"({held / node_hours / 1024:.1f} KiB each by tracemalloc, {held / 2**20:.1f} MiB in all; "
+              f"1,000 nodes' two hours: about {2000 * held / node_hours / 2**20:.0f} MiB)", flush=True)
         print(f"[{backend}] store floor: {await floor(core, nodes)}", flush=True)
         print(f"[{backend}] cold 24 h answer, medians: {await phases(core, nodes)}", flush=True)
         for hours, target in ((1, 0.020), (24, 0.100)):
@@ -256,8 +298,8 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
                       f"p50 {ms(statistics.median(times))}, p99 {ms(p99)}, max {ms(max(times))}  "
                       f"(target p99 < {ms(target)}: {'met' if p99 < target else 'NOT met'}); "
                       f"CPU per request p50 {ms(statistics.median(cpu))}, p99 {ms(percentile(cpu, 99))}", flush=True)
-        # The first minute creates the nodes' hour documents (upserts), the second one updates them.
-        for minutes_ago, kind in ((2, "new hour documents"), (1, "existing hour documents")):
+        # Two minutes in a row (the second one adds to the head's hours the first one made).
+        for minutes_ago, kind in ((2, "a minute"), (1, "the next minute")):
             samples, received, flushed = await ingest(core, args.ingest_nodes, rng, minutes_ago)
             rate = samples / (received + flushed)
             need = 10 * 1000 / HEARTBEAT
@@ -265,6 +307,12 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
                   f"{ms(received)}, flush of {args.ingest_nodes} node-minutes {ms(flushed)}; {rate:,.0f} samples/s "
                   f"(target >= {need:,.0f}: {'met' if rate >= need else 'NOT met'}); load average {loadavg()}",
                   flush=True)
+        # The hourly seal: an hour later, the previous hour of every filled node leaves the head.
+        rollups = core.extensions["monitoring"].rollups
+        began = time.perf_counter()
+        sealed = await rollups.seal(time.time() + 3600, core.extensions["monitoring"].settings.prune_chunk)
+        print(f"[{backend}] hourly seal: {sealed} node-hours into day documents in {time.perf_counter() - began:.2f} s "
+              f"(in the background, once an hour); load average {loadavg()}", flush=True)
     finally:
         await core.store.close()
         if stop is not None:

@@ -15,7 +15,8 @@ Endpoints (under ``/api/v1.0``):
 
 Data flow: the nodes plugin's watchers fire ``kvmdesk_node_metrics`` with every heartbeat; the samples
 of the last ``[monitoring] raw_seconds`` stay in memory (:mod:`.samples`) and are summed into minute
-points written to the store (:mod:`.rollups`) and expired after ``retention_days``.
+points: the recent hours in memory and in inserted fragments, older ones sealed into day documents
+(:mod:`.rollups`, :mod:`.days`), expired after ``retention_days``.
 
 Decisions where the contract is silent:
 

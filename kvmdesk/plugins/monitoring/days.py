@@ -10,13 +10,13 @@ Why: a MongoDB-wire server pays for every document and every nested field it ret
 a node's 25 hour documents (60 nested points each) took 230 ms to read, the same day as one document
 of 24 strings 16 ms; SQLite reads one row instead of 25 and decodes columns instead of points.
 
-Hours are written into hour documents a minute at a time (:mod:`.rollups`) and sealed here once
-they are over and have no minute left in memory; sealing an hour whose slot is already filled (a
+Hours are kept in the controller's head (:mod:`.rollups`) while they are recent and sealed here once
+they are older than the hour before the current one; sealing an hour whose slot is already filled (a
 minute that came late, after the hour was sealed) merges the two.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 import orjson
 
@@ -100,20 +100,33 @@ async def seal(store: Any, groups: Mapping[tuple[str, int], Mapping[int, Columns
     return await store.collection(DAYS).upsert_each(operations)
 
 
+async def latest_hour(store: Any) -> int:
+    """The latest hour any day document holds (``-1`` when there is none)."""
+    docs = await store.collection(DAYS).find({}, sort=[("day", -1)], limit=1)
+    if not docs:
+        return -1
+    return max(docs[0]["day"] + SLOTS.index(slot) * 3600 for slot in SLOTS if slot in docs[0])
+
+
+async def delete_chunked(collection: Any, query: Mapping[str, Any], chunk: int) -> int:
+    """Delete what ``query`` matches, ``chunk`` documents a statement (each its own write, so other
+    writers and the reactor get their turn between chunks).  Returns how many were deleted."""
+    deleted = 0
+    while True:
+        rows = await collection.find(query, limit=chunk, projection=["id"])
+        if rows:
+            deleted += await collection.delete_many({"id": {"$in": [r["id"] for r in rows]}})
+        if len(rows) < chunk:
+            return deleted
+
+
 async def expire(store: Any, last_hour: int, chunk: int) -> int:
     """Remove the sealed hours up to ``last_hour``: whole days ``chunk`` documents at a time, then the
     expired slots of the day it falls in.  Returns how many day documents were deleted."""
     days = store.collection(DAYS)
-    deleted = 0
     last_whole_day = day_of(last_hour + 3600) - 86400
-    while True:
-        rows = await days.find({"day": {"$lte": last_whole_day}}, limit=chunk, projection=["id"])
-        if rows:
-            deleted += await days.delete_many({"id": {"$in": [r["id"] for r in rows]}})
-        if len(rows) < chunk:
-            break
-    partial: Optional[int] = day_of(last_hour) if day_of(last_hour) > last_whole_day else None
-    if partial is not None:
+    deleted = await delete_chunked(days, {"day": {"$lte": last_whole_day}}, chunk)
+    if day_of(last_hour) > last_whole_day:
         expired = SLOTS[:SLOTS.index(slot_of(last_hour)) + 1]
-        await days.update_many({"day": partial}, {"$unset": {slot: "" for slot in expired}})
+        await days.update_many({"day": day_of(last_hour)}, {"$unset": {slot: "" for slot in expired}})
     return deleted

@@ -1,15 +1,16 @@
 """The monitoring state of one controller (``core.extensions["monitoring"]``) and its loops."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Mapping
 
 import attrs
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from kvmdesk.plugins.monitoring.alarms import Alarms
+from kvmdesk.core.periodic import PeriodicService
+
+from kvmdesk.plugins.monitoring.alarms import NODES, Alarms
 from kvmdesk.plugins.monitoring.columns import HourCache
 from kvmdesk.plugins.monitoring.rollups import Rollups
 from kvmdesk.plugins.monitoring.samples import RawBuffer, sample_from
@@ -28,7 +29,7 @@ DEFAULTS = {
         # current_perf (and of the top five).
         "raw_seconds": 600,
         # Days of minute rollups kept in the store; older hours are deleted every `prune_interval` seconds,
-        # `prune_chunk` hour documents per statement.
+        # `prune_chunk` documents per statement (also the node-days one write of sealed hours holds).
         "retention_days": 30,
         "prune_interval": 3600,
         "prune_chunk": 500,
@@ -36,8 +37,9 @@ DEFAULTS = {
         "flush_interval": 60,
         # Most points one history answer may have (statis_hours * 60 / step_minutes).
         "max_history_points": 1440,
-        # Finished node-hours of minute points kept in memory for history answers (about 20 KiB each;
-        # 2,400 = a day of 100 nodes); 0 turns the cache off.
+        # Sealed node-hours of minute points kept in memory for history answers once read (about 20 KiB
+        # each; 2,400 = a day of 100 nodes); 0 turns the cache off.  (The current and the previous hour
+        # of every node are always in memory: the rollups' head.)
         "history_cache_hours": 2400,
         # Seconds between two evaluations of the alarm rules.
         "alarm_interval": 5.0,
@@ -91,6 +93,9 @@ class Monitor:
     buffer: RawBuffer = attrs.field(init=False)
     rollups: Rollups = attrs.field(init=False)
     alarms: Alarms = attrs.field(init=False)
+    #: Uuids of nodes known to exist (loaded at start, learnt from heartbeats and reads, dropped when a
+    #: node is removed): a history answer for one of them reads nothing but the day documents it needs.
+    known_nodes: set[str] = attrs.field(init=False, factory=set)
 
     def __attrs_post_init__(self) -> None:
         # A latest sample stands for "now" until two heartbeats were missed.
@@ -106,10 +111,21 @@ class Monitor:
         raw = sample_from(float(sample["at"]), metrics, self.settings.heartbeat)
         self.buffer.add(node, raw, sample.get("hypervisor"))
         self.rollups.add(node["uuid"], raw)
+        self.known_nodes.add(node["uuid"])
 
     def forget(self, uuid: str) -> None:
         self.buffer.forget(uuid)
         self.rollups.forget(uuid)
+        self.known_nodes.discard(uuid)
+
+    async def start(self) -> None:
+        """At start-up: the alarm rules seeded, the rollups' head read back, the nodes' uuids known."""
+        await self.alarms.seed_rules()
+        points = await self.rollups.load(self.settings.prune_chunk)
+        nodes = await self.core.store.collection(NODES).find({}, projection=["uuid"])
+        self.known_nodes.update(node["uuid"] for node in nodes)
+        log.info("monitoring: {points} recent minute points of {nodes} nodes in memory", points=points,
+                 nodes=len({node for node, _ in self.rollups.head}))
 
     async def flush(self) -> int:
         """Write the completed minutes, then seal the hours that are over into day documents."""
@@ -129,50 +145,17 @@ class Monitor:
         return MonitorServices(self)
 
 
-class Periodic(Service):
-    """Runs ``work`` every ``interval`` seconds of ``clock``; a failed round is logged and the loop goes on.
+@attrs.define(eq=False)
+class Loop(PeriodicService):
+    """One of the monitoring loops: ``work`` every ``interval`` seconds, the first one interval after
+    the start."""
 
-    ``stopService`` waits for the round in progress.
-    """
+    at_start: ClassVar[bool] = False
+    work: Callable[[], Awaitable[Any]] = attrs.field(kw_only=True)
+    what: str = attrs.field(kw_only=True, default="a monitoring round")
 
-    def __init__(self, name: str, clock: Any, interval: float, work: Callable[[], Awaitable[Any]]):
-        self.name = name
-        self.clock = clock
-        self.interval = interval
-        self.work = work
-        self._loop: Optional[LoopingCall] = None
-        self._round: Optional[defer.Deferred] = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self._run)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
-
-    def _run(self) -> defer.Deferred:
-        self._round = defer.ensureDeferred(self._safe())
-        return self._round
-
-    async def _safe(self) -> None:
-        try:
-            await self.work()
-        except Exception:
-            log.failure("monitoring: {name} failed a round", name=self.name)
-
-    def settled(self) -> defer.Deferred:
-        """Fires when the round in progress (if any) has finished."""
-        current = self._round
-        if current is None or current.called:
-            return defer.succeed(None)
-        finished: defer.Deferred = defer.Deferred()
-        current.addBoth(lambda result: (finished.callback(None), result)[1])
-        return finished
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return self.settled()
+    async def sweep(self) -> Any:
+        return await self.work()
 
 
 class MonitorServices(MultiService):
@@ -183,14 +166,16 @@ class MonitorServices(MultiService):
     def __init__(self, monitor: Monitor):
         super().__init__()
         self.monitor = monitor
-        clock, settings = monitor.core.clock, monitor.settings
-        Periodic("flush", clock, settings.flush_interval, monitor.flush).setServiceParent(self)
-        Periodic("prune", clock, settings.prune_interval, monitor.prune).setServiceParent(self)
-        Periodic("alarms", clock, settings.alarm_interval, monitor.evaluate_alarms).setServiceParent(self)
+        settings = monitor.settings
+        for interval, work, what in ((settings.flush_interval, monitor.flush, "monitoring: a flush"),
+                                     (settings.prune_interval, monitor.prune, "monitoring: an expiry round"),
+                                     (settings.alarm_interval, monitor.evaluate_alarms, "monitoring: an alarm round")):
+            Loop(monitor.core, interval, work=work, what=what).setServiceParent(self)
 
     def settled(self) -> defer.Deferred:
         """Fires when every loop's round in progress has finished (tests advance a clock, then wait)."""
-        return defer.DeferredList([s.settled() for s in self], consumeErrors=True)
+        return defer.DeferredList([s.current_round for s in self if s.current_round is not None],
+                                  consumeErrors=True)
 
     def stopService(self) -> defer.Deferred:
         async def stop() -> None:

@@ -188,7 +188,7 @@ async def history(monitor: Monitor, node_uuid: str, now: float, points: int, ste
     last = int(now // step * step) - step
     first = last - (points - 1) * step
     minutes = points * step_minutes
-    columns = await monitor.rollups.columns(node_uuid, first, minutes, now)
+    columns = await monitor.rollups.columns(node_uuid, first, minutes)
     answer = series(columns, minutes, step_minutes)
     answer["node_uuid"] = node_uuid
     answer["time"] = axis_times(first, step, points)
@@ -267,16 +267,10 @@ def register_routes(router: Router) -> None:
         monitor = monitor_of(req)
         params = history_params(req)
         points = check_history(params, monitor)
-        # The node's record and its points are read at once: on a MongoDB server that is one round
-        # trip's wait instead of two.
-        answer = defer.ensureDeferred(history(monitor, params.node_uuid, req.core.clock.seconds(), points,
-                                              params.step_minutes))
-        try:
+        if params.node_uuid not in monitor.known_nodes:
             await find_node(req, params.node_uuid)
-        except BaseException:
-            answer.addErrback(lambda _: None)  # an unknown node's (empty) points are not wanted
-            raise
-        return await answer
+            monitor.known_nodes.add(params.node_uuid)
+        return await history(monitor, params.node_uuid, req.core.clock.seconds(), points, params.step_minutes)
 
     for path in ("/monitor_mgr/node/history/", "/monitor_mgr/node/history_perf/"):
         router.endpoint("GET", path, tags=TAGS, query=HistoryQuery,

@@ -46,7 +46,7 @@ def kvmdesk_routes(router, core) -> None:
 
 @hookimpl
 def kvmdesk_startup(core: Any):
-    return core.extensions[EXTENSION].alarms.seed_rules()
+    return core.extensions[EXTENSION].start()
 
 
 @hookimpl
