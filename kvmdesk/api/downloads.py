@@ -4,10 +4,10 @@ its peers send with it.
 
 On a plain TCP connection the body goes out with ``sendfile`` from a thread of its own (:func:`send_file`):
 the kernel moves the pages from the page cache to the socket, with no copy through Python and no
-reactor turn per chunk (serving a 2 GiB template version to two nodes cost the source agent about
-0.6 s of CPU per GiB sent that way before, 0.16 s with ``sendfile``).  Transfers of the same file
-at the same time share its pages in the page cache.  Elsewhere (TLS, direct I/O, a test transport)
-a :class:`FileRangeProducer` streams it (read off the reactor, shared reads).
+reactor turn per chunk (publishing a 2 GiB template version to two nodes cost the source agent
+5.9-6.1 s of CPU with the producer, 3.9-4.2 s with ``sendfile``: bench/template_bench.py).  Transfers
+of the same file at the same time share its pages in the page cache.  Elsewhere (TLS, direct I/O, a
+test transport) a :class:`FileRangeProducer` streams it (read off the reactor, shared reads).
 
 twisted.web's static file resource, used before, reads the file on the reactor thread: a download of
 an image the page cache does not hold stopped everything else for each disk read.
@@ -48,9 +48,9 @@ def send_file(sock: socket.socket, path: Path, offset: int, count: int, stop: th
     """Send ``count`` bytes of ``path`` from ``offset`` on ``sock`` (non-blocking) with ``sendfile``;
     blocking: its own thread.  Returns the bytes sent (fewer once ``stop`` is set).  Closes ``sock``."""
     sent = 0
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
     try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
         with open(path, "rb") as source:
             waiting_since = None
             while sent < count and not stop.is_set():

@@ -225,7 +225,8 @@ async def test_a_version_sealed_with_md5_before_is_still_sent_and_verified_by_it
         for directory in (host_agent.data_dir / "storage" / "instances" / "_template", lost.parent):
             path = directory / f["file_id"]
             old_md5 = hashlib.md5(path.read_bytes()).hexdigest()
-            path.with_name(f".{path.name}.json").write_text('{"md5": "%s", "size": %d, "version": 1}' % (old_md5, f["size"]))
+            old_meta = '{"md5": "%s", "size": %d, "version": 1}' % (old_md5, f["size"])
+            path.with_name(f".{path.name}.json").write_text(old_meta)
         old_files.append({k: v for k, v in f.items() if k != "digest"} | {"md5": old_md5})
     versions = [{**stored["versions"][-1], "files": old_files}]
     await templates.update_one({"uuid": template["uuid"]}, {"$set": {"versions": versions}})
