@@ -6,7 +6,6 @@ The enrolment password comes from ``KVMDESK_AGENT_PASSWORD`` or the configuratio
 """
 from __future__ import annotations
 
-from typing import Any
 
 from twisted.application import service
 from twisted.python import usage

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Sequence
 
 from . import Filter, Sort, check_field
-from .filters import check_filter, is_operator_dict
+from .filters import is_operator_dict
 
 _COMPARISONS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _SCALARS = (str, int, float, bool)

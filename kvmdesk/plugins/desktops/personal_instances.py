@@ -10,7 +10,7 @@ from kvmdesk.core import errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.paging import paged_search
 from kvmdesk.core.records import now_text
-from kvmdesk.plugins.desktops import creation, personal_codes as codes, power, schema
+from kvmdesk.plugins.desktops import creation, personal_codes as codes, schema
 from kvmdesk.plugins.desktops.desktop_groups import check_subnet
 from kvmdesk.plugins.desktops.instances import GROUP_NUMBERS, SEARCH_FIELDS, on_members, public
 from kvmdesk.plugins.desktops.lookups import record_or_404

@@ -69,6 +69,8 @@ class MinuteSums:
     """Weighted sums of one node's samples within one minute: ``key -> [sum, weight]``."""
 
     sums: dict[str, list[float]] = attrs.field(factory=dict)
+    #: Samples taken so far: a flush leaves the minute pending if one came while it was written.
+    samples: int = 0
 
     def _add(self, key: str, value: Optional[float], weight: float) -> None:
         if value is None:
@@ -81,6 +83,7 @@ class MinuteSums:
             entry[1] += weight
 
     def add(self, sample: Sample) -> None:
+        self.samples += 1
         w = sample.weight
         self._add("c", sample.cpu, w)
         self._add("mp", sample.mem_percent, w)
@@ -194,10 +197,12 @@ class Rollups:
         self.sealed_through = max(self.sealed_through, await days.latest_hour(self.store))
         return count
 
-    async def _write(self, docs: list[dict[str, Any]]) -> int:
+    async def _write(self, docs: list[dict[str, Any]],
+                     taken: Optional[dict[tuple[str, int], tuple[MinuteSums, int]]] = None) -> int:
         """Insert fragment documents, ``INSERT_BATCH`` a command; each stored one's minutes go into the
-        head and out of ``pending``.  A refused fragment's minutes stay pending for the next flush; the
-        first refusal is raised once the others are written.
+        head, and out of ``pending`` if ``taken`` (``(node, minute) -> (sums, samples)`` when the
+        points were made) says no sample came since.  A refused fragment's minutes stay pending for
+        the next flush; the first refusal is raised once the others are written.
 
         :returns: how many minute points were written.
         """
@@ -211,7 +216,9 @@ class Rollups:
                 points = orjson.loads(doc["points"])
                 self._to_head(points)
                 for node, minute, _ in points:
-                    self.pending.pop((node, minute), None)
+                    sums, samples = (taken or {}).get((node, minute), (None, 0))
+                    if sums is not None and self.pending.get((node, minute)) is sums and sums.samples == samples:
+                        del self.pending[(node, minute)]  # (one that took a sample meanwhile goes next time)
                 written += len(points)
         if refused is not None:
             raise refused
@@ -226,9 +233,9 @@ class Rollups:
         :returns: how many minute points were written.
         """
         limit = None if before is None else int(before // 60 * 60)
-        ready = [(node, minute, sums.point()) for (node, minute), sums in list(self.pending.items())
-                 if limit is None or minute < limit]
-        return await self._write(fragments(ready))
+        taken = {key: (sums, sums.samples) for key, sums in self.pending.items() if limit is None or key[1] < limit}
+        ready = [(node, minute, sums.point()) for (node, minute), (sums, _) in taken.items()]
+        return await self._write(fragments(ready), taken)
 
     async def columns(self, node_uuid: str, first: int, count: int) -> Columns:
         """The node's minute columns for ``count`` minutes from ``first``: sealed hours (from day

@@ -10,7 +10,6 @@ import ipaddress
 import socket
 from typing import Any, Optional
 
-from pydantic import Field
 from twisted.logger import Logger
 
 from kvmdesk.api.models import Model, Name

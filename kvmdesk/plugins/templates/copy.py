@@ -14,11 +14,12 @@ from kvmdesk.core import errors as core_errors
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
-from kvmdesk.plugins.templates import errors, nodes, schema
+from kvmdesk.plugins.templates import errors, intents, nodes, schema
 from kvmdesk.plugins.templates.models import TemplateCopy
 from kvmdesk.plugins.templates.publish import FETCH_TIMEOUT, ticket
-from kvmdesk.plugins.templates.service import (RESOURCE, Undo, claim_ip, domain_state, random_mac, refuse_if_updating,
-                                               refuse_taken_name, spec_of, template_or_404, templates, vnc_password)
+from kvmdesk.plugins.templates.service import (RESOURCE, Undo, claim_ip, domain_state, files_of, random_mac,
+                                               refuse_if_updating, refuse_taken_name, spec_of, template_or_404,
+                                               templates, vnc_password)
 
 COPIED = ("desc", "os_type", "os_type_simple", "classify", "vcpu", "ram")
 
@@ -47,6 +48,8 @@ async def copy(core: Any, body: TemplateCopy, owner: str) -> dict:
         disk = str(uuidlib.uuid4())
         record["devices"].append({**{k: device[k] for k in ("type", "role", "device_name", "boot_index", "size")},
                                   "uuid": disk, "file_id": disk})
+    made = files_of(record["devices"])
+    intent = await intents.begin(core, "copy", record, {source_node["uuid"]: made, target["uuid"]: made})
     undo = Undo()
     try:
         allocation = await claim_ip(core, subnet["uuid"], body.bind_ip, f"template:{record['uuid']}")
@@ -62,8 +65,9 @@ async def copy(core: Any, body: TemplateCopy, owner: str) -> dict:
         except DuplicateKeyError:
             raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=body.name) from None
     except BaseException:
-        await undo.run()
+        await intents.end(core, intent, undone=await undo.run())
         raise
+    await intents.end(core, intent, undone=True)
     await core.created(schema.KIND, created)
     return created
 
@@ -72,21 +76,19 @@ async def copy_disk(core: Any, source: dict, source_node: dict, target: dict, ol
     """Flatten ``old`` on the source's node as ``new``; move it to ``target`` when that is another node."""
     role, name = old["role"], new["file_id"]
     same_node = source_node["uuid"] == target["uuid"]
+    # Each removal is pushed before the step that makes the file: a step cut short may leave part of it.
+    undo.push(f"disk {name} on the source's node", lambda: nodes.call(
+        core, source_node, "DELETE", f"/disks/template/{name}", params={"role": role}))
     made = await nodes.call(core, source_node, "POST", f"/disks/template/{old['file_id']}/copy",
                             {"role": role, "to": {"kind": "template", "role": role, "file_id": name},
                              **({} if same_node else {"version": 1})},
                             template_name=source["name"], field="template_uuid")
-    remove_on_source = lambda: nodes.call(core, source_node, "DELETE", f"/disks/template/{name}",  # noqa: E731
-                                          params={"role": role})
     if same_node:
-        undo.push(f"disk {name}", remove_on_source)
         return
-    try:
-        url, headers = ticket(core, source_node, role, name)
-        await nodes.call(core, target, "POST", f"/images/template/{name}/fetch",
-                         {"role": role, "digest": made["digest"], "total": made["size"], "version": 1, "url": url,
-                          "ticket": headers}, template_name=source["name"], timeout=FETCH_TIMEOUT)
-    finally:
-        await remove_on_source()
     undo.push(f"disk {name}", lambda: nodes.call(core, target, "DELETE", f"/disks/template/{name}",
                                                   params={"role": role}))
+    url, headers = ticket(core, source_node, role, name)
+    await nodes.call(core, target, "POST", f"/images/template/{name}/fetch",
+                     {"role": role, "digest": made["digest"], "total": made["size"], "version": 1, "url": url,
+                      "ticket": headers}, template_name=source["name"], timeout=FETCH_TIMEOUT)
+    await nodes.call(core, source_node, "DELETE", f"/disks/template/{name}", params={"role": role})

@@ -8,7 +8,7 @@ from kvmdesk.core.errors import ApiError, Resource
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from kvmdesk.plugins.templates import leftovers, publish, reconcile, routes, schedule, schema, service, views
+from kvmdesk.plugins.templates import intents, leftovers, publish, reconcile, routes, schedule, schema, service, views
 
 __all__ = [
     "kvmdesk_config_defaults",
@@ -121,6 +121,7 @@ def kvmdesk_startup(core):
 async def startup(core: Any) -> None:
     # before the job service starts: the save jobs it resumes find their templates usable again
     await publish.recover_interrupted(core)
+    await intents.recover(core)  # creates and copies cut short: their leftovers go with the reconciler's first round
     await schedule.take_over_saved_schedules(core)
 
 

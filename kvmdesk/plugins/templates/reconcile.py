@@ -1,8 +1,9 @@
 """Reconciling what the nodes have with what the store says about templates.
 
 Every ``[templates] reconcile_interval`` seconds (and at start), for each reachable node: the domains
-libvirt has are compared with the templates hosted there.  A template whose domain or one of whose
-disk files is gone is marked ``error``; a state that differs is corrected (lifecycle events do that at
+libvirt has are compared with the templates hosted there.  A template whose domain is gone but whose
+disk files are all there gets its domain defined again from its record (``inactive``); one that lacks
+a disk file is marked ``error``; a state that differs is corrected (lifecycle events do that at
 once; this catches missed ones); a ``tpl-`` domain no template knows is reported, never removed (it may be an administrator's).
 A node lacking (a file of) the latest version of a template of its pool is sent it again; version
 files of deleted templates the node kept while it was unreachable are removed (:mod:`.leftovers`).
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.periodic import PeriodicService
 from kvmdesk.plugins.templates import leftovers, nodes, publish, schema
-from kvmdesk.plugins.templates.service import STATES, domain_name, templates
+from kvmdesk.plugins.templates.service import STATES, domain_name, spec_of, templates
 
 log = Logger(namespace="kvmdesk.templates.reconcile")
 EXTENSION = "templates.reconciler"
@@ -44,12 +45,16 @@ class TemplateReconciler(PeriodicService):
             domain = by_uuid.get(template["uuid"])
             if template.get("status") == schema.UPDATING:
                 continue
+            missing = await self._missing_disks(node, template)
+            if domain is None and not missing:
+                findings.append(await self._redefine(node, template))
+                continue
             if domain is None:
                 findings.append({"kind": "domain_missing", "template": template["uuid"],
-                                 "detail": f"template {template['name']} has no domain on its node"})
+                                 "detail": f"template {template['name']} has no domain on its node, nor its disk "
+                                           f"file(s) {', '.join(missing)}"})
                 await self._set_status(template, schema.ERROR)
                 continue
-            missing = await self._missing_disks(node, template)
             if missing:
                 findings.append({"kind": "disk_missing", "template": template["uuid"],
                                  "detail": f"template {template['name']} lacks its disk file(s) "
@@ -72,6 +77,21 @@ class TemplateReconciler(PeriodicService):
             log.warn("node {node}: {detail}", node=node.get("ip"), detail=finding["detail"])
         self.drift[node["uuid"]] = findings
         return findings
+
+    async def _redefine(self, node: Mapping[str, Any], template: Mapping[str, Any]) -> dict:
+        """Define the domain of a template whose disks are all there again (the store is the truth);
+        the template is ``inactive`` then, or ``error`` if the node refuses the definition."""
+        try:
+            await nodes.call(self.core, node, "PUT", f"/domains/{template['uuid']}/spec",
+                             spec_of(self.core, template, iso=template.get("iso_uuid")), template_name=template["name"])
+        except ApiError as exc:
+            await self._set_status(template, schema.ERROR)
+            return {"kind": "domain_missing", "template": template["uuid"],
+                    "detail": f"template {template['name']} has no domain on its node and defining it again failed: "
+                              f"{exc.message('en')}"}
+        await self._set_status(template, schema.INACTIVE)
+        return {"kind": "domain_redefined", "template": template["uuid"],
+                "detail": f"template {template['name']} had no domain on its node: defined again from its record"}
 
     async def _missing_disks(self, node: Mapping[str, Any], template: Mapping[str, Any]) -> list[str]:
         """The device names of the template's working disks its node does not have (asked of the agent)."""

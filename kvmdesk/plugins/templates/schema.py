@@ -5,10 +5,14 @@ from kvmdesk.core.errors import Resource
 from kvmdesk.core.store import Index
 
 TEMPLATES = "templates"
-#: Version files a template's delete could not remove from a node that was unreachable then
-#: (one row per template and node: ``{uuid, template_uuid, template_name, node_uuid, files: [{file_id,
-#: role}], error}``); removed when the node answers again (:mod:`.leftovers`).
+#: Version files a template's delete could not remove from a node that was unreachable then, and what
+#: a create or copy cut short made (one row per template and node: ``{uuid, template_uuid,
+#: template_name, node_uuid, files: [{file_id, role}], domain (a uuid or None), cause, error}``); removed
+#: when the node answers again (:mod:`.leftovers`).
 LEFTOVERS = "template_leftovers"
+#: Creates and copies under way (``{uuid, kind, template_uuid, template_name, host_uuid, nodes:
+#: [{node_uuid, files}]}``): one a controller stop cut short is undone at the next start (:mod:`.intents`).
+INTENTS = "template_intents"
 
 #: Read here, owned by others: nodes and pools (nodes), base images, ISOs and transfers (storage),
 #: networks, subnets and switches (network).  Written only through their services (IPAM, placement).
@@ -28,6 +32,7 @@ INDEXES = [
     Index(TEMPLATES, ["host_uuid"]),
     Index(LEFTOVERS, ["uuid"], unique=True),
     Index(LEFTOVERS, ["node_uuid"]),
+    Index(INTENTS, ["uuid"], unique=True),
 ]
 
 #: Template states (the contract's ``status``), plus ``updating`` while a version is published.

@@ -19,7 +19,7 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.ostypes import os_type_simple
 from kvmdesk.core.records import new_record, now_text
 from kvmdesk.core.store import DuplicateKeyError
-from kvmdesk.plugins.templates import errors, leftovers, nodes, schema
+from kvmdesk.plugins.templates import errors, intents, leftovers, nodes, schema
 from kvmdesk.plugins.templates.models import ExistingDevice, NewDataDisk, TemplateCreate, TemplateValue
 
 log = Logger(namespace="kvmdesk.templates")
@@ -112,12 +112,16 @@ class Undo:
     def push(self, what: str, step: Any) -> None:
         self.steps.append((what, step))
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """Take every step back; ``False`` if one of them failed (it is logged)."""
+        undone = True
         for what, step in reversed(self.steps):
             try:
                 await step()
             except Exception:
                 log.failure("undoing {what} failed", what=what)
+                undone = False
+        return undone
 
 
 async def create(core: Any, body: TemplateCreate, owner: str) -> dict:
@@ -157,6 +161,7 @@ async def create(core: Any, body: TemplateCreate, owner: str) -> dict:
     for device in record["devices"]:
         device["file_id"] = device["uuid"]
 
+    intent = await intents.begin(core, "create", record, {node["uuid"]: files_of(record["devices"])})
     undo = Undo()
     try:
         allocation = await claim_ip(core, subnet["uuid"], body.bind_ip, f"template:{uuid}")
@@ -170,10 +175,16 @@ async def create(core: Any, body: TemplateCreate, owner: str) -> dict:
         except DuplicateKeyError:
             raise ApiError(core_errors.ALREADY_EXISTS, resource=RESOURCE, key=body.name) from None
     except BaseException:
-        await undo.run()
+        await intents.end(core, intent, undone=await undo.run())
         raise
+    await intents.end(core, intent, undone=True)
     await core.created(schema.KIND, created)
     return created
+
+
+def files_of(devices: list[dict]) -> list[dict]:
+    """The disk files of ``devices``: ``{file_id, role}``."""
+    return [{"file_id": d["file_id"], "role": d["role"]} for d in devices]
 
 
 async def create_disks(core: Any, node: Mapping[str, Any], template: Mapping[str, Any], devices: list[dict],

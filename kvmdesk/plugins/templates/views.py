@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 from twisted.internet import defer
 
-from kvmdesk.plugins.templates import nodes, schema
+from kvmdesk.plugins.templates import schema
 
 GIB = 1 << 30
 SEARCH_FIELDS = {"uuid": str, "name": str, "classify": int, "pool_uuid": str, "status": str, "os_type": str,

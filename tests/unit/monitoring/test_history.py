@@ -27,7 +27,6 @@ async def test_points_roll_up_into_minutes_and_an_offline_hour_is_null(tmp_path:
     hour0 = int(clock.seconds())
     async with monitoring_api(tmp_path, clock) as api:
         node = await add_node(api, "n1", "10.0.0.1")
-        mon = monitor(api)
         api.core.services.startService()
         # Hour 0: one minute at 10 %, the next at 30 % (12 heartbeats a minute), then one hour offline.
         await beat_for(api, clock, node, 55, cpu=10.0)   # :00:05 .. :00:55

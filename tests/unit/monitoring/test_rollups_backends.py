@@ -207,3 +207,24 @@ async def test_hour_documents_of_an_older_version_are_taken_into_the_head_at_sta
     assert columns[("n", "eth0", 0)][120] == 2 and columns[("n", "eth0", 1)][60] == 1
     # A second start finds them in the fragments.
     assert await Rollups(store).load() == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sample_that_comes_while_its_minute_is_written_is_kept_for_the_next_flush(store):
+    rollups = Rollups(store)
+    rollups.add("n1", sample(HOUR + 5, 10.0))
+    real = store.collection(MINUTES).insert_many
+
+    async def late_heartbeat(docs):
+        rollups.add("n1", sample(HOUR + 55, 30.0))  # a heartbeat of that minute, late, while it is written
+        return await real(docs)
+
+    store.collection(MINUTES).insert_many = late_heartbeat
+    assert await rollups.flush() == 1
+    assert (await rollups.columns("n1", HOUR, 1))["c"] == [20.0]  # the pending minute, both samples
+    store.collection(MINUTES).insert_many = real
+    assert await rollups.flush() == 1 and not rollups.pending
+    assert (await Rollups(store).load()) == 2  # the minute twice: the later point wins at load
+    again = Rollups(store)
+    await again.load()
+    assert (await again.columns("n1", HOUR, 1))["c"] == [20.0]

@@ -1,5 +1,5 @@
-"""The reconcile loop: a domain gone behind the controller's back, a state that differs, an unknown
-template domain; rounds run on the injected clock."""
+"""The reconcile loop: a domain gone behind the controller's back (defined again when its disks are
+there), a state that differs, an unknown template domain; rounds run on the injected clock."""
 from __future__ import annotations
 
 import uuid
@@ -33,10 +33,15 @@ async def check(world, reconciler, templates, one, two, stray, agent_one):
     if reconciler.current_round is not None:
         await reconciler.current_round
     assert (await templates.find_one({"uuid": one["uuid"]}))["status"] == "inactive"
-    assert (await templates.find_one({"uuid": two["uuid"]}))["status"] == "error"
+    assert (await templates.find_one({"uuid": two["uuid"]}))["status"] == "inactive"
     kinds = {(f["kind"], f["template"]) for findings in reconciler.drift.values() for f in findings}
-    assert kinds == {("state_differs", one["uuid"]), ("domain_missing", two["uuid"]), ("unknown_domain", stray)}
+    assert kinds == {("state_differs", one["uuid"]), ("domain_redefined", two["uuid"]), ("unknown_domain", stray)}
     assert stray in {d["uuid"] for d in await agent_one.hypervisor.list_domains()}  # reported, not removed
+    # the domain defined again is the template's: its name, CPUs, memory and disks
+    status, body = await world.act("start", two)
+    assert status == 200 and body["data"]["success_num"] == 1, body
+    (again,) = [d for d in await world.agent_of(two).hypervisor.list_domains() if d["uuid"] == two["uuid"]]
+    assert (again["name"], again["vcpus"], again["state"]) == (f"tpl-{two['uuid']}", 2, "running")
 
     # the next round comes from the clock
     await templates.update_one({"uuid": one["uuid"]}, {"$set": {"status": "active"}})
@@ -95,3 +100,18 @@ async def test_a_disk_file_gone_from_the_node_is_reported_and_the_template_marke
     assert [(f["kind"], f["template"]) for f in findings] == [("disk_missing", template["uuid"])]
     assert "vdb" in findings[0]["detail"]
     assert (await world.core.store.collection("templates").find_one({"uuid": template["uuid"]}))["status"] == "error"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_domain_gone_with_its_disks_is_reported_and_the_template_marked_error(world):
+    template = await world.create()
+    agent = world.agent_of(template)
+    await agent.hypervisor.undefine(template["uuid"])
+    for path in [p for p in (agent.data_dir / "storage").rglob(template["devices"][0]["uuid"]) if p.is_file()]:
+        path.unlink()
+    node = await world.core.store.collection("nodes").find_one({"uuid": template["host_uuid"]})
+    findings = await world.core.extensions[reconcile.EXTENSION].reconcile_node(node)
+    assert [(f["kind"], f["template"]) for f in findings] == [("domain_missing", template["uuid"])]
+    assert "vda" in findings[0]["detail"]
+    assert (await world.core.store.collection("templates").find_one({"uuid": template["uuid"]}))["status"] == "error"
+    assert template["uuid"] not in {d["uuid"] for d in await agent.hypervisor.list_domains()}
