@@ -10,7 +10,7 @@ Every request the controller sends to an agent is signed::
 where the canonical request is the lines ``kvmdesk-v1``, the direction (``to-agent`` for the
 controller's requests, ``to-controller`` for the events an agent posts), the method, the path with
 its query string, the timestamp, the nonce and the body hash.  ``UNSIGNED-PAYLOAD`` is for streamed
-uploads: their integrity is checked by the MD5 the storage plugin carries with them, and the
+uploads: their integrity is checked by the digest carried with them (kvmdesk.protocol.images), and the
 signature still covers everything else.
 
 The receiver refuses (HTTP 401) a missing or wrong signature, a timestamp more than

@@ -1,4 +1,5 @@
-"""Writing a stream of chunks to a file while computing its MD5, for uploads and image transfers.
+"""Writing a stream of chunks to a file while hashing it, for uploads (MD5) and image transfers (their digest's
+algorithm: SHA-256 for template versions, MD5 for base images and ISOs).
 
 Used by the controller's upload sinks and by the agent's image receiver.  Two strategies (the product
 uses the threaded one unless ``[storage] hash_in_thread`` / ``[agent.images] hash_in_thread`` say no):
@@ -141,10 +142,11 @@ class OrderedDrain:
 
 
 class HashingWriter:
-    """Appends chunks to an open file descriptor and hashes them (MD5).
+    """Appends chunks to an open file descriptor and hashes them (MD5 unless given another hasher).
 
     :param fd: a file descriptor open for writing (the writer does not close it).
-    :param hasher: an MD5 object to continue (a resumed transfer), or ``None`` for a fresh one;
+    :param hasher: a hashlib object to continue (a resumed transfer, a fresh one of the transfer's
+        algorithm), or ``None`` for a fresh MD5;
         pass ``hashing=False`` to skip hashing entirely.
     :param threaded: write and hash on worker threads (see the module docstring).
     :param pause: stop the producer of the chunks (network back-pressure); ``resume`` restarts it.

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 
@@ -14,6 +15,24 @@ def in_reactor_pool(reactor: Any, fn: Any, *args: Any, **kwargs: Any) -> defer.D
     """Run ``fn(*args, **kwargs)`` on ``reactor``'s thread pool (file I/O, hashing); fires on the reactor
     thread."""
     return deferToThreadPool(reactor, reactor.getThreadPool(), fn, *args, **kwargs)
+
+
+def in_own_thread(reactor: Any, fn: Any, *args: Any, name: str = "kvmdesk-worker") -> defer.Deferred:
+    """Run ``fn(*args)`` on a new daemon thread (a call that lasts as long as a transfer, which would hold
+    one of the reactor pool's few threads that long); fires on the reactor thread."""
+    done: defer.Deferred = defer.Deferred()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(done.errback, failure)
+        else:
+            reactor.callFromThread(done.callback, result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return done
 
 
 def stop_pool(reactor: Any, pool: ThreadPool, name: str) -> defer.Deferred:

@@ -25,7 +25,8 @@ Agent routes (relative to ``/agent/v1``; every answer is the usual envelope):
 ``PUT /disks/{kind}/{file_id}/size`` (body: :class:`DiskResize`), ``POST /disks/{kind}/{file_id}/copy``
 (body: :class:`DiskCopy`), ``POST /disks/{kind}/{file_id}/seal?role=R``
     qcow2 files: create (empty or an overlay on a backing file), info, remove, grow, flatten a copy;
-    a version file's ``{"md5", "size", "version"}`` (waiting while a ``seal_later`` copy is hashed).
+    a version file's ``{"digest", "size", "version"}`` (``sha256:<hex>``, see :mod:`kvmdesk.protocol.images`;
+    waiting while a ``seal_later`` copy is hashed).
 ``PUT /disks/sizes`` (body: :class:`DisksGrow`)
     Grow several disks, all or none: every size and the space they need together are checked first;
     answers each disk's info, in order.
@@ -159,9 +160,9 @@ class DiskCopy(Model):
 
     role: int = Field(ge=1, le=4)
     to: FileRef
-    #: Seal the copy as this version of an image file (MD5 recorded; peers can fetch it).
+    #: Seal the copy as this version of an image file (its SHA-256 digest recorded; peers can fetch it).
     version: Optional[int] = Field(default=None, ge=1)
-    #: Answer once the file is in place and compute its MD5 meanwhile (``POST .../seal`` gives it).
+    #: Answer once the file is in place and compute its digest meanwhile (``POST .../seal`` gives it).
     seal_later: bool = False
 
 

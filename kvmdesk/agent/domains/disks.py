@@ -18,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 from kvmdesk.agent.images.store import ImageStore
-from kvmdesk.protocol.storage import md5_file
+from kvmdesk.protocol import images as image_protocol
 from kvmdesk.core.errors import ErrorCode, define
 from kvmdesk.core.filemodes import reachable_dirs
 from kvmdesk.core.threadpools import in_reactor_pool
@@ -57,19 +57,19 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _seal(path: Path) -> str:
-    """Hash a version file and record its MD5 (blocking: run in a thread); a file removed meanwhile
+    """Hash a version file and record its digest (blocking: run in a thread); a file removed meanwhile
     (an undone save) gets no record."""
-    md5 = md5_file(path).hexdigest()
+    digest = image_protocol.version_digest(path)
     meta = _read_meta(path)
     if path.is_file():
-        ImageStore.meta_path(path).write_bytes(orjson.dumps({**meta, "md5": md5, "size": path.stat().st_size}))
-    return md5
+        ImageStore.meta_path(path).write_bytes(orjson.dumps({**meta, "digest": digest, "size": path.stat().st_size}))
+    return digest
 
 
-def _log_sealed(file_id: str, flatten_s: float, md5_s: float) -> None:
+def _log_sealed(file_id: str, flatten_s: float, hashing_s: float) -> None:
     # bench/template_bench.py reads these figures from the agent's log.
-    log.info("sealed {file}: flatten {flatten:.3f} s, md5 {hashing:.3f} s", file=file_id, flatten=flatten_s,
-             hashing=md5_s)
+    log.info("sealed {file}: flatten {flatten:.3f} s, {algorithm} {hashing:.3f} s", file=file_id, flatten=flatten_s,
+             algorithm=image_protocol.VERSION_ALGORITHM, hashing=hashing_s)
 
 
 class Disks:
@@ -84,7 +84,7 @@ class Disks:
         self.resolve = resolve
         self.reactor = reactor
         self.qemu_img = shutil.which(qemu_img) or qemu_img
-        #: Version files whose MD5 is being computed (``copy(..., seal_later=True)``), by path.
+        #: Version files whose digest is being computed (``copy(..., seal_later=True)``), by path.
         self.sealing: dict[Path, defer.Deferred] = {}
 
     async def _run(self, *args: str) -> str:
@@ -180,10 +180,10 @@ class Disks:
                    seal_later: bool = False) -> dict[str, Any]:
         """Flatten ``ref`` (and its backing chain) into a standalone qcow2 at ``to``.
 
-        With ``version`` the copy is sealed as an image file of that version: its MD5 is computed (in a
-        thread) and recorded like a received image's, so peers can fetch and verify it.  With
-        ``seal_later`` the answer comes as soon as the file is in place (``md5`` ``None``) and the MD5
-        is computed meanwhile, while peers already fetch the file; :meth:`seal` gives it."""
+        With ``version`` the copy is sealed as an image file of that version: its digest (SHA-256) is
+        computed (in a thread) and recorded like a received image's, so peers can fetch and verify it.
+        With ``seal_later`` the answer comes as soon as the file is in place (``digest`` ``None``) and the
+        digest is computed meanwhile, while peers already fetch the file; :meth:`seal` gives it."""
         source = await self.info(ref)
         target = self.resolve(to)
         if target.exists():
@@ -191,30 +191,31 @@ class Disks:
         await in_reactor_pool(self.reactor, reachable_dirs, target.parent)
         await self._check_space(target.parent, source["actual_size"], "to")
         temporary = target.with_name(f".{target.name}.new")
-        md5 = None
+        digest = None
         try:
             started = time.perf_counter()
             await self._run("convert", "-U", "-O", "qcow2", source["path"], str(temporary))
             flattened = time.perf_counter()
             if version is not None and not seal_later:
-                md5 = (await in_reactor_pool(self.reactor, md5_file, temporary)).hexdigest()
+                digest = await in_reactor_pool(self.reactor, image_protocol.version_digest, temporary)
                 _log_sealed(to.file_id, flattened - started, time.perf_counter() - flattened)
             if version is not None:
                 size = temporary.stat().st_size
-                ImageStore.meta_path(target).write_bytes(orjson.dumps({"md5": md5, "size": size, "version": version}))
+                ImageStore.meta_path(target).write_bytes(orjson.dumps({"digest": digest, "size": size,
+                                                                              "version": version}))
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
         if version is not None and seal_later:
             self._start_sealing(target, to.file_id, flattened - started)
-        return {**await self.info(to), "md5": md5, "size": target.stat().st_size}
+        return {**await self.info(to), "digest": digest, "size": target.stat().st_size}
 
     def _start_sealing(self, path: Path, file_id: str, flatten_s: float) -> None:
         started = time.perf_counter()
 
-        def sealed(md5: str) -> str:
+        def sealed(digest: str) -> str:
             _log_sealed(file_id, flatten_s, time.perf_counter() - started)
-            return md5
+            return digest
 
         sealing = in_reactor_pool(self.reactor, _seal, path).addCallback(sealed)
         self.sealing[path] = sealing
@@ -228,8 +229,9 @@ class Disks:
         sealing.addErrback(lambda f: log.failure("sealing {path} failed", f, path=str(path)))
 
     async def seal(self, ref: FileRef) -> dict[str, Any]:
-        """``{"md5", "size"}`` of a version file: recorded, being computed (:meth:`copy`'s
-        ``seal_later``: waits for it), or computed now (say the agent restarted meanwhile)."""
+        """``{"digest", "size", "version"}`` of a version file: recorded (``md5:<hex>`` for one sealed
+        before versions were sealed with SHA-256), being computed (:meth:`copy`'s ``seal_later``: waits
+        for it), or computed now (say the agent restarted meanwhile)."""
         path = self._existing(ref)
         sealing = self.sealing.get(path)
         if sealing is not None:
@@ -237,18 +239,18 @@ class Disks:
             sealing.addBoth(lambda result: (waiter.callback(None), result)[1])
             await waiter
         meta = await in_reactor_pool(self.reactor, _read_meta, path)
-        md5 = meta.get("md5")
-        if not md5:
-            md5 = await in_reactor_pool(self.reactor, _seal, path)
-        return {"md5": md5, "size": path.stat().st_size, "version": meta.get("version")}
+        digest = image_protocol.recorded_digest(meta)
+        if not digest:
+            digest = await in_reactor_pool(self.reactor, _seal, path)
+        return {"digest": digest, "size": path.stat().st_size, "version": meta.get("version")}
 
     async def remove(self, ref: FileRef) -> bool:
-        """Remove the file (and an image file's record of its MD5); ``False`` if it was not there."""
+        """Remove the file (and an image file's record of its digest); ``False`` if it was not there."""
         path = self.resolve(ref)
         return await in_reactor_pool(self.reactor, self.remove_path, path)
 
     def remove_path(self, path: Path) -> bool:
-        """Remove a disk file named by path, with its MD5 record (blocking)."""
+        """Remove a disk file named by path, with its digest record (blocking)."""
         ImageStore.meta_path(path).unlink(missing_ok=True)
         try:
             path.unlink()

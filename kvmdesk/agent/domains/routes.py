@@ -106,7 +106,7 @@ def register_routes(router: Router, agent: Any) -> Domains:
         return await disk_call(domains.disks.copy(_ref(req, req.body.role), req.body.to, req.body.version,
                                                   req.body.seal_later))
 
-    @endpoint("POST", "/disks/{kind}/{file_id}/seal", "The MD5 and size of a version file (waits while it is "
+    @endpoint("POST", "/disks/{kind}/{file_id}/seal", "The digest and size of a version file (waits while it is "
               "being computed)")
     async def seal_disk(req: ApiRequest) -> dict:
         return await disk_call(domains.disks.seal(_ref(req)))

@@ -5,11 +5,11 @@ one ``GET /agent/v1/images/{kind}/{file_id}/content?role=R`` request to the sour
 the source's own enrolment secret (so the source checks it like any controller request).  A ticket is
 short-lived (the signature's timestamp must be within the source's clock skew) and single-use (its
 nonce is remembered).  The fetching agent streams the answer into the same receiver an upload uses:
-appended to the partial file, resumed from what is already there (``Range``), MD5-verified before it
-appears.  The source sends the file as the controller's downloads do
+appended to the partial file, resumed from what is already there (``Range``), its digest verified
+before it appears.  The source sends the file as the controller's downloads do
 (:class:`~kvmdesk.api.downloads.FileDownload`: read off the reactor, ``Range`` answered with 206), and
-transfers of one file share their reads.  A fetch may start before the source knows the file's MD5
-(a version it is still hashing, see :func:`fetch`).
+transfers of one file share their reads.  A fetch may start before the source knows the file's
+digest (a version it is still sealing, see :func:`fetch`).
 """
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ from twisted.python.failure import Failure
 
 from kvmdesk.agent.images.store import ImageStore
 from kvmdesk.core.errors import ApiError
+from kvmdesk.core.producers import CHUNK
 from kvmdesk.protocol import images as protocol
 from kvmdesk.protocol import ranges
 
 log = Logger(namespace="kvmdesk.agent.images.peers")
+#: Bytes a fetch reads from its socket at a time.
+RECEIVE_CHUNK = CHUNK
 
 
 @attrs.define
@@ -45,27 +48,33 @@ class _FetchContext:
             self.transport.resumeProducing()
 
 
-async def fetch(images: ImageStore, kind: str, role: int, file_id: str, *, md5: Optional[str], total: int,
+async def fetch(images: ImageStore, kind: str, role: int, file_id: str, *, digest: Optional[str], total: int,
                 version: Optional[int], url: str, ticket: Mapping[str, str], reactor: Any,
                 timeout: float = 3600.0) -> dict[str, Any]:
-    """Fetch ``kind/file_id`` from a peer agent at ``url`` with ``ticket``; returns ``{"path", "size", "md5"}``.
+    """Fetch ``kind/file_id`` from a peer agent at ``url`` with ``ticket``; returns ``{"path", "size", "digest"}``.
 
-    A file already here with that MD5 is kept; a partial one of the same content is resumed.  Without
-    ``md5`` (the source is still hashing the file) the bytes are received and hashed, and the answer
-    carries ``"md5": None`` and ``"received_md5"``: a second fetch with the MD5 verifies and commits
-    what is here, sending nothing more when it is all in.
+    A file already here with that digest is kept; a partial one of the same content is resumed.  Without
+    ``digest`` (the source is still sealing the file) the bytes are received and hashed, and the answer
+    carries ``"digest": None`` and ``"received_digest"``: a second fetch with the digest verifies and
+    commits what is here, sending nothing more when it is all in.
     """
-    state = images.state(kind, role, file_id, md5)
-    if state["exists"] and state["size"] == total and (md5 is None or state["md5"] == md5):
-        return {"path": state["path"], "size": total, "md5": state["md5"]}
+    state = images.state(kind, role, file_id, digest)
+    if state["exists"] and state["size"] == total and (digest is None or state["digest"] == digest):
+        return {"path": state["path"], "size": total, "digest": state["digest"]}
     offset = min(int(state["partial"]), total)
     started = time.perf_counter()
     if offset < total:
         response = await treq.get(url, headers=ranges.resume_headers(ticket, offset), unbuffered=True,
                                   reactor=reactor, timeout=timeout)
         offset = await ranges.resumed_at(response, offset, protocol.BAD_TRANSFER)
-        context = _FetchContext(total - offset, getattr(response.original, "_transport", None))
-        receiver = images.receiver(context, kind, role, file_id, offset=offset, total=total, md5=md5,
+        transport = getattr(response.original, "_transport", None)  # a proxy of the connection
+        connection = getattr(transport, "_producer", None)
+        if hasattr(connection, "bufferSize"):
+            # Twisted reads 64 KiB a call: a 2 GiB version was 32768 trips through the HTTP parser and the
+            # receiver's queues; the source sends 1 MiB chunks (core.producers.CHUNK), read them whole.
+            connection.bufferSize = max(connection.bufferSize, RECEIVE_CHUNK)
+        context = _FetchContext(total - offset, transport)
+        receiver = images.receiver(context, kind, role, file_id, offset=offset, total=total, digest=digest,
                                    version=version)
         try:
             await treq.collect(response, receiver.write)
@@ -77,13 +86,13 @@ async def fetch(images: ImageStore, kind: str, role: int, file_id: str, *, md5: 
         # bench/template_bench.py reads these figures from the agent's log.
         log.info("fetched {file}: {size} bytes from {offset} in {transfer:.3f} s", file=file_id,
                  size=total - offset, offset=offset, transfer=time.perf_counter() - started)
-    else:  # every byte is here already (received before the MD5 was known): only the check is left
-        receiver = images.receiver(_FetchContext(0), kind, role, file_id, offset=total, total=total, md5=md5,
+    else:  # every byte is here already (received before the digest was known): only the check is left
+        receiver = images.receiver(_FetchContext(0), kind, role, file_id, offset=total, total=total, digest=digest,
                                    version=version)
     await receiver.finish()
-    if md5 is None:
-        return {"path": str(receiver.final), "size": total, "md5": None,
-                "received_md5": await receiver.received_md5()}
+    if digest is None:
+        return {"path": str(receiver.final), "size": total, "digest": None,
+                "received_digest": await receiver.received_digest()}
     verifying = time.perf_counter()
     committed = await receiver.commit()
     log.info("verified {file} in {verify:.3f} s", file=file_id, verify=time.perf_counter() - verifying)

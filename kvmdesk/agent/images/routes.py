@@ -46,9 +46,10 @@ class FetchBody(Model):
     """Where to fetch a file from: the source agent's content URL and the signed headers (the ticket)."""
 
     role: int = Field(ge=1, le=4)
-    #: ``None``: the source is still hashing it; the file is received but not committed (fetch it again
-    #: with the MD5 to verify and commit it: the bytes are not sent again).
-    md5: Optional[str] = Field(default=None, pattern=protocol.MD5.pattern)
+    #: ``algorithm:hex`` (:data:`~kvmdesk.protocol.images.DIGEST`).  ``None``: the source is still sealing
+    #: it; the file is received but not committed (fetch it again with the digest to verify and commit it:
+    #: the bytes are not sent again).
+    digest: Optional[str] = Field(default=None, pattern=protocol.DIGEST.pattern)
     total: int = Field(ge=0)
     version: Optional[int] = None
     url: str = Field(pattern=r"^https?://", max_length=2048)
@@ -81,7 +82,7 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
             context.path["file_id"],
             offset=_int_arg(args, "offset", 0),
             total=_int_arg(args, "total"),
-            md5=args.get("md5", ""),
+            digest=args.get("digest", ""),
             version=_int_arg(args, "version", 0) or None,
         )
 
@@ -105,7 +106,7 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
     async def image_fetch(req: ApiRequest) -> dict:
         body: FetchBody = req.body
         images.final_path(req.path["kind"], body.role, req.path["file_id"])  # validates before any I/O
-        return await peers.fetch(images, req.path["kind"], body.role, req.path["file_id"], md5=body.md5,
+        return await peers.fetch(images, req.path["kind"], body.role, req.path["file_id"], digest=body.digest,
                                  total=body.total, version=body.version, url=body.url, ticket=body.ticket,
                                  reactor=reactor)
 
@@ -114,9 +115,10 @@ def register_routes(router: Router, agent: Any, *, reactor: Any = None, store: O
         role = _int_arg(req.args, "role", 1)
         final = images.final_path(req.path["kind"], role, req.path["file_id"])  # validates before touching the disk
         await images.settled(final)  # an interrupted transfer's last chunks count as what is here
-        return await in_thread(images.state, req.path["kind"], role, req.path["file_id"], req.args.get("md5"))
+        return await in_thread(images.state, req.path["kind"], role, req.path["file_id"],
+                               req.args.get("digest"))
 
-    @router.endpoint("PUT", base, summary="Receive (or resume) an image file; verified by MD5 before it appears",
+    @router.endpoint("PUT", base, summary="Receive (or resume) an image file; its digest verified before it appears",
                      tags=TAGS, auth=False, oplog="", stream=receive)
     async def image_put(req: ApiRequest) -> dict:
         return await req.stream.commit()

@@ -1,12 +1,14 @@
 """The agent's image files: where each kind lives, partial transfers, verification, removal.
 
 A transfer writes ``.<file_id>.part`` next to its final place, with ``.<file_id>.part.json`` saying
-which content (MD5, total size) it belongs to.  Only when every byte is in and the MD5 of the whole
-file matches is the file renamed to ``<file_id>`` (atomic on one file system), with
-``.<file_id>.json`` recording its MD5 and size.  An interrupted transfer leaves the partial file for
-the next attempt to resume from; the MD5 state of the bytes already received is kept in memory, so a
-resume within the same agent process needs no re-reading (after a restart the prefix is hashed once,
-in a thread, at the end).
+which content (digest, total size) it belongs to.  Only when every byte is in and the digest of the
+whole file matches is the file renamed to ``<file_id>`` (atomic on one file system), with
+``.<file_id>.json`` recording its digest and size.  A digest names its algorithm
+(:data:`~kvmdesk.protocol.images.DIGEST`: SHA-256 for template versions, MD5 for base images and ISOs);
+records written before that hold an ``md5`` and are read as ``md5:<hex>``.  An interrupted transfer
+leaves the partial file for the next attempt to resume from; the hash state of the bytes already
+received is kept in memory, so a resume within the same agent process needs no re-reading (after a
+restart the prefix is hashed once, in a thread, at the end).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvmdesk.protocol import images as protocol
-from kvmdesk.protocol.storage import md5_file
+from kvmdesk.protocol.storage import hash_file
 from kvmdesk.core.directio import open_for_stream
 from kvmdesk.core.errors import ApiError
 from kvmdesk.core.filemodes import reachable_dirs
@@ -50,7 +52,7 @@ def _unlink(path: Path) -> bool:
 
 @attrs.define
 class Partial:
-    """An interrupted transfer this process remembers: its MD5 state and how many bytes it covers."""
+    """An interrupted transfer this process remembers: its hash state and how many bytes it covers."""
 
     hasher: Any
     size: int
@@ -120,20 +122,22 @@ class ImageStore:
 
     # -- queries -----------------------------------------------------------------------------------
 
-    def state(self, kind: str, role: int, file_id: str, md5: Optional[str] = None) -> dict[str, Any]:
-        """What this node holds of one image (blocking file-system reads: small)."""
+    def state(self, kind: str, role: int, file_id: str, digest: Optional[str] = None) -> dict[str, Any]:
+        """What this node holds of one image (blocking file-system reads: small).
+
+        ``partial`` counts an interrupted transfer of the content with ``digest`` (any, without one)."""
         final = self.final_path(kind, role, file_id)
         meta = _read_json(self.meta_path(final)) or {}
         exists = final.is_file()
         partial = 0
         part_meta = _read_json(self.part_meta_path(final)) or {}
         part = self.part_path(final)
-        if part.is_file() and (md5 is None or part_meta.get("md5") in (md5, None)):
+        if part.is_file() and (digest is None or protocol.recorded_digest(part_meta) in (digest, None)):
             partial = part.stat().st_size
         return {
             "exists": exists,
             "size": final.stat().st_size if exists else 0,
-            "md5": meta.get("md5") if exists else None,
+            "digest": protocol.recorded_digest(meta) if exists else None,
             "version": meta.get("version") if exists else None,
             "path": str(final),
             "partial": partial,
@@ -147,7 +151,8 @@ class ImageStore:
                 if entry.name.startswith(".") or not entry.is_file():
                     continue
                 meta = _read_json(self.meta_path(entry)) or {}
-                found.append({"file_id": entry.name, "size": entry.stat().st_size, "md5": meta.get("md5"),
+                found.append({"file_id": entry.name, "size": entry.stat().st_size,
+                              "digest": protocol.recorded_digest(meta),
                               "version": meta.get("version"), "path": str(entry)})
         return found
 
@@ -182,18 +187,20 @@ class ImageStore:
     # -- receiving -------------------------------------------------------------------------------
 
     def receiver(self, context: Any, kind: str, role: int, file_id: str, offset: int, total: int,
-                 md5: Optional[str], version: Optional[int] = None) -> "ImageReceiver":
-        """Prepare to receive bytes ``offset..total-1`` of a file (the headers of a PUT are in).
+                 digest: Optional[str], version: Optional[int] = None) -> "ImageReceiver":
+        """Prepare to receive bytes ``offset..total-1`` of a file whose ``digest`` is ``algorithm:hex``.
 
-        ``md5`` ``None`` (a peer fetch of a version still being hashed at its source): the bytes are
-        received and hashed but only a later transfer that knows the MD5 can :meth:`~ImageReceiver.commit`.
+        ``digest`` ``None`` (a peer fetch of a version still being sealed at its source): the bytes are
+        received and hashed (:data:`~kvmdesk.protocol.images.VERSION_ALGORITHM`) but only a later
+        transfer that knows the digest can :meth:`~ImageReceiver.commit`.
 
         Only checks (and reads) here: nothing is written until the first byte of an authenticated
         body arrives (:meth:`ImageReceiver.open`).
         """
         final = self.final_path(kind, role, file_id)
-        if md5 is not None and not protocol.MD5.match(md5):
-            raise ApiError(protocol.BAD_TRANSFER, reason="md5 must be 32 lowercase hex digits")
+        if digest is not None and not protocol.DIGEST.match(digest):
+            raise ApiError(protocol.BAD_TRANSFER, reason="digest must be sha256:<64 lowercase hex digits> or "
+                                                         "md5:<32 lowercase hex digits>")
         if total < 0 or not 0 <= offset <= total:
             raise ApiError(protocol.BAD_TRANSFER, reason=f"offset {offset} and total {total} do not fit")
         if context.length is not None and context.length != total - offset:
@@ -201,9 +208,10 @@ class ImageStore:
                            reason=f"body of {context.length} bytes for range {offset}..{total}")
         part = self.part_path(final)
         meta = _read_json(self.part_meta_path(final)) or {}
-        # A partial received before its MD5 was known (md5 None) is of the same file: the MD5 check of the
+        # A partial received before its digest was known (None) is of the same file: the check of the
         # whole, at the commit, decides whether its bytes are right.
-        same_content = meta.get("total") == total and (md5 is None or meta.get("md5") in (md5, None))
+        same_content = meta.get("total") == total and (digest is None
+                                                       or protocol.recorded_digest(meta) in (digest, None))
         have = part.stat().st_size if same_content and part.is_file() else 0
         if offset != have:
             raise ApiError(protocol.OFFSET_MISMATCH, data={"partial": have}, offset=offset, partial=have)
@@ -211,21 +219,22 @@ class ImageStore:
         free = shutil.disk_usage(final.parent).free
         if total - offset > free:
             raise ApiError(protocol.STORAGE_FULL, needed=total - offset, free=free)
-        return ImageReceiver(self, context, final, offset, total, md5, version)
+        return ImageReceiver(self, context, final, offset, total, digest, version)
 
 
 class ImageReceiver:
     """The body sink of one PUT: appends to the partial file, verifies, and renames into place."""
 
     def __init__(self, store: ImageStore, context: Any, final: Path, offset: int, total: int,
-                 md5: Optional[str], version: Optional[int]):
+                 digest: Optional[str], version: Optional[int]):
         self.store = store
         self.context = context
         self.final = final
         self.fd: Optional[int] = None
         self.offset = offset
         self.total = total
-        self.md5 = md5
+        self.digest = digest
+        self.algorithm = protocol.algorithm_of(digest) if digest else protocol.VERSION_ALGORITHM
         self.version = version
         self.received = 0
         self.writer: Optional[HashingWriter] = None
@@ -237,7 +246,7 @@ class ImageReceiver:
         previous = store.active.pop(final, None)
         if previous is not None:
             previous.superseded()
-        store.part_meta_path(final).write_bytes(orjson.dumps({"md5": self.md5, "total": self.total,
+        store.part_meta_path(final).write_bytes(orjson.dumps({"digest": self.digest, "total": self.total,
                                                                  "version": self.version}))
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.offset else os.O_TRUNC)
         # Direct I/O from offset 0 only: a resumed file ends anywhere, and O_DIRECT wants aligned offsets.
@@ -245,10 +254,10 @@ class ImageReceiver:
         remembered = store.partials.pop(final, None)
         hasher = None
         if self.offset == 0:
-            hasher = hashlib.md5()
-        elif remembered is not None and remembered.size == self.offset:
+            hasher = hashlib.new(self.algorithm)
+        elif remembered is not None and remembered.size == self.offset and remembered.hasher.name == self.algorithm:
             hasher = remembered.hasher
-        # Without the MD5 state of the bytes already here (a resume after a restart), the whole file is
+        # Without the hash state of the bytes already here (a resume after a restart), the whole file is
         # hashed once at the end instead.
         self.writer = HashingWriter(self.fd, reactor=store.reactor, hasher=hasher, hashing=hasher is not None,
                                     threaded=store.threaded, pause=self.context.pause, resume=self.context.resume,
@@ -289,7 +298,7 @@ class ImageReceiver:
         self._superseded = True
 
     def abort(self, reason: Failure) -> None:
-        """Connection lost: keep the partial file (and its MD5 state) for the next attempt."""
+        """Connection lost: keep the partial file (and its hash state) for the next attempt."""
         d = defer.ensureDeferred(self._keep_partial())
         d.addErrback(lambda f: log.failure("keeping a partial transfer of {path} failed", f, path=str(self.final)))
         if not d.called:
@@ -337,29 +346,31 @@ class ImageReceiver:
             raise ApiError(protocol.TRANSFER_INCOMPLETE, received=size, total=self.total)
         return self
 
-    async def received_md5(self) -> str:
-        """The MD5 of the whole partial file, once :meth:`finish` has it complete (kept for the commit)."""
+    async def received_digest(self) -> str:
+        """The digest (``algorithm:hex``) of the whole partial file, once :meth:`finish` has it complete
+        (kept for the commit).  Hashed again from the file when the state in memory is not of it (an agent
+        restart) or of another algorithm (a version sealed with MD5 before, received while unsealed)."""
         remembered = self.store.partials.get(self.final)
-        if remembered is None or remembered.size != self.total:
-            remembered = Partial(await self._in_thread(md5_file, self.part), self.total)
+        if remembered is None or remembered.size != self.total or remembered.hasher.name != self.algorithm:
+            remembered = Partial(await self._in_thread(hash_file, self.part, self.algorithm), self.total)
             self.store.partials[self.final] = remembered
-        return remembered.hasher.hexdigest()
+        return protocol.digest_of(self.algorithm, remembered.hasher.hexdigest())
 
     async def commit(self) -> dict[str, Any]:
-        """Verify the MD5 of the whole file, then rename it into place (called by the authenticated handler)."""
-        if self.md5 is None:
-            raise ApiError(protocol.BAD_TRANSFER, reason="no md5 to verify the file against")
-        actual = await self.received_md5()
+        """Verify the digest of the whole file, then rename it into place (called by the authenticated handler)."""
+        if self.digest is None:
+            raise ApiError(protocol.BAD_TRANSFER, reason="no digest to verify the file against")
+        actual = await self.received_digest()
         self.store.partials.pop(self.final, None)
-        if actual != self.md5:
+        if actual != self.digest:
             _unlink(self.part)
             _unlink(self.store.part_meta_path(self.final))
-            raise ApiError(protocol.MD5_MISMATCH, expected=self.md5, actual=actual)
-        meta = orjson.dumps({"md5": self.md5, "size": self.total, "version": self.version})
+            raise ApiError(protocol.DIGEST_MISMATCH, expected=self.digest, actual=actual)
+        meta = orjson.dumps({"digest": self.digest, "size": self.total, "version": self.version})
         self.store.meta_path(self.final).write_bytes(meta)
         os.replace(self.part, self.final)
         _unlink(self.store.part_meta_path(self.final))
-        return {"path": str(self.final), "size": self.total, "md5": actual}
+        return {"path": str(self.final), "size": self.total, "digest": actual}
 
     @property
     def fsync(self) -> bool:

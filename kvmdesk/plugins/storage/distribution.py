@@ -8,8 +8,9 @@ One transfer record (collection ``image_transfers``) per image and node says how
   in memory), at most ``max_streams`` at once over the whole controller; transfers of the same file
   share the chunks they read (:class:`SharedReads`), so the file is read about once, not once per node;
 - asks the agent first what it already has, so an interrupted transfer resumes where it stopped and a
-  node that already holds the verified file is not sent it again (the agent checks the MD5 of the
-  whole file before the file appears under its name);
+  node that already holds the verified file is not sent it again (the agent checks the digest of the
+  whole file before the file appears under its name: ``md5:<hex>`` for base images, the md5 the API
+  shows; ``sha256:<hex>`` for template disk images);
 - retries a failed transfer after ``retry_initial`` seconds, doubling up to ``retry_max`` (on the
   injected clock), and at once when the node comes back online;
 - reconciles every ``reconcile_interval`` seconds and at start: every node of a pool gets a record
@@ -71,7 +72,8 @@ class Target:
     file_id: str
     role: int
     source: str
-    md5: str
+    #: ``algorithm:hex`` (:data:`kvmdesk.protocol.images.DIGEST`).
+    digest: str
     size: int
     pool_uuid: str
     version: Optional[int] = None
@@ -80,19 +82,21 @@ class Target:
 
     @classmethod
     def base_image(cls, image: Mapping[str, Any]) -> "Target":
-        return cls("base", image["uuid"], image["uuid"], BASE_IMAGE_ROLE, image["file"], image["md5_sum"],
+        return cls("base", image["uuid"], image["uuid"], BASE_IMAGE_ROLE, image["file"],
+                   protocol.digest_of("md5", image["md5_sum"]),
                    image["size_bytes"], image["resource_pool_uuid"])
 
     @classmethod
     def template_image(cls, image: Mapping[str, Any]) -> "Target":
-        return cls("template", image["image_id"], image["file_id"], image["role"], image["source"], image["md5"],
+        return cls("template", image["image_id"], image["file_id"], image["role"], image["source"],
+                   protocol.recorded_digest(image),
                    image["size_bytes"], image["resource_pool_uuid"], image.get("version"), image.get("template_uuid"),
                    image.get("template_name"))
 
     def record(self, clock: Any, node: Mapping[str, Any]) -> dict[str, Any]:
         return new_record(
             clock, kind=self.kind, image_uuid=self.image_uuid, file_id=self.file_id, role=self.role,
-            source=self.source, md5=self.md5, size_bytes=self.size, pool_uuid=self.pool_uuid, version=self.version,
+            source=self.source, digest=self.digest, size_bytes=self.size, pool_uuid=self.pool_uuid, version=self.version,
             template_uuid=self.template_uuid, template_name=self.template_name, node_uuid=node["uuid"],
             status=STATUS_SYNCING, progress=0, bytes_done=0, attempts=0, error=None, force=False, node_path=None,
             next_retry_at=None,
@@ -378,10 +382,11 @@ class Distributor(Service):
 
     async def _transfer(self, record: dict, node: Mapping[str, Any]) -> None:
         path = agent_path(record)
-        size, md5 = record["size_bytes"], record["md5"]
-        state = await self.link.call(node, "GET", path, params={"role": record["role"], "md5": md5})
+        # (transfer records written before digests named their algorithm hold an md5)
+        size, digest = record["size_bytes"], protocol.recorded_digest(record)
+        state = await self.link.call(node, "GET", path, params={"role": record["role"], "digest": digest})
         force = bool(record.get("force"))
-        if not force and state.get("exists") and state.get("md5") == md5 and state.get("size") == size:
+        if not force and state.get("exists") and state.get("digest") == digest and state.get("size") == size:
             await self._completed(record, state.get("path"))
             return
         offset = 0 if force else min(int(state.get("partial") or 0), size)
@@ -406,7 +411,8 @@ class Distributor(Service):
         producer = self.producer_factory(source, offset, size - offset, on_progress=progress.sent,
                                          chunk_size=self.chunk_size, reactor=self.core.reactor,
                                          direct=self.direct_io, shared=self.shared_reads)
-        params = {"role": record["role"], "offset": offset, "total": size, "md5": record["md5"]}
+        params = {"role": record["role"], "offset": offset, "total": size,
+                  "digest": protocol.recorded_digest(record)}
         if record.get("version") is not None:
             params["version"] = record["version"]
         sending = self.link.send(node, "PUT", agent_path(record), producer, params=params)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 
-from kvmdesk.protocol.storage import md5_file
 from kvmdesk.api.models import Model
 from kvmdesk.api.router import ApiRequest, Router
 from kvmdesk.core import errors as core_errors
@@ -22,6 +21,7 @@ from kvmdesk.core.store import Index
 from kvmdesk.core.threadpools import in_reactor_pool
 from kvmdesk.plugins.storage.distribution import NODES, TEMPLATE_IMAGES, TRANSFERS, Target
 from kvmdesk.plugins.storage.settings import distributor
+from kvmdesk.protocol.images import version_digest
 
 TAGS = ("nodes",)
 NODE = Resource("节点", "node")
@@ -71,25 +71,25 @@ async def publish_template_image(
     role: int,
     version: int,
     source: str | Path,
-    md5: Optional[str] = None,
+    digest: Optional[str] = None,
 ) -> dict:
     """Register (or replace with a new version) one template disk file and send it to every node of the pool.
 
     :param image_id: the disk's uuid (the file's name on the nodes).
     :param role: 1 system disk, 2 data disk (the node storage role it goes to).
     :param source: the file on the controller (it must stay there while nodes may need it).
-    :param md5: its MD5 if already known (otherwise computed here, in a thread).
+    :param digest: its digest (``sha256:<hex>``) if already known (otherwise computed here, in a thread).
     :returns: the stored record.
     """
     source = Path(source).absolute()
     reactor = core.reactor
     size = source.stat().st_size
-    if md5 is None:
-        md5 = (await in_reactor_pool(reactor, md5_file, source)).hexdigest()
+    if digest is None:
+        digest = await in_reactor_pool(reactor, version_digest, source)
     images = core.store.collection(TEMPLATE_IMAGES)
     fields = dict(template_uuid=template_uuid, template_name=template_name, resource_pool_uuid=pool_uuid,
                   image_id=image_id, file_id=image_id, role=int(role), version=int(version), source=str(source),
-                  md5=md5, size_bytes=size)
+                  digest=digest, size_bytes=size)
     existing = await images.find_one({"image_id": image_id})
     dist = distributor(core)
     if existing is None:
@@ -104,7 +104,7 @@ async def publish_template_image(
         for transfer in await transfers.find({"kind": "template", "image_uuid": image_id}):
             # A new version replaces the file on every node that had the old one.
             await transfers.update_one({"uuid": transfer["uuid"]}, {"$set": {
-                "md5": md5, "size_bytes": size, "version": int(version), "source": str(source), "role": int(role),
+                "digest": digest, "size_bytes": size, "version": int(version), "source": str(source), "role": int(role),
                 "template_name": template_name}})
             await dist.restart(transfer["uuid"], force=False)
     await dist.add(Target.template_image(record))

@@ -89,6 +89,6 @@ async def copy_disk(core: Any, source: dict, source_node: dict, target: dict, ol
                                                   params={"role": role}))
     url, headers = ticket(core, source_node, role, name)
     await nodes.call(core, target, "POST", f"/images/template/{name}/fetch",
-                     {"role": role, "md5": made["md5"], "total": made["size"], "version": 1, "url": url,
+                     {"role": role, "digest": made["digest"], "total": made["size"], "version": 1, "url": url,
                       "ticket": headers}, template_name=source["name"], timeout=FETCH_TIMEOUT)
     await nodes.call(core, source_node, "DELETE", f"/disks/template/{name}", params={"role": role})

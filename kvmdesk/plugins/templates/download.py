@@ -19,6 +19,7 @@ from zope.interface import implementer
 from kvmdesk.core.errors import ApiError
 from kvmdesk.plugins.templates import errors, nodes, schema
 from kvmdesk.plugins.templates.service import refuse_if_updating, template_or_404
+from kvmdesk.protocol.images import recorded_digest
 
 log = Logger(namespace="kvmdesk.templates.download")
 
@@ -31,12 +32,13 @@ def latest_system_file(template: Mapping[str, Any]) -> dict:
 
 
 async def prepare(core: Any, uuid: str) -> dict:
-    """The action's answer: where to GET the file, its name and size."""
+    """The action's answer: where to GET the file, its name, size and digest (``sha256:<hex>``; ``md5:<hex>``
+    for a version saved before versions were sealed with SHA-256)."""
     template = await template_or_404(core, uuid)
     refuse_if_updating(template)
     file = latest_system_file(template)
     return {"uuid": uuid, "name": f"{template['name']}.qcow2", "version": template["version"], "size": file["size"],
-            "md5": file["md5"], "url": f"/api/v1.0/education/template/{uuid}/download"}
+            "digest": recorded_digest(file), "url": f"/api/v1.0/education/template/{uuid}/download"}
 
 
 @implementer(IPushProducer)

@@ -1,9 +1,11 @@
 """#70 save: a template's disks become an immutable new version, sent to every node of its pool.
 
-The host node flattens each disk into ``<disk>.v<N>`` (sealed with its MD5, computed while the others
-already fetch it: :func:`send_sealing`).  Every other node of the pool fetches those files *from the
-host node's agent*, on a ticket the controller signed with the host's secret
-(:mod:`kvmdesk.agent.images.peers`), and verifies them by MD5: the controller moves no bytes.  The template is
+The host node flattens each disk into ``<disk>.v<N>`` (sealed with its SHA-256 digest, computed while
+the others already fetch it: :func:`send_sealing`).  Every other node of the pool fetches those files
+*from the host node's agent*, on a ticket the controller signed with the host's secret
+(:mod:`kvmdesk.agent.images.peers`), and verifies their digest: the controller moves no bytes.  A
+version's files record ``digest`` (``sha256:<hex>``); versions saved before hold an ``md5`` instead and
+are still sent and verified by it (:func:`kvmdesk.protocol.images.recorded_digest`).  The template is
 ``updating`` meanwhile; a node that could not be reached gets the version when it comes back
 (:func:`catch_up`).  Versions are kept per template (``versions``), with each node's state
 (``publish``: node uuid -> ``{"version", "status", "error"}``; 0 done, 1 under way, 2 failed).
@@ -22,12 +24,13 @@ from kvmdesk.core.errors import ApiError
 from kvmdesk.core.records import now_text
 from kvmdesk.plugins.templates import errors, nodes, schema
 from kvmdesk.plugins.templates.service import Undo, domain_state, refuse_if_updating, template_or_404, templates
+from kvmdesk.protocol.images import recorded_digest
 
 log = Logger(namespace="kvmdesk.templates.publish")
 DONE, SYNCING, FAILED = 0, 1, 2
 #: Seconds a fetch may take (a 2 GiB version over a slow link); the ticket itself is checked at once.
 FETCH_TIMEOUT = 6 * 3600.0
-#: Seconds a flatten, or the MD5 of what it made, may take (a 2 GiB version took 25 s on a busy host).
+#: Seconds a flatten, or the digest of what it made, may take (a 2 GiB version took 25 s on a busy host).
 SEAL_TIMEOUT = 6 * 3600.0
 
 
@@ -52,8 +55,8 @@ async def send_to(core: Any, template: Mapping[str, Any], host: Mapping[str, Any
         for f in files:
             url, headers = ticket(core, host, f["role"], f["file_id"])
             await nodes.call(core, node, "POST", f"/images/template/{f['file_id']}/fetch",
-                             {"role": f["role"], "md5": f["md5"], "total": f["size"], "version": version, "url": url,
-                              "ticket": headers}, template_name=template["name"], timeout=FETCH_TIMEOUT)
+                             {"role": f["role"], "digest": recorded_digest(f), "total": f["size"], "version": version,
+                              "url": url, "ticket": headers}, template_name=template["name"], timeout=FETCH_TIMEOUT)
     except ApiError as exc:
         log.warn("node {node} did not get version {v} of template {t}: {why}", node=node.get("ip"), v=version,
                  t=template["name"], why=exc.message("en"))
@@ -63,11 +66,11 @@ async def send_to(core: Any, template: Mapping[str, Any], host: Mapping[str, Any
 
 async def send_sealing(core: Any, template: Mapping[str, Any], host: Mapping[str, Any], targets: list[dict],
                        files: list[dict], version: int) -> list[dict]:
-    """Send a version the host is still hashing (``seal_later``) to ``targets``; fills each file's ``md5``.
+    """Send a version the host is still hashing (``seal_later``) to ``targets``; fills each file's ``digest``.
 
-    The nodes fetch at once, without the MD5 (each hashes what it receives), while the host computes
+    The nodes fetch at once, without the digest (each hashes what it receives), while the host computes
     it: its hashing overlaps the transfers instead of delaying them.  Then each node fetches again
-    with the MD5, which only verifies and commits what it holds (nothing is sent again); a node whose
+    with the digest, which only verifies and commits what it holds (nothing is sent again); a node whose
     copy does not match drops it and fetches it whole once more.  Returns each target's publish state.
     """
     receiving = [defer.ensureDeferred(send_to(core, template, host, n, files, version)) for n in targets]
@@ -76,7 +79,7 @@ async def send_sealing(core: Any, template: Mapping[str, Any], host: Mapping[str
             sealed = await nodes.call(core, host, "POST", f"/disks/template/{f['file_id']}/seal",
                                       params={"role": f["role"]}, template_name=template["name"],
                                       timeout=SEAL_TIMEOUT)
-            f["md5"] = sealed["md5"]
+            f["digest"] = sealed["digest"]
     finally:
         received = await defer.gatherResults(receiving, consumeErrors=True)
     return await defer.gatherResults([defer.ensureDeferred(verify_on(core, template, host, node, files, version, first))
@@ -98,9 +101,10 @@ async def progress_of(core: Any, node: Mapping[str, Any], files: list[dict]) -> 
     """Per disk (device uuid), the percentage of its version file ``node`` holds (received and verified: 100)."""
     found = {}
     for f in files:
-        params = {"role": f["role"], **({"md5": f["md5"]} if f["md5"] else {})}  # None: still being sealed
+        digest = recorded_digest(f)
+        params = {"role": f["role"], **({"digest": digest} if digest else {})}  # None: still being sealed
         state = await nodes.call(core, node, "GET", f"/images/template/{f['file_id']}", params=params)
-        done = state.get("exists") and state.get("md5") == f["md5"]
+        done = state.get("exists") and state.get("digest") == digest
         found[f["device_uuid"]] = 100 if done else int(100 * int(state.get("partial") or 0) / max(1, f["size"]))
     return found
 
@@ -181,8 +185,8 @@ async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
                                     template_name=template["name"], field="uuid", timeout=SEAL_TIMEOUT)
             undo.push(f"version file {name}", lambda n=name, r=device["role"]: nodes.call(
                 core, host, "DELETE", f"/disks/template/{n}", params={"role": r}))
-            files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name, "md5": made["md5"],
-                          "size": made["size"]})
+            files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name,
+                          "digest": made["digest"], "size": made["size"]})
         targets = [n for n in await pool_targets(core, template) if n.get("agent_secret")]
         progress = ProgressReport(core, template, host, targets, files, version)
         progress.start(float(core.config.get("templates.progress_interval", 2.0)))

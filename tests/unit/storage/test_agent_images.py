@@ -19,7 +19,10 @@ from kvmdesk.core.errors import ApiError
 from storage_testlib import InProcessAgent, RawHTTP, decode, files_in, http_client, parse_response, request_head, with_timeout
 
 CONTENT = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(40000))  # 1.28 MB
-MD5 = hashlib.md5(CONTENT).hexdigest()
+MD5_HEX = hashlib.md5(CONTENT).hexdigest()
+#: Base images are sent with their MD5 (the API's md5_sum); template versions with SHA-256.
+DIGEST = f"md5:{MD5_HEX}"
+SHA256 = f"sha256:{hashlib.sha256(CONTENT).hexdigest()}"
 FILE_ID = "0b7c6a7e-1111-4c3e-9a55-4b2b3a0c9d01"
 
 
@@ -27,21 +30,21 @@ def url(agent: InProcessAgent, path: str) -> str:
     return f"http://{agent.host}:{agent.port}/agent/v1{path}"
 
 
-async def put(agent, body: bytes, *, offset: int = 0, total: int = len(CONTENT), md5: str = MD5,
+async def put(agent, body: bytes, *, offset: int = 0, total: int = len(CONTENT), digest: str = DIGEST,
               file_id: str = FILE_ID, kind: str = "base", role: int = 1) -> tuple[int, dict]:
     response = await http_client().put(url(agent, f"/images/{kind}/{file_id}"), data=body,
-                                       params={"role": role, "offset": offset, "total": total, "md5": md5})
+                                       params={"role": role, "offset": offset, "total": total, "digest": digest})
     return await decode(response)
 
 
-async def state(agent, file_id: str = FILE_ID, md5: str = MD5) -> dict:
+async def state(agent, file_id: str = FILE_ID, digest: str = DIGEST) -> dict:
     status, body = await decode(await http_client().get(url(agent, f"/images/base/{file_id}"),
-                                                        params={"role": 1, "md5": md5}))
+                                                        params={"role": 1, "digest": digest}))
     assert status == 200, body
     return body["data"]
 
 
-async def cut_after(agent, count: int, offset: int = 0) -> None:
+async def cut_after(agent, count: int, offset: int = 0, digest: str = DIGEST) -> None:
     """Send a PUT that declares the rest of the file but stops after ``count`` bytes (a broken link)."""
     stored: defer.Deferred = defer.Deferred()
     write = ImageReceiver.write
@@ -54,7 +57,7 @@ async def cut_after(agent, count: int, offset: int = 0) -> None:
     ImageReceiver.write = spy
     try:
         client = await RawHTTP().connect(agent.host, agent.port)
-        path = f"/agent/v1/images/base/{FILE_ID}?role=1&offset={offset}&total={len(CONTENT)}&md5={MD5}"
+        path = f"/agent/v1/images/base/{FILE_ID}?role=1&offset={offset}&total={len(CONTENT)}&digest={digest}"
         client.send(request_head("PUT", path, {"Content-Length": str(len(CONTENT) - offset)}))
         client.send(CONTENT[offset:offset + count])
         await with_timeout(stored, what="the bytes on the agent")  # written: now the link breaks
@@ -75,13 +78,59 @@ async def test_a_complete_transfer_is_verified_then_visible(agent):
     status, body = await put(agent, CONTENT)
     assert status == 200, body
     final = agent.base_image(FILE_ID)
-    assert body["data"] == {"path": str(final), "size": len(CONTENT), "md5": MD5}
+    assert body["data"] == {"path": str(final), "size": len(CONTENT), "digest": DIGEST}
     assert final.read_bytes() == CONTENT
     assert files_in(final.parent) == sorted([FILE_ID, f".{FILE_ID}.json"])
     now = await state(agent)
-    assert (now["exists"], now["md5"], now["size"], now["partial"]) == (True, MD5, len(CONTENT), 0)
+    assert (now["exists"], now["digest"], now["size"], now["partial"]) == (True, DIGEST, len(CONTENT), 0)
     status, body = await decode(await http_client().get(url(agent, "/images/base"), params={"role": 1}))
-    assert [f["file_id"] for f in body["data"]] == [FILE_ID] and body["data"][0]["md5"] == MD5
+    assert [f["file_id"] for f in body["data"]] == [FILE_ID] and body["data"][0]["digest"] == DIGEST
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sha256_digest_is_verified_and_recorded(agent):
+    corrupt = bytearray(CONTENT)
+    corrupt[70_000] ^= 0x01
+    status, body = await put(agent, bytes(corrupt), digest=SHA256)
+    assert status == 422 and body["code"] == 4043 and SHA256 in body["msg"], body
+    assert files_in(agent.base_image(FILE_ID).parent) == []
+    status, body = await put(agent, CONTENT, digest=SHA256)
+    assert status == 200 and body["data"]["digest"] == SHA256, body
+    assert (await state(agent, digest=SHA256))["digest"] == SHA256
+    # The right bytes announced with a wrong SHA-256 are refused too.
+    assert (await put(agent, CONTENT, digest="sha256:" + "0" * 64))[1]["code"] == 4043
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sha256_transfer_resumes_where_it_stopped(agent):
+    await cut_after(agent, 400_000, digest=SHA256)
+    assert (await state(agent, digest=DIGEST))["partial"] == 0  # another content's partial is not offered
+    have = (await state(agent, digest=SHA256))["partial"]
+    assert have >= 400_000 and agent.images.partials[agent.base_image(FILE_ID)].hasher.name == "sha256"
+    status, body = await put(agent, CONTENT[have:], offset=have, digest=SHA256)
+    assert status == 200 and body["data"]["digest"] == SHA256, body
+    assert agent.base_image(FILE_ID).read_bytes() == CONTENT
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_recorded_with_an_md5_before_digests_stay_verifiable(agent):
+    """Metadata an agent wrote before digests named their algorithm holds ``md5``: read as ``md5:<hex>``."""
+    final = agent.base_image(FILE_ID)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    final.write_bytes(CONTENT)
+    final.with_name(f".{FILE_ID}.json").write_bytes(b'{"md5": "%s", "size": %d}' % (MD5_HEX.encode(), len(CONTENT)))
+    now = await state(agent)
+    assert (now["exists"], now["digest"]) == (True, DIGEST)
+    status, body = await decode(await http_client().get(url(agent, "/images/base"), params={"role": 1}))
+    assert body["data"][0]["digest"] == DIGEST
+    # An interrupted transfer recorded the same way resumes, and is checked by its MD5.
+    other = "2b7c6a7e-1111-4c3e-9a55-4b2b3a0c9d03"
+    part = final.with_name(f".{other}.part")
+    part.write_bytes(CONTENT[:300_000])
+    final.with_name(f".{other}.part.json").write_bytes(b'{"md5": "%s", "total": %d}' % (MD5_HEX.encode(), len(CONTENT)))
+    assert (await state(agent, file_id=other))["partial"] == 300_000
+    status, body = await put(agent, CONTENT[300_000:], offset=300_000, file_id=other)
+    assert status == 200 and body["data"]["digest"] == DIGEST, body
 
 
 @pytest_twisted.ensureDeferred
@@ -141,7 +190,7 @@ async def test_a_restarted_agent_resumes_from_disk_and_hashes_the_whole_file(age
     seen = await state(agent)
     assert seen["partial"] >= 700_000
     status, body = await put(agent, CONTENT[seen["partial"]:], offset=seen["partial"])
-    assert status == 200 and body["data"]["md5"] == MD5
+    assert status == 200 and body["data"]["digest"] == DIGEST
 
 
 @pytest_twisted.ensureDeferred
@@ -167,7 +216,7 @@ async def test_a_wrong_offset_is_answered_with_what_is_there(agent):
     status, body = await put(agent, CONTENT[have + 10:], offset=have + 10)
     assert status == 409 and body["code"] == 4042 and body["data"] == {"partial": have}
     # A partial file of other content is never resumed.
-    status, body = await put(agent, CONTENT[have:], offset=have, md5="0" * 32)
+    status, body = await put(agent, CONTENT[have:], offset=have, digest="md5:" + "0" * 32)
     assert status == 409 and body["data"] == {"partial": 0}
 
 
@@ -185,18 +234,23 @@ async def test_names_outside_the_image_directories_are_refused(agent, file_id, k
 @pytest_twisted.ensureDeferred
 async def test_encoded_slashes_do_not_reach_the_file_system(agent):
     response = await http_client().put(url(agent, "/images/base/..%2F..%2Fescape"), data=CONTENT,
-                                       params={"role": 1, "offset": 0, "total": len(CONTENT), "md5": MD5})
+                                       params={"role": 1, "offset": 0, "total": len(CONTENT), "digest": DIGEST})
     status, body = await decode(response)
     assert status in (400, 404) and isinstance(body, dict) and body["code"] != 0
     assert not (agent.data_dir / "escape").exists() and not (agent.storage / "escape").exists()
 
 
 @pytest.mark.parametrize("params, reason", [
-    ({"offset": 0, "total": 10, "md5": MD5}, "body of"),
-    ({"offset": 0, "total": len(CONTENT), "md5": "xyz"}, "md5"),
-    ({"offset": 5, "total": 2, "md5": MD5}, "offset"),
-    ({"offset": 0, "md5": MD5}, "total"),
-    ({"offset": 0, "total": len(CONTENT), "md5": MD5, "role": 9}, "role"),
+    ({"offset": 0, "total": 10, "digest": DIGEST}, "body of"),
+    ({"offset": 0, "total": len(CONTENT), "digest": "xyz"}, "digest"),
+    ({"offset": 0, "total": len(CONTENT), "digest": MD5_HEX}, "digest"),  # the algorithm must be named
+    ({"offset": 0, "total": len(CONTENT), "digest": DIGEST.upper()}, "digest"),
+    ({"offset": 0, "total": len(CONTENT), "digest": "sha1:" + "0" * 40}, "digest"),
+    ({"offset": 0, "total": len(CONTENT), "digest": "sha256:" + "0" * 32}, "digest"),
+    ({"offset": 0, "total": len(CONTENT), "md5": MD5_HEX}, "digest"),  # the parameter before digests
+    ({"offset": 5, "total": 2, "digest": DIGEST}, "offset"),
+    ({"offset": 0, "digest": DIGEST}, "total"),
+    ({"offset": 0, "total": len(CONTENT), "digest": DIGEST, "role": 9}, "role"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_transfer_parameters_are_refused(agent, params, reason):
@@ -228,7 +282,7 @@ async def test_stream_guard_refuses_before_anything_is_written(agent):
 
     agent.site.api_router.stream_guard = guard
     client = await RawHTTP().connect(agent.host, agent.port)
-    path = f"/agent/v1/images/base/{FILE_ID}?role=1&offset=0&total={len(CONTENT)}&md5={MD5}"
+    path = f"/agent/v1/images/base/{FILE_ID}?role=1&offset=0&total={len(CONTENT)}&digest={DIGEST}"
     client.send(request_head("PUT", path, {"Content-Length": str(len(CONTENT))}) + CONTENT[:1000])
     status, _, body = parse_response(await with_timeout(client.first_bytes, what="401"))
     assert status == 401 and body["code"] == 1008
@@ -237,7 +291,7 @@ async def test_stream_guard_refuses_before_anything_is_written(agent):
     assert not agent.base_image(FILE_ID).exists()
     assert agent.images.partials == {} and agent.images.active == {}
     response = await http_client().put(url(agent, f"/images/base/{FILE_ID}"), data=CONTENT, headers={"X-Signature": "good"},
-                                       params={"role": 1, "offset": 0, "total": len(CONTENT), "md5": MD5})
+                                       params={"role": 1, "offset": 0, "total": len(CONTENT), "digest": DIGEST})
     assert response.code == 200
 
 
@@ -251,7 +305,7 @@ async def test_routes_work_on_a_site_without_streaming(tmp_path):
     try:
         target = f"http://127.0.0.1:{port.getHost().port}/agent/v1/images/template/{FILE_ID}"
         response = await http_client().put(target, data=CONTENT,
-                                           params={"role": 2, "offset": 0, "total": len(CONTENT), "md5": MD5})
+                                           params={"role": 2, "offset": 0, "total": len(CONTENT), "digest": DIGEST})
         status, body = await decode(response)
         assert status == 200, body
         assert Path(body["data"]["path"]) == tmp_path / "storage" / "instances" / "_template" / FILE_ID

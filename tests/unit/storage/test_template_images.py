@@ -1,6 +1,8 @@
 """Template disk images on nodes (#34-#35): published by the templates plugin, listed per node, resent."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest_twisted
 
 from kvmdesk.plugins.storage.template_images import publish_template_image, remove_template_image
@@ -26,8 +28,9 @@ async def test_published_disks_reach_the_nodes_and_are_listed_per_role(tmp_path,
         core, distributor = api.core, api.distributor
         nodes = [await add_node(core, api.pool, agent.host, f"node-{i}") for i, agent in enumerate(agents)]
         done = [wait_all(distributor, "done", [n["uuid"] for n in nodes], image) for image in (SYS_ID, DATA_ID)]
-        await publish_template_image(core, template_uuid=TEMPLATE, template_name="teacher-win7", pool_uuid=api.pool,
-                                     image_id=SYS_ID, role=1, version=1, source=system)
+        record = await publish_template_image(core, template_uuid=TEMPLATE, template_name="teacher-win7",
+                                              pool_uuid=api.pool, image_id=SYS_ID, role=1, version=1, source=system)
+        assert record["digest"] == "sha256:" + hashlib.sha256(system.read_bytes()).hexdigest()  # a version: SHA-256
         await publish_template_image(core, template_uuid=TEMPLATE, template_name="teacher-win7", pool_uuid=api.pool,
                                      image_id=DATA_ID, role=2, version=1, source=data)
         for d in done:

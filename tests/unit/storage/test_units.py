@@ -387,14 +387,14 @@ class FakeLink:
 
     def call(self, node, method, path, *, json=None, params=None):
         if method == "GET":
-            return defer.succeed({"exists": False, "size": 0, "md5": None, "partial": 0, "path": "/n/" + path})
+            return defer.succeed({"exists": False, "size": 0, "digest": None, "partial": 0, "path": "/n/" + path})
         return defer.succeed({"removed": True})
 
     def send(self, node, method, path, body, *, params=None):
         self.sends += 1
         if self.sends <= self.failures:
             return defer.fail(AgentUnreachable("connection refused"))
-        return defer.succeed({"path": "/n" + path, "size": body.length, "md5": params["md5"]})
+        return defer.succeed({"path": "/n" + path, "size": body.length, "digest": params["digest"]})
 
 
 async def upload_one(api, tmp_path):
@@ -483,6 +483,35 @@ async def test_transfers_interrupted_by_a_controller_restart_resume_at_start(tmp
         api.distributor.startService()
         await with_timeout(done)
         assert link.sends == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_base_image_goes_with_its_md5_digest_even_from_a_transfer_recorded_before_digests(tmp_path, clock):
+    class Recording(FakeLink):
+        def __init__(self, failures: int):
+            super().__init__(failures)
+            self.sent_params: list = []
+
+        def send(self, node, method, path, body, *, params=None):
+            self.sent_params.append(params)
+            return super().send(node, method, path, body, params=params)
+
+    async with controller(tmp_path, clock) as api:
+        link = Recording(failures=0)
+        api.core.extensions["storage.agent_link"] = link
+        await add_node(api.core, api.pool, "10.0.0.1", "n1")
+        image = await upload_one(api, tmp_path)  # the distributor is not running: the transfer waits
+        transfers = api.core.store.collection("image_transfers")
+        (transfer,) = await transfers.find({"image_uuid": image["uuid"]})
+        assert transfer["digest"] == "md5:" + image["md5_sum"]
+        # what an earlier release stored: the md5 alone
+        await transfers.update_one({"uuid": transfer["uuid"]}, {"$unset": {"digest": ""},
+                                                                 "$set": {"md5": image["md5_sum"]}})
+        done = defer.Deferred()
+        api.distributor.observers.append(lambda e, r: e == "done" and not done.called and done.callback(r))
+        api.distributor.startService()
+        await with_timeout(done)
+        assert [p["digest"] for p in link.sent_params] == ["md5:" + image["md5_sum"]]
 
 
 @pytest_twisted.ensureDeferred

@@ -1,5 +1,5 @@
 """#70 save: a new immutable version flattened on the host node and fetched by every other node of the
-pool straight from the host's agent (a controller-signed ticket), md5-identical; run_date schedules it
+pool straight from the host's agent (a controller-signed ticket), identical (SHA-256 verified); run_date schedules it
 (validated, replacing the pending one, surviving a restart); a node that missed it catches up."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from kvmdesk.plugins.templates import errors, plugin, publish, schedule, schema
 from templates_testlib import T, assert_error, restarted, started
 
 
-def md5(path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
+def sha256(path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def version_files(agent, template, version: int) -> list:
@@ -40,9 +40,12 @@ async def test_save_publishes_a_version_to_every_node_of_the_pool(world):
     host = world.agent_of(template)
     (other,) = [a for a in world.agents if a is not host]
     for ours, theirs in zip(version_files(host, template, 1), version_files(other, template, 1)):
-        assert ours.is_file() and theirs.is_file() and md5(ours) == md5(theirs)
+        assert ours.is_file() and theirs.is_file() and sha256(ours) == sha256(theirs)
     stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
     assert stored["status"] == "inactive" and stored["version"] == 1
+    # each version file is recorded with its SHA-256, as the nodes verified it
+    assert {f["file_id"]: f["digest"] for f in stored["versions"][-1]["files"]} == {
+        p.name: sha256(p) for p in version_files(host, template, 1)}
     status, body = await world.api.call("GET", f"{T}/image/", params={"pool_uuid": world.pool,
                                                                       "template_uuid": template["uuid"]})
     assert {s["status"] for r in body["data"]["results"] for s in r["storages"]} == {0}
@@ -173,21 +176,21 @@ async def test_download_streams_the_current_version_from_the_node(world):
     assert answer["name"] == "template1.qcow2" and answer["version"] == 1
     status, content = await world.api.call("GET", answer["url"].removeprefix("/api/v1.0"))
     assert status == 200
-    assert len(content) == answer["size"] and hashlib.md5(content).hexdigest() == answer["md5"]
+    assert len(content) == answer["size"] and "sha256:" + hashlib.sha256(content).hexdigest() == answer["digest"]
     (system,) = [p for p in version_files(world.agent_of(template), template, 1) if p.name.startswith(
         template["devices"][0]["uuid"])]
-    assert md5(system) == answer["md5"]
+    assert sha256(system) == answer["digest"]
 
 
 async def saved_elsewhere(world, device: int) -> tuple[dict, dict, Any, str]:
-    """A template saved once: ``(template, the other node, its version file of devices[device], md5)``."""
+    """A template saved once: ``(template, the other node, its version file of devices[device], digest)``."""
     template = await world.create()
     await world.api.call("POST", T, {"action": "save", "param": {"name": template["name"], "uuid": template["uuid"]}})
     other = next(n for n in world.nodes if n["uuid"] != template["host_uuid"])
     agent = world.agents[[n["uuid"] for n in world.nodes].index(other["uuid"])]
     image = template["devices"][device]["uuid"]
     file = next(p for p in version_files(agent, template, 1) if p.name.startswith(image))
-    return template, other, file, md5(file)
+    return template, other, file, sha256(file)
 
 
 @pytest_twisted.ensureDeferred
@@ -205,7 +208,51 @@ async def test_resync_sends_one_disk_version_to_one_node_again(world):
         assert not lost.exists()
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
     assert status == 200 and body["data"]["status"] == 0, body
-    assert md5(lost) == expected
+    assert sha256(lost) == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_sealed_with_md5_before_is_still_sent_and_verified_by_its_md5(world):
+    """Records from before versions were sealed with SHA-256 hold ``md5`` (the controller's version files,
+    the host agent's metadata): such a version is resent, verified by MD5, reported and downloadable."""
+    template, other, lost, _ = await saved_elsewhere(world, 0)
+    templates = world.core.store.collection("templates")
+    stored = await templates.find_one({"uuid": template["uuid"]})
+    host_agent = world.agent_of(template)
+    old_files = []
+    for f in stored["versions"][-1]["files"]:
+        old_md5 = None
+        for directory in (host_agent.data_dir / "storage" / "instances" / "_template", lost.parent):
+            path = directory / f["file_id"]
+            old_md5 = hashlib.md5(path.read_bytes()).hexdigest()
+            old_meta = '{"md5": "%s", "size": %d, "version": 1}' % (old_md5, f["size"])
+            path.with_name(f".{path.name}.json").write_text(old_meta)
+        old_files.append({k: v for k, v in f.items() if k != "digest"} | {"md5": old_md5})
+    versions = [{**stored["versions"][-1], "files": old_files}]
+    await templates.update_one({"uuid": template["uuid"]}, {"$set": {"versions": versions}})
+    system = old_files[0]
+    assert system["device_uuid"] == template["devices"][0]["uuid"]
+
+    lost.unlink()
+    param = {"ipaddr": other["ip"], "role": 1, "image_id": system["device_uuid"], "version": 1}
+    status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
+    assert status == 200 and body["data"]["status"] == 0, body
+    assert hashlib.md5(lost.read_bytes()).hexdigest() == system["md5"]
+    assert f'"digest":"md5:{system["md5"]}"' in lost.with_name(f".{lost.name}.json").read_text()
+    node = await world.core.store.collection("nodes").find_one({"uuid": other["uuid"]})
+    assert await publish.progress_of(world.core, node, old_files) == {f["device_uuid"]: 100 for f in old_files}
+    status, body = await world.api.call("POST", T, {"action": "download", "param": {"name": template["name"],
+                                                                                    "uuid": template["uuid"]}})
+    assert status == 200 and body["data"]["digest"] == f"md5:{system['md5']}", body
+
+    # a copy on the node that does not match its MD5 is refused, naming the digest
+    lost.unlink()
+    lost.with_name(f".{lost.name}.json").unlink()
+    wrong = [{**system, "md5": "0" * 32}]
+    result = await publish.send_to(world.core, stored, await world.core.store.collection("nodes").find_one(
+        {"uuid": template["host_uuid"]}), node, wrong, 1)
+    assert result["status"] == publish.FAILED and "md5:" + "0" * 32 in result["error"], result
+    assert not lost.exists()
 
 
 @pytest_twisted.ensureDeferred
@@ -222,7 +269,7 @@ async def test_a_version_listed_among_a_nodes_template_images_is_resent_from_the
         lost.unlink()
         status, body = await world.api.call("POST", path, shape)
         assert status == 200 and body["data"]["status"] == 0, body
-        assert md5(lost) == expected
+        assert sha256(lost) == expected
     for shape, status_code, code, word in [
             ({"role": 1}, 400, core_errors.INVALID_PARAM.code, "role"),
             ({"version": 9}, 400, core_errors.INVALID_PARAM.code, "version")]:
@@ -263,7 +310,7 @@ async def test_a_save_interrupted_by_a_restart_leaves_nothing_updating_and_its_j
         assert stored["versions"][-1]["job_id"] == record["uuid"]
         assert leftover.read_bytes()[:4] == b"QFI\xfb"  # a real qcow2 now
         for ours, theirs in zip(version_files(host, template, 1), version_files(other, template, 1)):
-            assert md5(ours) == md5(theirs)
+            assert sha256(ours) == sha256(theirs)
 
         # a save job resumed once its version was stored (the restart came just after) makes no second one
         await api.core.jobs.collection.update_one({"uuid": record["uuid"]}, {"$set": {
@@ -293,7 +340,7 @@ async def test_publish_progress_is_asked_of_each_node_per_disk(world):
     final.unlink()
     (final.parent / f".{final.name}.part").write_bytes(half)
     (final.parent / f".{final.name}.part.json").write_text(
-        '{"md5": "%s", "total": %d, "version": 1}' % (system["md5"], system["size"]))
+        '{"digest": "%s", "total": %d, "version": 1}' % (system["digest"], system["size"]))
     progress = await publish.progress_of(world.core, node, files)
     assert progress[system["device_uuid"]] == 50 and progress[files[1]["device_uuid"]] == 100
 
@@ -322,11 +369,11 @@ async def test_a_fetch_resumes_from_the_partial_file_and_verifies_the_whole(worl
     # a partial file of that content whose bytes were damaged: only a resume would use them
     (final.parent / f".{final.name}.part").write_bytes(b"\xff" * (system["size"] // 2))
     (final.parent / f".{final.name}.part.json").write_text(
-        '{"md5": "%s", "total": %d, "version": 1}' % (system["md5"], system["size"]))
+        '{"digest": "%s", "total": %d, "version": 1}' % (system["digest"], system["size"]))
     param = {"ipaddr": other["ip"], "role": 1, "image_id": system["device_uuid"], "version": 1}
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param},
                                         headers={"Accept-Language": "en"})
-    assert status == 502 and body["code"] == errors.SEND_FAILED.code and system["md5"] in body["msg"], body  # resumed, then refused whole: checksum
+    assert status == 502 and body["code"] == errors.SEND_FAILED.code and system["digest"] in body["msg"], body  # resumed, then refused whole: checksum
     assert not final.exists()
     status, body = await world.api.call("POST", T, {"action": "resync", "param": param})
     assert status == 200, body  # the damaged partial was dropped: fetched from the start
@@ -335,8 +382,8 @@ async def test_a_fetch_resumes_from_the_partial_file_and_verifies_the_whole(worl
 
 @pytest_twisted.ensureDeferred
 async def test_a_version_fetched_while_its_source_hashes_it_is_verified_and_a_damaged_copy_refetched(world):
-    """The save's nodes fetch a version before the host knows its MD5 (they hash what they receive);
-    the check with the MD5 then catches a copy that arrived damaged, drops it and fetches it whole."""
+    """The save's nodes fetch a version before the host knows its digest (they hash what they receive);
+    the check with the digest then catches a copy that arrived damaged, drops it and fetches it whole."""
     created = await world.create()
     template = await world.core.store.collection("templates").find_one({"uuid": created["uuid"]})
     device = template["devices"][0]
@@ -347,15 +394,15 @@ async def test_a_version_fetched_while_its_source_hashes_it_is_verified_and_a_da
     name = publish.version_file(device["file_id"], 7)
     made = await agents.call(host, "POST", f"/disks/template/{device['file_id']}/copy", {
         "role": 1, "version": 7, "seal_later": True, "to": {"kind": "template", "role": 1, "file_id": name}})
-    assert made["md5"] is None  # answered before the hash
+    assert made["digest"] is None  # answered before the hash
     sealed = await agents.call(host, "POST", f"/disks/template/{name}/seal", params={"role": 1})
     source = world.agent_of(template).data_dir / "storage" / "instances" / "_template" / name
-    assert sealed == {"md5": md5(source), "size": source.stat().st_size, "version": 7}
+    assert sealed == {"digest": sha256(source), "size": source.stat().st_size, "version": 7}
     good = source.read_bytes()
 
     # the bytes arrive damaged: the unsealed fetch keeps them (it cannot know yet)
     source.write_bytes(good[:100] + bytes([good[100] ^ 0xFF]) + good[101:])
-    files = [{"device_uuid": device["uuid"], "role": 1, "file_id": name, "md5": None, "size": len(good)}]
+    files = [{"device_uuid": device["uuid"], "role": 1, "file_id": name, "digest": None, "size": len(good)}]
     received = await publish.send_to(world.core, template, host, node, files, 7)
     assert received["status"] == publish.DONE
     source.write_bytes(good)
@@ -363,8 +410,8 @@ async def test_a_version_fetched_while_its_source_hashes_it_is_verified_and_a_da
         "instances" / "_template" / name
     assert not target.exists() and (target.parent / f".{name}.part").is_file()
 
-    # with the MD5 the node checks what it holds, refuses it, and the second try fetches it whole
-    files[0]["md5"] = sealed["md5"]
+    # with the digest the node checks what it holds, refuses it, and the second try fetches it whole
+    files[0]["digest"] = sealed["digest"]
     result = await publish.verify_on(world.core, template, host, node, files, 7, received)
     assert result == {"version": 7, "status": publish.DONE, "error": None}
     assert target.read_bytes() == good and not (target.parent / f".{name}.part").exists()
