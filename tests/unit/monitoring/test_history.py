@@ -6,6 +6,7 @@ from pathlib import Path
 import orjson
 import pytest_twisted
 
+from kvmdesk.core.plugins import gather_hook
 from kvmdesk.core.records import format_time
 from kvmdesk.plugins.monitoring import days
 from kvmdesk.plugins.monitoring.rollups import LEGACY_HOURS, MINUTES
@@ -246,7 +247,7 @@ async def test_a_known_node_is_answered_without_reading_its_record_and_a_removed
         assert monitor(api).known_nodes == records and {first["uuid"], second["uuid"]} <= records
         # A removed node is forgotten: its history is refused, as for any unknown uuid.
         await api.core.store.collection("nodes").delete_many({"uuid": first["uuid"]})
-        api.core.plugins.hook.kvmdesk_node_removed(core=api.core, node=first)
+        await gather_hook(api.core.plugins.hook.kvmdesk_node_removed(core=api.core, node=first))
         status, body = await api.call("GET", HISTORY, params=query)
         assert (status, body["code"]) == (404, 8000) and "node_uuid" in body["msg"]
 
