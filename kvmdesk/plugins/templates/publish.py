@@ -13,7 +13,7 @@ are still sent and verified by it (:func:`kvmdesk.protocol.images.recorded_diges
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -109,14 +109,25 @@ async def progress_of(core: Any, node: Mapping[str, Any], files: list[dict]) -> 
     return found
 
 
+def overall_progress(files: list[dict], by_node: list[dict[str, int]]) -> float:
+    """The share (0-100) of a version's bytes that every target together holds: each node's per-disk
+    percentages (device uuid -> 0..100) weighted by the disks' sizes."""
+    sizes = {f["device_uuid"]: max(1, int(f["size"])) for f in files}
+    total = sum(sizes.values()) * len(by_node)
+    if not total:
+        return 100.0
+    return sum(sizes[device] * percent for found in by_node for device, percent in found.items()) / total
+
+
 class ProgressReport:
     """While a version is being fetched: every ``interval`` seconds (on the core's clock) each target's
-    per-disk progress is asked of its agent and kept in the template's ``publish`` (status 1)."""
+    per-disk progress is asked of its agent and kept in the template's ``publish`` (status 1), and the
+    whole (:func:`overall_progress`) goes to ``on_progress`` (the save job's progress)."""
 
     def __init__(self, core: Any, template: Mapping[str, Any], host: Mapping[str, Any], targets: list[dict],
-                 files: list[dict], version: int):
+                 files: list[dict], version: int, on_progress: Optional[Callable[[float], None]] = None):
         self.core, self.template, self.host, self.targets = core, template, host, targets
-        self.files, self.version = files, version
+        self.files, self.version, self.on_progress = files, version, on_progress
         self.loop: Optional[task.LoopingCall] = None
         self.current: Optional[defer.Deferred] = None
 
@@ -141,6 +152,8 @@ class ProgressReport:
                 progress = {}
             publish[node["uuid"]] = {"version": self.version, "status": SYNCING, "error": None, "progress": progress}
         publish[self.host["uuid"]] = {"version": self.version, "status": DONE, "error": None}
+        if self.on_progress is not None:
+            self.on_progress(overall_progress(self.files, [publish[n["uuid"]]["progress"] for n in self.targets]))
         await templates(self.core).update_one({"uuid": self.template["uuid"], "status": schema.UPDATING},
                                               {"$set": {"publish": publish}})
 
@@ -158,9 +171,11 @@ async def pool_targets(core: Any, template: Mapping[str, Any]) -> list[dict]:
     return [n for n in found if n["uuid"] != template.get("host_uuid")]
 
 
-async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
+async def save(core: Any, uuid: str, job_id: Optional[str] = None,
+               on_progress: Optional[Callable[[float], None]] = None) -> dict:
     """Publish a new version now (the version remembers ``job_id``, the save job's uuid); answers the
-    template's publish state per node."""
+    template's publish state per node.  ``on_progress`` hears the share (0-100) of the version's bytes
+    the other nodes hold, every ``[templates] progress_interval`` seconds while they fetch."""
     template = await template_or_404(core, uuid)
     refuse_if_updating(template)
     host = await nodes.host_of(core, template)
@@ -188,7 +203,7 @@ async def save(core: Any, uuid: str, job_id: Optional[str] = None) -> dict:
             files.append({"device_uuid": device["uuid"], "role": device["role"], "file_id": name,
                           "digest": made["digest"], "size": made["size"]})
         targets = [n for n in await pool_targets(core, template) if n.get("agent_secret")]
-        progress = ProgressReport(core, template, host, targets, files, version)
+        progress = ProgressReport(core, template, host, targets, files, version, on_progress)
         progress.start(float(core.config.get("templates.progress_interval", 2.0)))
         try:
             states = await send_sealing(core, template, host, targets, files, version)

@@ -28,7 +28,9 @@ def register(core: Any) -> None:
 
 
 async def run_save(core: Any, job: Any) -> None:
-    """The save job: publish a new version of each item (one template)."""
+    """The save job: publish a new version of each item (one template).  A job of one template shows
+    how much of the version the other nodes hold as its progress (up to 99 until it is recorded)."""
+    follow = (lambda percent: job.set_progress(min(99.0, percent))) if len(job.items) == 1 else None
 
     async def one(item: dict) -> dict:
         current = await templates(core).find_one({"uuid": item["uuid"]})
@@ -36,7 +38,7 @@ async def run_save(core: Any, job: Any) -> None:
         if done and done[-1].get("job_id") == job.uuid:
             saved = current  # resumed after a restart that came once the version was stored
         else:
-            saved = await publish.save(core, item["uuid"], job_id=job.uuid)
+            saved = await publish.save(core, item["uuid"], job_id=job.uuid, on_progress=follow)
         return {"uuid": saved["uuid"], "name": saved["name"], "version": saved["version"], "publish": saved["publish"]}
 
     await job.for_each(one)

@@ -68,3 +68,23 @@ async def test_create_copy_save_power_and_delete_are_jobs_with_per_item_results(
     assert (job["kind"], job["state"]) == ("templates.delete", "succeeded")
     assert await world.core.store.collection("templates").count({}) == 0
     assert await world.core.scheduler.get(schema.save_key(template["uuid"])) is None  # its pending save went too
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_save_job_follows_the_nodes_fetching_its_version(world, monkeypatch):
+    from kvmdesk.core import jobqueue
+
+    heard, real = [], jobqueue.Job.set_progress
+
+    def set_progress(job, percent):
+        heard.append((job.record["kind"], percent))
+        real(job, percent)
+
+    monkeypatch.setattr(jobqueue.Job, "set_progress", set_progress)
+    template = await world.create()
+    status, body = await world.api.call("POST", T, {"action": "save", "param": {"name": template["name"],
+                                                                                "uuid": template["uuid"]}})
+    assert status == 200, body
+    # the first report comes as the fetches begin (the test driver's files are small: one report)
+    assert heard and all(kind == "templates.save" and 0 <= p <= 99 for kind, p in heard)
+    assert (await job_of(world, body))["progress"] == 100

@@ -7,6 +7,7 @@ import hashlib
 import time
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from kvmdesk.core import errors as core_errors
@@ -348,11 +349,23 @@ async def test_publish_progress_is_asked_of_each_node_per_disk(world):
     await world.core.store.collection("templates").update_one({"uuid": template["uuid"]},
                                                               {"$set": {"status": "updating"}})
     host = await world.core.store.collection("nodes").find_one({"uuid": template["host_uuid"]})
-    report = publish.ProgressReport(world.core, stored, host, [node], files, 1)
+    heard = []
+    report = publish.ProgressReport(world.core, stored, host, [node], files, 1, heard.append)
     await report.report()
     stored = await world.core.store.collection("templates").find_one({"uuid": template["uuid"]})
     assert stored["publish"][other["uuid"]]["status"] == publish.SYNCING
     assert stored["publish"][other["uuid"]]["progress"][system["device_uuid"]] == 50
+    # the whole, by bytes: half the system disk's, all of the data disk's (the save job's progress)
+    sizes = [f["size"] for f in files]
+    assert heard == [pytest.approx(100 * (sizes[0] // 2 / sizes[0] * sizes[0] + sizes[1]) / sum(sizes), abs=1)]
+
+
+def test_overall_progress_weighs_each_disk_by_its_size_over_every_target():
+    files = [{"device_uuid": "a", "size": 300}, {"device_uuid": "b", "size": 100}]
+    assert publish.overall_progress(files, [{"a": 100, "b": 0}, {"a": 0, "b": 0}]) == 37.5
+    assert publish.overall_progress(files, [{"a": 50, "b": 100}]) == 62.5
+    assert publish.overall_progress(files, [{}, {"a": 100, "b": 100}]) == 50.0  # a node that did not answer: 0
+    assert publish.overall_progress(files, []) == 100.0  # no other node: nothing to fetch
 
 
 @pytest_twisted.ensureDeferred
