@@ -37,9 +37,10 @@ async def begin(core: Any, kind: str, template: Mapping[str, Any], nodes: Mappin
 async def end(core: Any, uuid: str, *, undone: bool) -> None:
     """The work is over: its template stored, or its steps taken back (``undone`` says whether all of
     them were; if not, the rest is left to :func:`abandon`)."""
-    row = await collection(core).find_one({"uuid": uuid})
-    if row is not None and not undone:
-        await abandon(core, row)
+    if not undone:
+        row = await collection(core).find_one({"uuid": uuid})
+        if row is not None:
+            await abandon(core, row)
     await collection(core).delete_one({"uuid": uuid})
 
 
