@@ -82,7 +82,11 @@ def _zero_copy_socket(request: Any) -> Optional[socket.socket]:
     request.write(b"")  # the headers, into the transport's buffer
     # A response starts on an empty buffer (the previous one is finished), so its few hundred bytes of
     # headers go at once; whatever did not stays with Twisted, and so does the body then.
-    if transport.doWrite() is not None or transport.dataBuffer or transport._tempDataLen:
+    if transport.doWrite() is not None:
+        return None
+    # Twisted's own buffer and queue; a Twisted without them (renamed) streams instead.
+    buffered, queued = getattr(transport, "dataBuffer", None), getattr(transport, "_tempDataLen", None)
+    if buffered is None or queued is None or buffered or queued:
         return None
     # Twisted may close its descriptor when the connection is lost: the thread keeps a number of its own.
     return transport.getHandle().dup()
